@@ -1,0 +1,154 @@
+"""``UPOConfig``: every ``DPOConfig`` field, plus the UPO fields, validated at construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import DPOConfig
+
+from .heads.base import HeadSpec, parse_head_specs
+from .objective import APPLIES_TO, BASELINES, COMBINE_MODES, LOGLIK_REDUCTIONS, NORMALIZATIONS
+
+
+@dataclass
+class UPOConfig(DPOConfig):
+    r"""
+    Configuration for [`UPOTrainer`]: all of [`~trl.DPOConfig`], plus the Unified Preference Optimization fields.
+
+    The total loss is ``L = L_pref + upo_alpha * L_aux`` where ``L_pref`` is TRL's configured DPO loss (every
+    ``loss_type`` and ``loss_weights``) and ``L_aux`` the advantage-weighted log-likelihood of the responses,
+    weighted by the reward heads' scores (see ``docs/objective.md``).
+
+    Parameters:
+        reward_heads (`list[dict]` or `str`, *optional*):
+            The designer objectives. Each entry is a mapping with ``name``, ``type`` (registry name, entry point or
+            dotted path; defaults to ``name``), ``weight`` (>= 0, default 1), ``normalize`` (``zscore``, ``rank``
+            or ``none``; default ``upo_normalization``), ``higher_is_better`` (default true) and ``params`` (the
+            head's own parameters). On the command line, a JSON string of the same list.
+        upo_alpha (`float`, *optional*, defaults to `1.0`):
+            Coefficient of the auxiliary term, relative to the preference loss (weight 1). 0 disables it.
+        upo_temperature (`float`, *optional*, defaults to `0.25`):
+            Temperature tau of the advantage weights ``exp(A / tau)`` (on z-scored rewards).
+        upo_weight_cap (`float`, *optional*, defaults to `100.0`):
+            Upper bound of a single response's weight.
+        upo_normalize_weights (`bool`, *optional*, defaults to `True`):
+            Divide ``exp(A / tau)`` by its mean over the global batch, so that weights average 1 and ``upo_alpha``
+            stays a graded knob.
+        upo_baseline (`str`, *optional*, defaults to `"batch"`):
+            ``batch`` (mean over the global batch), ``pair`` (mean of the two responses to a prompt) or ``none``.
+        upo_applies_to (`str`, *optional*, defaults to `"chosen"`):
+            ``chosen`` or ``both``: which responses the weighted likelihood term trains on.
+        upo_loglik (`str`, *optional*, defaults to `"mean"`):
+            ``mean`` (per-token average) or ``sum`` log-likelihood of a response.
+        upo_normalization (`str`, *optional*, defaults to `"zscore"`):
+            Default per-head normalisation over the training split: ``zscore``, ``rank`` or ``none``.
+        upo_combine (`str`, *optional*, defaults to `"awr"`):
+            ``awr`` (the UPO objective) or ``margin`` (MODPO-style: the designer reward inside the sigmoid loss's
+            logit; ``loss_type`` must be ``sigmoid``).
+        upo_score_batch_size (`int`, *optional*, defaults to `256`):
+            Responses per call when the heads score the dataset before training.
+        upo_score_cache_dir (`str`, *optional*):
+            Where scores are cached (default ``$HF_HOME/trl_upo/scores``).
+        upo_use_score_cache (`bool`, *optional*, defaults to `True`):
+            Reuse cached scores of the same dataset and head.
+    """
+
+    reward_heads: list[dict[str, Any]] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Reward heads for the designer objectives: a list of mappings (YAML) or a JSON string of one "
+            "(command line), each with name, type, weight, normalize, higher_is_better, params."
+        },
+    )
+    upo_alpha: float = field(
+        default=1.0,
+        metadata={"help": "Coefficient of the UPO auxiliary term, relative to the preference loss (weight 1)."},
+    )
+    upo_temperature: float = field(
+        default=0.25, metadata={"help": "Temperature tau of the advantage weights exp(A / tau)."}
+    )
+    upo_weight_cap: float = field(default=100.0, metadata={"help": "Cap on one response's advantage weight."})
+    upo_normalize_weights: bool = field(
+        default=True, metadata={"help": "Normalise the weights to mean 1 over the global batch."}
+    )
+    upo_baseline: str = field(
+        default="batch", metadata={"help": "Advantage baseline: batch, pair or none.", "choices": list(BASELINES)}
+    )
+    upo_applies_to: str = field(
+        default="chosen",
+        metadata={"help": "Responses the auxiliary term trains on: chosen or both.", "choices": list(APPLIES_TO)},
+    )
+    upo_loglik: str = field(
+        default="mean",
+        metadata={"help": "Per-response log-likelihood: mean or sum.", "choices": list(LOGLIK_REDUCTIONS)},
+    )
+    upo_normalization: str = field(
+        default="zscore",
+        metadata={"help": "Default per-head normalisation: zscore, rank or none.", "choices": list(NORMALIZATIONS)},
+    )
+    upo_combine: str = field(
+        default="awr",
+        metadata={"help": "How designer rewards enter: awr (UPO) or margin (MODPO-style).", "choices": list(COMBINE_MODES)},
+    )
+    upo_score_batch_size: int = field(default=256, metadata={"help": "Responses per head call when scoring."})
+    upo_score_cache_dir: str | None = field(default=None, metadata={"help": "Directory of the score cache."})
+    upo_use_score_cache: bool = field(default=True, metadata={"help": "Reuse cached scores."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._head_specs: list[HeadSpec] = parse_head_specs(self.reward_heads)
+        # Keep the user's objects (a callable in params) but in one normalised shape.
+        self.reward_heads = [
+            {**spec.to_dict(), "params": dict(spec.params)} for spec in self._head_specs
+        ]
+        for name in ("upo_alpha", "upo_temperature", "upo_weight_cap"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}.")
+        if self.upo_alpha < 0:
+            raise ValueError(f"upo_alpha must be >= 0, got {self.upo_alpha}.")
+        if self.upo_temperature <= 0:
+            raise ValueError(f"upo_temperature must be > 0, got {self.upo_temperature}.")
+        if self.upo_weight_cap <= 0:
+            raise ValueError(f"upo_weight_cap must be > 0, got {self.upo_weight_cap}.")
+        for name, choices in (
+            ("upo_baseline", BASELINES),
+            ("upo_applies_to", APPLIES_TO),
+            ("upo_loglik", LOGLIK_REDUCTIONS),
+            ("upo_normalization", NORMALIZATIONS),
+            ("upo_combine", COMBINE_MODES),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}.")
+        if self.upo_score_batch_size < 1:
+            raise ValueError(f"upo_score_batch_size must be >= 1, got {self.upo_score_batch_size}.")
+        if self.upo_combine == "margin":
+            problems = []
+            if list(self.loss_type) != ["sigmoid"]:
+                problems.append(f"loss_type={self.loss_type} (must be ['sigmoid'])")
+            if self.f_divergence_type != "reverse_kl":
+                problems.append(f"f_divergence_type={self.f_divergence_type!r} (must be 'reverse_kl')")
+            if self.use_weighting:
+                problems.append("use_weighting=True (must be False)")
+            if self.ld_alpha is not None:
+                problems.append(f"ld_alpha={self.ld_alpha} (must be None)")
+            if problems:
+                raise ValueError(
+                    "upo_combine='margin' puts the designer reward inside the sigmoid DPO logit and is only defined "
+                    f"for the plain sigmoid loss; incompatible settings: {'; '.join(problems)}. Use "
+                    "upo_combine='awr' with other losses."
+                )
+
+    @property
+    def head_specs(self) -> list[HeadSpec]:
+        """The validated reward heads."""
+        return list(self._head_specs)
+
+    def to_dict(self) -> dict[str, Any]:
+        # Callables given in head params are replaced by their dotted path, so the config stays JSON-serialisable
+        # for loggers and `trainer_state.json`.
+        d = super().to_dict()
+        d["reward_heads"] = [spec.to_dict() for spec in self._head_specs]
+        return d

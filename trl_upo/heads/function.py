@@ -1,0 +1,106 @@
+"""``function``: any callable with TRL's reward-function signature, as an object or a dotted path.
+
+TRL's convention (``GRPOTrainer``): ``f(prompts=..., completions=..., completion_ids=..., **columns,
+trainer_state=..., log_extra=..., log_metric=...)`` returns one float (or None) per completion. Existing TRL
+reward functions work unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .base import RewardHead, _import_dotted, register_head
+
+
+def _code_digest(fn: Any) -> str:
+    """A digest of a function's code, so that editing the function invalidates cached scores."""
+    target = getattr(fn, "__func__", fn)
+    code = getattr(target, "__code__", None)
+    if code is None:
+        code = getattr(getattr(target, "__call__", None), "__code__", None)
+    if code is None:
+        return "nocode"
+    try:
+        src = inspect.getsource(target)
+    except (OSError, TypeError):
+        src = repr(code.co_code) + repr(code.co_consts)
+    return hashlib.sha256(src.encode()).hexdigest()[:16]
+
+
+def _noop_log_extra(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _noop_log_metric(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+@register_head("function")
+class FunctionHead(RewardHead):
+    """Wraps a TRL-style reward function.
+
+    Args:
+        function: the callable, or its dotted path (``"package.module:function"``).
+        batch_size: how many responses are passed per call (None: the scoring batch).
+    """
+
+    def __init__(self, function: Callable[..., Any] | str, batch_size: int | None = None) -> None:
+        self._path = function if isinstance(function, str) else None
+        fn = _import_dotted(function) if isinstance(function, str) else function
+        if not callable(fn):
+            raise ValueError(f"function head: {function!r} is not callable.")
+        try:
+            import torch.nn as nn
+
+            if isinstance(fn, nn.Module):
+                raise ValueError(
+                    "function head: got a torch Module. Reward models are scored by the 'reward_model' head; "
+                    "the function head takes a plain reward function."
+                )
+        except ImportError:  # pragma: no cover - torch is a dependency
+            pass
+        self.fn = fn
+        self.batch_size = batch_size
+
+    def fingerprint(self) -> str:
+        return f"{super().fingerprint()}:{_code_digest(self.fn)}"
+
+    def score(
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        *,
+        role: str,
+        columns: dict[str, list[Any]],
+        tokenizer: Any = None,
+    ) -> list[float]:
+        if tokenizer is not None:
+            texts = [c if isinstance(c, str) else "".join(str(m.get("content", "")) for m in c) for c in completions]
+            completion_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        else:
+            completion_ids = None
+        out = self.fn(
+            prompts=list(prompts),
+            completions=list(completions),
+            completion_ids=completion_ids,
+            **columns,
+            trainer_state=None,
+            log_extra=_noop_log_extra,
+            log_metric=_noop_log_metric,
+        )
+        try:
+            out = list(out)
+        except TypeError:
+            raise ValueError(
+                f"function head: {getattr(self.fn, '__name__', self.fn)!r} returned {type(out).__name__}; a reward "
+                f"function must return one float per completion."
+            ) from None
+        if len(out) != len(completions):
+            raise ValueError(
+                f"function head: {getattr(self.fn, '__name__', self.fn)!r} returned {len(out)} rewards for "
+                f"{len(completions)} completions; it must return exactly one per completion."
+            )
+        return [float("nan") if v is None else float(v) for v in out]

@@ -1,0 +1,66 @@
+"""``length``: rewards shorter (or longer) responses, or closeness to a target length."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .base import RewardHead, register_head
+
+UNITS = ("words", "chars", "tokens")
+DIRECTIONS = ("shorter", "longer")
+
+
+def completion_text(completion: Any) -> str:
+    """The text of a completion: a string, or the contents of a conversational message list."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict):
+        return str(completion.get("content", ""))
+    if isinstance(completion, (list, tuple)):
+        return "\n".join(completion_text(m) for m in completion)
+    raise TypeError(f"Cannot read text from a completion of type {type(completion).__name__}")
+
+
+@register_head("length")
+class LengthHead(RewardHead):
+    """Score = -length (``direction="shorter"``), +length (``"longer"``), or -|length - target| with ``target``.
+
+    Args:
+        unit: ``"words"`` (whitespace-separated), ``"chars"``, or ``"tokens"`` (the trainer's tokenizer).
+        direction: ``"shorter"`` or ``"longer"``; ignored when ``target`` is set.
+        target: a length to aim for, in ``unit``.
+    """
+
+    def __init__(self, unit: str = "words", direction: str = "shorter", target: float | None = None) -> None:
+        if unit not in UNITS:
+            raise ValueError(f"length head: unit must be one of {list(UNITS)}, got {unit!r}")
+        if direction not in DIRECTIONS:
+            raise ValueError(f"length head: direction must be one of {list(DIRECTIONS)}, got {direction!r}")
+        if target is not None and not target >= 0:
+            raise ValueError(f"length head: target must be >= 0, got {target!r}")
+        self.unit, self.direction, self.target = unit, direction, target
+
+    def _length(self, text: str, tokenizer: Any) -> int:
+        if self.unit == "words":
+            return len(text.split())
+        if self.unit == "chars":
+            return len(text)
+        if tokenizer is None:
+            raise ValueError("length head with unit='tokens' needs the trainer's tokenizer (processing_class).")
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def score(
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        *,
+        role: str,
+        columns: dict[str, list[Any]],
+        tokenizer: Any = None,
+    ) -> list[float]:
+        lengths = [self._length(completion_text(c), tokenizer) for c in completions]
+        if self.target is not None:
+            return [-abs(n - self.target) for n in lengths]
+        sign = -1.0 if self.direction == "shorter" else 1.0
+        return [sign * n for n in lengths]

@@ -1,0 +1,184 @@
+"""Scoring a preference dataset with reward heads, once, before training (step 1 of the objective).
+
+Scores are stored as dataset columns ``upo_<head>_chosen`` and ``upo_<head>_rejected`` and cached on disk, keyed on
+the dataset's fingerprint and the head's fingerprint, so a second identical run does not score again and adding a
+head scores only that head.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from datasets import Dataset
+
+from .heads.base import HeadSpec, RewardHead, short_hash
+
+logger = logging.getLogger(__name__)
+
+RESPONSE_COLUMNS = ("chosen", "rejected")
+ROLES = ("chosen", "rejected")
+
+
+def score_column(head_name: str, role: str) -> str:
+    """Name of the dataset column holding ``head_name``'s scores of the ``role`` responses."""
+    return f"upo_{head_name}_{role}"
+
+
+def default_cache_dir() -> str:
+    from datasets import config as ds_config
+
+    return os.path.join(str(ds_config.HF_CACHE_HOME), "trl_upo", "scores")
+
+
+@dataclass
+class ScoreReport:
+    """What :func:`score_dataset` did, per head: ``"cached"`` or ``"scored"``."""
+
+    status: dict[str, str]
+
+
+def ensure_prompt(dataset: Dataset) -> Dataset:
+    """Check the preference columns and extract an implicit prompt the way DPOTrainer does."""
+    cols = set(dataset.column_names)
+    missing = [c for c in RESPONSE_COLUMNS if c not in cols]
+    if missing:
+        raise ValueError(
+            f"UPOTrainer needs a preference dataset with 'chosen' and 'rejected' columns (and 'prompt', or an "
+            f"implicit prompt shared by both); this dataset has no {missing}. Columns: {sorted(cols)}."
+        )
+    if "prompt" not in cols:
+        from trl.data_utils import extract_prompt
+
+        dataset = dataset.map(extract_prompt, desc="Extracting prompt")
+    return dataset
+
+
+def score_dataset(
+    dataset: Dataset,
+    heads: Sequence[RewardHead],
+    specs: Sequence[HeadSpec],
+    *,
+    split: str,
+    tokenizer: Any = None,
+    batch_size: int = 256,
+    cache_dir: str | None = None,
+    use_cache: bool = True,
+) -> tuple[Dataset, ScoreReport]:
+    """Score every chosen and rejected response with every head; return the dataset with the score columns.
+
+    Raises ValueError, naming the head, the split, the row and the fix, on a non-finite score or a wrong count.
+    """
+    dataset = ensure_prompt(dataset)
+    fingerprint = getattr(dataset, "_fingerprint", None)
+    cache_dir = cache_dir or default_cache_dir()
+    status: dict[str, str] = {}
+    new_columns: dict[str, list[float]] = {}
+    for head, spec in zip(heads, specs, strict=True):
+        cache_file = None
+        if use_cache and fingerprint:
+            key = short_hash(f"{fingerprint}|{head.fingerprint()}|{len(dataset)}")
+            cache_file = os.path.join(cache_dir, f"{spec.name}-{key}.npy")
+        scores = None
+        if cache_file and os.path.exists(cache_file):
+            try:
+                scores = np.load(cache_file)
+                if scores.shape != (len(dataset), 2):
+                    scores = None
+            except (OSError, ValueError):
+                scores = None
+        if scores is not None:
+            status[spec.name] = "cached"
+        else:
+            scores = _score_with_head(dataset, head, spec, split=split, tokenizer=tokenizer, batch_size=batch_size)
+            status[spec.name] = "scored"
+            if cache_file:
+                os.makedirs(cache_dir, exist_ok=True)
+                tmp = f"{cache_file}.{os.getpid()}.tmp.npy"
+                np.save(tmp, scores)
+                os.replace(tmp, cache_file)
+        _check_finite(scores, spec.name, split)
+        new_columns[score_column(spec.name, "chosen")] = scores[:, 0].tolist()
+        new_columns[score_column(spec.name, "rejected")] = scores[:, 1].tolist()
+    for col, values in new_columns.items():
+        if col in dataset.column_names:
+            logger.info("Replacing existing column %r in the %s dataset with fresh scores.", col, split)
+            dataset = dataset.remove_columns(col)
+        dataset = dataset.add_column(col, values)
+    return dataset, ScoreReport(status)
+
+
+def _score_with_head(
+    dataset: Dataset, head: RewardHead, spec: HeadSpec, *, split: str, tokenizer: Any, batch_size: int
+) -> np.ndarray:
+    n = len(dataset)
+    out = np.empty((n, 2), dtype=np.float64)
+    required = getattr(head, "required_columns", lambda: [])()
+    missing = [c for c in required if c not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"Reward head {spec.name!r} ({spec.type}) reads column(s) {missing}, which the {split} dataset does not "
+            f"have. Columns: {sorted(dataset.column_names)}."
+        )
+    for start in range(0, n, batch_size):
+        batch = dataset[start : start + batch_size]
+        prompts = batch["prompt"]
+        columns = {k: v for k, v in batch.items() if k not in ("prompt", "chosen", "rejected")}
+        for j, role in enumerate(ROLES):
+            completions = batch[role]
+            try:
+                values = head.score(prompts, completions, role=role, columns=columns, tokenizer=tokenizer)
+            except ValueError as e:
+                raise ValueError(f"Reward head {spec.name!r} failed on the {split} dataset (rows {start}..): {e}") from e
+            except Exception as e:
+                e.add_note(f"(while reward head {spec.name!r} scored the {split} dataset, rows {start}..)")
+                raise
+            values = list(values)
+            if len(values) != len(completions):
+                raise ValueError(
+                    f"Reward head {spec.name!r} returned {len(values)} scores for {len(completions)} {role} responses "
+                    f"of the {split} dataset (rows {start}..); it must return one per response."
+                )
+            out[start : start + len(values), j] = [float("nan") if v is None else float(v) for v in values]
+    return out
+
+
+def _check_finite(scores: np.ndarray, name: str, split: str) -> None:
+    bad = ~np.isfinite(scores)
+    if bad.any():
+        rows, cols = np.nonzero(bad)
+        examples = ", ".join(f"row {r} {ROLES[c]}={scores[r, c]}" for r, c in list(zip(rows, cols))[:5])
+        raise ValueError(
+            f"Reward head {name!r} gave {int(bad.sum())} non-finite score(s) on the {split} dataset ({examples}). "
+            f"UPO never drops responses silently: fix the head or the data (a None from a reward function is read "
+            f"as NaN), or filter those rows out of the dataset before training."
+        )
+
+
+def fit_head_statistics(dataset: Dataset, specs: Sequence[HeadSpec], default_mode: str) -> list[dict]:
+    """Eq. (2) statistics of every head over the training split (chosen and rejected responses pooled)."""
+    from .objective import fit_normalization
+
+    stats = []
+    for spec in specs:
+        values = np.concatenate(
+            [
+                np.asarray(dataset[score_column(spec.name, "chosen")], dtype=np.float64),
+                np.asarray(dataset[score_column(spec.name, "rejected")], dtype=np.float64),
+            ]
+        )
+        st = fit_normalization(values, spec.normalize or default_mode)
+        if st["std"] == 0 or not math.isfinite(st["std"]):
+            logger.warning(
+                "Reward head %r gives the same score (%s) to every response of the training split: it cannot rank "
+                "responses and contributes nothing to the auxiliary reward. Check its parameters.",
+                spec.name,
+                st["mean"],
+            )
+        stats.append(st)
+    return stats

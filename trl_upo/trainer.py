@@ -1,0 +1,478 @@
+"""``UPOTrainer``: TRL's ``DPOTrainer`` plus the UPO auxiliary term, by subclassing and hooking.
+
+What it adds, top to bottom:
+
+1. ``__init__``: scores the train and eval sets with every reward head (cached), fits the normalisation statistics
+   on the train split, then hands everything to ``DPOTrainer.__init__`` unchanged.
+2. The score columns survive TRL's column pruning (``_set_signature_columns_if_needed``) and are stacked into the
+   batch by a wrapping collator; they are popped in ``compute_loss`` before TRL forwards the inputs to the model.
+3. A forward hook on the policy module captures the per-token log-probabilities of the forward TRL already runs
+   (no second forward, no second model copy); the auxiliary term is computed from them (``trl_upo.objective``)
+   and added to TRL's loss.
+4. ``save_model`` writes ``upo_state.json`` (resolved heads and statistics) to the output dir and every checkpoint;
+   ``train(resume_from_checkpoint=...)`` reads it back so a resumed run uses the same scale.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from datasets import Dataset, IterableDataset
+from transformers import AutoProcessor, ProcessorMixin
+from transformers.trainer_utils import get_last_checkpoint
+from trl import DPOTrainer
+from trl.trainer.utils import get_config_model_id
+
+from . import __version__
+from .config import UPOConfig
+from .heads.base import HeadSpec, build_head
+from .objective import (
+    advantages,
+    aux_reward,
+    awr_loss,
+    awr_weights,
+    margin_correction,
+    normalize_scores,
+    sequence_loglik,
+)
+from .scoring import fit_head_statistics, score_column, score_dataset
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "upo_state.json"
+SCORES_CHOSEN = "upo_scores_chosen"
+SCORES_REJECTED = "upo_scores_rejected"
+
+_UPO_CITATION = textwrap.dedent("""\
+    @article{badrinath2025unified,
+        title        = {{Unified Preference Optimization: Language Model Alignment Beyond the Preference Frontier}},
+        author       = {Anirudhan Badrinath and Prabhat Agarwal and Jiajing Xu},
+        year         = 2025,
+        journal      = {Transactions on Machine Learning Research},
+        eprint       = {2405.17956},
+        archivePrefix= {arXiv},
+    }""")
+
+
+def _is_peft_model(model: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+@dataclass
+class UPODataCollator:
+    """Wraps a preference collator and adds the heads' raw scores as ``(B, K)`` tensors."""
+
+    base: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    head_names: list[str]
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.base(examples)
+        for key, role in ((SCORES_CHOSEN, "chosen"), (SCORES_REJECTED, "rejected")):
+            cols = [score_column(n, role) for n in self.head_names]
+            try:
+                rows = [[float(ex[c]) for c in cols] for ex in examples]
+            except KeyError as e:
+                raise KeyError(
+                    f"A batch lacks the UPO score column {e.args[0]!r}. The dataset was not scored by this trainer, "
+                    f"or a custom data pipeline removed the column; keep the 'upo_<head>_chosen/rejected' columns."
+                ) from None
+            batch[key] = torch.tensor(rows, dtype=torch.float32)
+        return batch
+
+
+class _LogProbCapture:
+    """Forward hooks that keep the per-token log-probs of the fused-LM-head forwards TRL runs in one loss call."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.policy: list[torch.Tensor] = []
+        self.ref: list[torch.Tensor] = []
+
+    def _policy_hook(self, module, args, kwargs, output):
+        if self.armed and kwargs.get("fused_lm_head"):
+            self.policy.append(output.log_probs)
+
+    def _ref_hook(self, module, args, kwargs, output):
+        if self.armed and kwargs.get("fused_lm_head"):
+            self.ref.append(output.log_probs)
+
+    def arm(self) -> None:
+        self.policy.clear()
+        self.ref.clear()
+        self.armed = True
+
+    def disarm(self) -> None:
+        self.armed = False
+        self.policy.clear()
+        self.ref.clear()
+
+
+class UPOTrainer(DPOTrainer):
+    """
+    Trainer for Unified Preference Optimization (UPO): TRL's DPO loss plus an advantage-weighted log-likelihood
+    term driven by reward heads (designer objectives), ``L = L_pref + alpha * L_aux``.
+
+    The constructor is DPOTrainer's. With no reward heads (or ``upo_alpha=0``) it trains exactly like
+    ``DPOTrainer``. Paper: [Unified Preference Optimization](https://huggingface.co/papers/2405.17956).
+
+    Example:
+
+    ```python
+    from trl_upo import UPOConfig, UPOTrainer
+
+    args = UPOConfig(
+        output_dir="out",
+        reward_heads=[{"name": "length", "weight": 1.0, "params": {"direction": "shorter"}}],
+        upo_alpha=1.0,
+    )
+    trainer = UPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+    ```
+    """
+
+    _tag_names = ["trl", "dpo", "upo"]
+    _name = "UPO"
+    _paper = {
+        "title": "Unified Preference Optimization: Language Model Alignment Beyond the Preference Frontier",
+        "id": "2405.17956",
+        "citation": _UPO_CITATION + "\n\n" + DPOTrainer._paper["citation"],
+    }
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: UPOConfig | None = None,
+        data_collator=None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+    ):
+        if args is None:
+            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = UPOConfig(f"{model_name.split('/')[-1]}-UPO")
+        specs: list[HeadSpec] = args.head_specs if isinstance(args, UPOConfig) else []
+        if not isinstance(args, UPOConfig):
+            logger.info("UPOTrainer got a %s, not a UPOConfig: no reward heads, training as DPO.", type(args).__name__)
+        self._upo_specs = specs
+        self._upo_heads = [build_head(s) for s in specs]
+        self._upo_stats: list[dict] = []
+        self._upo_score_report: dict[str, dict[str, str]] = {}
+
+        if self._upo_heads:
+            if processing_class is None and isinstance(model, str):
+                # The same processor DPOTrainer would load; loaded here because heads may need the tokenizer.
+                processing_class = AutoProcessor.from_pretrained(model, trust_remote_code=args.trust_remote_code)
+            tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
+            if train_dataset is None:
+                raise ValueError("`train_dataset` is required")
+            train_dataset = self._upo_score(train_dataset, "train", args, tokenizer)
+            self._upo_stats = fit_head_statistics(train_dataset, specs, args.upo_normalization)
+            if eval_dataset is not None:
+                if isinstance(eval_dataset, dict):
+                    eval_dataset = {k: self._upo_score(v, k, args, tokenizer) for k, v in eval_dataset.items()}
+                else:
+                    eval_dataset = self._upo_score(eval_dataset, "eval", args, tokenizer)
+
+        super().__init__(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+
+        self._upo_capture = _LogProbCapture()
+        self._upo_hook_handles: list[Any] = []
+        if self._upo_heads:
+            pc = self.accelerator.parallelism_config
+            if pc is not None and ((pc.cp_size or 1) > 1 or (getattr(pc, "sp_size", None) or 1) > 1):
+                raise NotImplementedError(
+                    "UPOTrainer with reward heads does not support context or sequence parallelism yet: the "
+                    "per-response log-likelihoods are sharded across ranks. Use data parallelism (DDP, ZeRO, FSDP)."
+                )
+            self.data_collator = UPODataCollator(self.data_collator, [s.name for s in specs])
+            self._upo_weights = torch.tensor([s.weight for s in specs], dtype=torch.float64)
+            self._upo_signs = torch.tensor([1.0 if s.higher_is_better else -1.0 for s in specs], dtype=torch.float64)
+            if self.args.upo_alpha > 0:
+                policy = self.model.get_base_model() if _is_peft_model(self.model) else self.model
+                self._upo_hook_handles.append(
+                    policy.register_forward_hook(self._upo_capture._policy_hook, with_kwargs=True)
+                )
+                if self.ref_model is not None:
+                    ref = self.accelerator.unwrap_model(self.ref_model)
+                    self._upo_hook_handles.append(
+                        ref.register_forward_hook(self._upo_capture._ref_hook, with_kwargs=True)
+                    )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Scoring (before training)
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _upo_score(self, dataset, split: str, args: UPOConfig, tokenizer) -> Dataset:
+        if isinstance(dataset, IterableDataset):
+            raise ValueError(
+                f"Reward heads score the whole {split} dataset before training and normalise over the train split, "
+                f"which an IterableDataset does not allow. Load it as a map-style Dataset (streaming=False), or "
+                f"train without reward heads."
+            )
+        if not isinstance(dataset, Dataset):
+            raise TypeError(f"The {split} dataset must be a `datasets.Dataset`, got {type(dataset).__name__}.")
+        if "image" in dataset.column_names or "images" in dataset.column_names:
+            raise NotImplementedError(
+                "Reward heads on vision-language preference data are not supported yet; train this dataset with "
+                "DPOTrainer, or without reward heads."
+            )
+        with args.main_process_first(desc=f"UPO scoring of the {split} dataset"):
+            scored, report = score_dataset(
+                dataset,
+                self._upo_heads,
+                self._upo_specs,
+                split=split,
+                tokenizer=tokenizer,
+                batch_size=args.upo_score_batch_size,
+                cache_dir=args.upo_score_cache_dir,
+                use_cache=args.upo_use_score_cache,
+            )
+        self._upo_score_report[split] = report.status
+        logger.info("UPO scores for the %s dataset: %s", split, report.status)
+        return scored
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self._upo_specs:
+            extra = [score_column(s.name, r) for s in self._upo_specs for r in ("chosen", "rejected")]
+            self._signature_columns = list(self._signature_columns) + [
+                c for c in extra if c not in self._signature_columns
+            ]
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        # A dataset passed here directly is scored like the ones given at construction, with the train statistics.
+        if self._upo_heads and eval_dataset is not None and not isinstance(eval_dataset, str):
+            tokenizer = getattr(self, "_tokenizer", None)
+            if isinstance(eval_dataset, dict):
+                eval_dataset = {k: self._upo_score(v, k, self.args, tokenizer) for k, v in eval_dataset.items()}
+            else:
+                eval_dataset = self._upo_score(eval_dataset, metric_key_prefix, self.args, tokenizer)
+        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def compute_ref_log_probs(self, model, inputs):
+        inputs = {k: v for k, v in inputs.items() if k not in (SCORES_CHOSEN, SCORES_REJECTED)}
+        return super().compute_ref_log_probs(model, inputs)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The loss
+    # ------------------------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        scores_chosen = inputs.pop(SCORES_CHOSEN, None)
+        scores_rejected = inputs.pop(SCORES_REJECTED, None)
+        if not self._upo_heads:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if scores_chosen is None or scores_rejected is None:
+            raise ValueError(
+                "The batch has no UPO scores. A custom `data_collator` replaced the one UPOTrainer wraps after "
+                "construction; pass it to the constructor instead so that the scores are added to it."
+            )
+        capture = self._upo_capture
+        capture.arm()
+        try:
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+            policy_logps = capture.policy[0] if capture.policy else None
+            if self.ref_model is not None:
+                ref_logps = capture.ref[0] if capture.ref else None
+            else:  # PEFT: the second forward of the policy module is the adapter-disabled reference
+                ref_logps = capture.policy[1] if len(capture.policy) > 1 else None
+        finally:
+            capture.disarm()
+        loss, outputs = result if return_outputs else (result, None)
+        loss = loss + self._upo_term(inputs, scores_chosen, scores_rejected, policy_logps, ref_logps)
+        return (loss, outputs) if return_outputs else loss
+
+    def _upo_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate a 1-D tensor across processes (sizes may differ between ranks)."""
+        if self.accelerator.num_processes == 1:
+            return t
+        size = torch.tensor([t.numel()], device=t.device)
+        sizes = self.accelerator.gather(size)
+        padded = self.accelerator.pad_across_processes(t.contiguous(), dim=0)
+        gathered = self.accelerator.gather(padded)
+        width = padded.numel()
+        return torch.cat([gathered[i * width : i * width + int(n)] for i, n in enumerate(sizes.tolist())])
+
+    def _upo_term(self, inputs, scores_chosen, scores_rejected, policy_logps, ref_logps) -> torch.Tensor | float:
+        args: UPOConfig = self.args
+        mode = "train" if self.model.training else "eval"
+        metrics = self._metrics[mode]
+        gather = self._upo_gather
+
+        norm_c = normalize_scores(scores_chosen.to(torch.float64), self._upo_stats, self._upo_signs)
+        norm_r = normalize_scores(scores_rejected.to(torch.float64), self._upo_stats, self._upo_signs)
+        r_c = aux_reward(norm_c, self._upo_weights)
+        r_r = aux_reward(norm_r, self._upo_weights)
+        for k, spec in enumerate(self._upo_specs):
+            prefix = f"upo/{spec.name}"
+            metrics[f"{prefix}/chosen"].append(gather(scores_chosen[:, k]).mean().item())
+            metrics[f"{prefix}/rejected"].append(gather(scores_rejected[:, k]).mean().item())
+            metrics[f"{prefix}/chosen_norm"].append(gather(norm_c[:, k]).mean().item())
+            metrics[f"{prefix}/rejected_norm"].append(gather(norm_r[:, k]).mean().item())
+        metrics["upo/reward_aux/chosen"].append(gather(r_c).mean().item())
+        metrics["upo/reward_aux/rejected"].append(gather(r_r).mean().item())
+
+        if args.upo_alpha == 0:
+            return 0.0
+        if policy_logps is None:
+            raise RuntimeError(
+                "UPOTrainer did not see the policy's log-probabilities in this step: TRL's forward no longer goes "
+                "through the hooked module. This TRL version is not supported; see the TRL range in pyproject.toml."
+            )
+        shift_mask = inputs["completion_mask"][:, 1:]
+        seq_len = shift_mask.size(1)
+        per_token = policy_logps[:, -seq_len:]
+
+        if args.upo_combine == "margin":
+            logps_c, logps_r = sequence_loglik(per_token, shift_mask, "sum").chunk(2)
+            if self.precompute_ref_logps:
+                ref_c, ref_r = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+            else:
+                if ref_logps is None:
+                    raise RuntimeError("UPOTrainer did not see the reference forward needed by upo_combine='margin'.")
+                ref_c, ref_r = sequence_loglik(ref_logps[:, -seq_len:], shift_mask, "sum").chunk(2)
+            delta = (logps_c - ref_c.to(logps_c)) - (logps_r - ref_r.to(logps_r))
+            reward_margin = (r_c - r_r).to(delta)
+            term = margin_correction(delta, reward_margin, beta=self.beta, alpha=args.upo_alpha) * self.loss_weights[0]
+            metrics["upo/reward_margin"].append(gather(reward_margin).mean().item())
+            metrics["upo/margin_correction"].append(gather(term.detach().reshape(1)).mean().item())
+            return term
+
+        ll_c, ll_r = sequence_loglik(per_token, shift_mask, args.upo_loglik).chunk(2)
+        adv = advantages(
+            r_c.to(ll_c.dtype), r_r.to(ll_c.dtype), baseline=args.upo_baseline, applies_to=args.upo_applies_to,
+            gather=gather,
+        )
+        ws = awr_weights(
+            adv,
+            temperature=args.upo_temperature,
+            weight_cap=args.upo_weight_cap,
+            normalize=args.upo_normalize_weights,
+            gather=gather,
+        )
+        ll = ll_c if args.upo_applies_to == "chosen" else torch.cat([ll_c, ll_r])
+        aux = awr_loss(ws.weights, ll)
+        all_adv = gather(adv.detach())
+        metrics["upo/loglik/chosen"].append(gather(ll_c.detach()).mean().item())
+        metrics["upo/loglik/rejected"].append(gather(ll_r.detach()).mean().item())
+        metrics["upo/aux_loss"].append(gather(aux.detach().reshape(1)).mean().item())
+        metrics["upo/advantage/mean"].append(all_adv.mean().item())
+        metrics["upo/advantage/max"].append(all_adv.max().item())
+        metrics["upo/weight/mean"].append(ws.mean)
+        metrics["upo/weight/max"].append(ws.max)
+        metrics["upo/weight/capped_frac"].append(ws.capped_fraction)
+        return args.upo_alpha * aux
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Saving and resuming
+    # ------------------------------------------------------------------------------------------------------------
+
+    def upo_state(self) -> dict[str, Any]:
+        """The resolved heads, their fingerprints and normalisation statistics, and the UPO settings."""
+        args = self.args
+        return {
+            "format": 1,
+            "trl_upo_version": __version__,
+            "heads": [s.to_dict() for s in self._upo_specs],
+            "head_fingerprints": [h.fingerprint() for h in self._upo_heads],
+            "statistics": self._upo_stats,
+            "settings": {
+                k: getattr(args, k, None)
+                for k in (
+                    "upo_alpha",
+                    "upo_temperature",
+                    "upo_weight_cap",
+                    "upo_normalize_weights",
+                    "upo_baseline",
+                    "upo_applies_to",
+                    "upo_loglik",
+                    "upo_normalization",
+                    "upo_combine",
+                )
+            },
+        }
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        if self._upo_specs and self.args.should_save:
+            out = output_dir or self.args.output_dir
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, STATE_FILE), "w") as f:
+                json.dump(self.upo_state(), f, indent=2)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if checkpoint and self._upo_specs:
+            self._upo_load_state(str(checkpoint))
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
+        )
+
+    def _upo_load_state(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, STATE_FILE)
+        if not os.path.exists(path):
+            logger.warning(
+                "Checkpoint %s has no %s (it was not written by UPOTrainer with reward heads); the normalisation "
+                "statistics fitted on this run's train split are used.",
+                checkpoint,
+                STATE_FILE,
+            )
+            return
+        with open(path) as f:
+            state = json.load(f)
+        saved = [(h["name"], h["type"]) for h in state["heads"]]
+        current = [(s.name, s.type) for s in self._upo_specs]
+        if saved != current or state.get("head_fingerprints") != [h.fingerprint() for h in self._upo_heads]:
+            raise ValueError(
+                f"Checkpoint {checkpoint} was trained with reward heads {state['heads']}, but this run has "
+                f"{[s.to_dict() for s in self._upo_specs]}. Resuming would change the objective mid-run: use the "
+                f"same reward_heads, or start a new run (without resume_from_checkpoint)."
+            )
+        if state["statistics"] != self._upo_stats:
+            logger.warning(
+                "The normalisation statistics saved in %s differ from the ones fitted on this run's train split "
+                "(the data changed?); the checkpoint's are used so that the resumed run keeps its scale.",
+                checkpoint,
+            )
+        self._upo_stats = state["statistics"]
+
+
+def load_upo_state(path: str) -> dict[str, Any]:
+    """Read ``upo_state.json`` from an output directory or checkpoint."""
+    with open(os.path.join(path, STATE_FILE)) as f:
+        return json.load(f)
