@@ -87,6 +87,17 @@ class RewardHead:
             ) from None
 
 
+def completion_text(completion: Any) -> str:
+    """The text of a completion: a string, or the contents of a conversational message list."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict):
+        return str(completion.get("content", ""))
+    if isinstance(completion, (list, tuple)):
+        return "\n".join(completion_text(m) for m in completion)
+    raise TypeError(f"Cannot read text from a completion of type {type(completion).__name__}")
+
+
 def register_head(name: str) -> Callable[[type[RewardHead]], type[RewardHead]]:
     """Class decorator that registers a :class:`RewardHead` subclass under ``name``."""
     if not _NAME_RE.match(name):

@@ -12,7 +12,7 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .base import RewardHead, _import_dotted, register_head
+from .base import RewardHead, _import_dotted, completion_text, register_head
 
 
 def _code_digest(fn: Any) -> str:
@@ -44,7 +44,8 @@ class FunctionHead(RewardHead):
 
     Args:
         function: the callable, or its dotted path (``"package.module:function"``).
-        batch_size: how many responses are passed per call (None: the scoring batch).
+        batch_size: at most this many responses per call of the function (None: the whole scoring batch,
+            ``upo_score_batch_size``).
     """
 
     def __init__(self, function: Callable[..., Any] | str, batch_size: int | None = None) -> None:
@@ -62,6 +63,8 @@ class FunctionHead(RewardHead):
                 )
         except ImportError:  # pragma: no cover - torch is a dependency
             pass
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"function head: batch_size must be >= 1, got {batch_size}")
         self.fn = fn
         self.batch_size = batch_size
 
@@ -77,8 +80,22 @@ class FunctionHead(RewardHead):
         columns: dict[str, list[Any]],
         tokenizer: Any = None,
     ) -> list[float]:
+        step = self.batch_size or len(completions) or 1
+        scores: list[float] = []
+        for i in range(0, len(completions), step):
+            scores.extend(
+                self._call(
+                    prompts[i : i + step],
+                    completions[i : i + step],
+                    {k: v[i : i + step] for k, v in columns.items()},
+                    tokenizer,
+                )
+            )
+        return scores
+
+    def _call(self, prompts, completions, columns, tokenizer) -> list[float]:
         if tokenizer is not None:
-            texts = [c if isinstance(c, str) else "".join(str(m.get("content", "")) for m in c) for c in completions]
+            texts = [completion_text(c) for c in completions]
             completion_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         else:
             completion_ids = None

@@ -5,21 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .base import RewardHead, register_head
+from .base import RewardHead, completion_text, register_head
 
 UNITS = ("words", "chars", "tokens")
 DIRECTIONS = ("shorter", "longer")
-
-
-def completion_text(completion: Any) -> str:
-    """The text of a completion: a string, or the contents of a conversational message list."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, dict):
-        return str(completion.get("content", ""))
-    if isinstance(completion, (list, tuple)):
-        return "\n".join(completion_text(m) for m in completion)
-    raise TypeError(f"Cannot read text from a completion of type {type(completion).__name__}")
 
 
 @register_head("length")

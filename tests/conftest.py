@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny Llama and tokenizer saved locally (no hub), small synthetic preference data."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from trl_upo.testing import build_tokenizer, preference_dataset, save_tiny_model  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> str:
+    """Path of a saved 2-layer Llama + word-level tokenizer, loadable like a hub model id."""
+    return save_tiny_model(str(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture
+def train_dataset():
+    return preference_dataset(32, seed=0)
+
+
+@pytest.fixture
+def eval_dataset():
+    return preference_dataset(8, seed=1)
+
+
+@pytest.fixture
+def score_cache(tmp_path) -> str:
+    """A fresh score cache per test, so tests never see each other's cached scores."""
+    return str(tmp_path / "score-cache")

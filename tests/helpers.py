@@ -1,0 +1,27 @@
+"""Helpers shared by the tests (import as ``from tests.helpers import ...``)."""
+
+from __future__ import annotations
+
+
+def cpu_args(output_dir, **kwargs):
+    """UPOConfig (or DPOConfig via ``config_cls``) settings for fast deterministic CPU runs."""
+    from trl_upo import UPOConfig
+
+    config_cls = kwargs.pop("config_cls", UPOConfig)
+    defaults = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        max_steps=3,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        seed=42,
+        dataloader_num_workers=0,
+    )
+    defaults.update(kwargs)
+    return config_cls(**defaults)

@@ -1,0 +1,199 @@
+"""CPU quickstart: what UPO does, in about a minute, on any machine, offline.
+
+    python -m trl_upo.quickstart [--output-dir outputs/quickstart] [--steps 150] [--seed 0]
+
+1. Builds a tiny Llama and a word-level tokenizer locally and warms it up with TRL's SFTTrainer on a synthetic task:
+   a prompt names a topic; answers are on-topic or off-topic, and half of them contain the word "very".
+2. Trains it on preference pairs (chosen = on-topic) twice from the same start and seed: with plain DPO
+   (``UPOTrainer`` with no heads, which is DPOTrainer) and with UPO and one designer head that prefers answers
+   without "very" (a TRL-style reward function). The labels ignore "very".
+3. Samples answers to held-out prompts and prints, for the start, DPO and UPO: the "very" rate of the sampled
+   answers (designer objective, lower is better), their on-topic rate, and the held-out preference accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+
+import torch
+
+from .testing import DESIGNER_WORD, TOPICS, build_model, build_tokenizer, preference_rows
+
+NOVERY_HEAD = {"name": "novery", "type": "function", "params": {"function": "trl_upo.testing:avoid_word_reward"}}
+
+
+def _sft_warmup(out_dir: str, seed: int, steps: int) -> str:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, seed=seed, hidden_size=64)
+    rows = preference_rows(400, seed=seed + 1000)
+    data = Dataset.from_list(
+        [{"prompt": r["prompt"], "completion": r[k]} for r in rows for k in ("chosen", "rejected")]
+    )
+    args = SFTConfig(
+        output_dir=os.path.join(out_dir, "sft-run"),
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=32,
+        max_steps=steps,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        logging_steps=max(1, steps // 4),
+        report_to=[],
+        save_strategy="no",
+        seed=seed,
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    trainer.train()
+    path = os.path.join(out_dir, "sft")
+    trainer.save_model(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _preference_run(base: str, out_dir: str, name: str, heads: list, seed: int, steps: int, alpha: float) -> str:
+    from datasets import Dataset
+
+    from . import UPOConfig, UPOTrainer
+
+    train = Dataset.from_list(preference_rows(400, seed=seed + 2000))
+    args = UPOConfig(
+        output_dir=os.path.join(out_dir, name),
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=16,
+        max_steps=steps,
+        learning_rate=2e-3,
+        beta=0.1,
+        logging_steps=max(1, steps // 5),
+        report_to=[],
+        save_strategy="no",
+        seed=seed,
+        disable_tqdm=True,
+        reward_heads=heads,
+        upo_alpha=alpha,
+    )
+    trainer = UPOTrainer(model=base, args=args, train_dataset=train)
+    trainer.train()
+    trainer.save_model()
+    return args.output_dir
+
+
+@torch.no_grad()
+def evaluate_policy(path: str, ref_path: str, seed: int, n_prompts: int = 64, samples: int = 4) -> dict:
+    """Designer metric and topic rate of sampled answers; implicit-reward preference accuracy on held-out pairs."""
+    from transformers import AutoModelForCausalLM
+
+    from .objective import sequence_loglik
+
+    tok = build_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    ref = AutoModelForCausalLM.from_pretrained(ref_path).eval()
+    rng = random.Random(seed + 3000)
+    topics = list(TOPICS)
+    very = on_topic = total = 0
+    torch.manual_seed(seed)
+    for _ in range(n_prompts):
+        topic = rng.choice(topics)
+        enc = tok(f"tell me about {topic} answer", return_tensors="pt")
+        gen = model.generate(
+            **enc, do_sample=True, temperature=1.0, max_new_tokens=10, num_return_sequences=samples,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        )
+        for seq in gen[:, enc["input_ids"].shape[1] :]:
+            words = tok.decode(seq, skip_special_tokens=True).split()
+            total += 1
+            very += DESIGNER_WORD in words
+            hits = {t: sum(w in TOPICS[t] for w in words) for t in topics}
+            on_topic += hits[topic] > 0 and hits[topic] == max(hits.values())
+
+    def seq_logps(m, prompts, completions):
+        ids, masks = [], []
+        for p, c in zip(prompts, completions):
+            p_ids = tok(p)["input_ids"]
+            c_ids = tok(c)["input_ids"] + [tok.eos_token_id]
+            ids.append(p_ids + c_ids)
+            masks.append([0] * len(p_ids) + [1] * len(c_ids))
+        width = max(map(len, ids))
+        x = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in ids])
+        mask = torch.tensor([s + [0] * (width - len(s)) for s in masks])
+        attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in ids])
+        logits = m(input_ids=x, attention_mask=attn).logits[:, :-1]
+        lp = torch.log_softmax(logits.float(), -1).gather(-1, x[:, 1:, None]).squeeze(-1)
+        return sequence_loglik(lp, mask[:, 1:], "sum")
+
+    pairs = preference_rows(128, seed=seed + 4000)
+    prompts = [r["prompt"] for r in pairs]
+    margins = (
+        seq_logps(model, prompts, [r["chosen"] for r in pairs])
+        - seq_logps(ref, prompts, [r["chosen"] for r in pairs])
+        - seq_logps(model, prompts, [r["rejected"] for r in pairs])
+        + seq_logps(ref, prompts, [r["rejected"] for r in pairs])
+    )
+    return {
+        "very_rate": very / total,
+        "on_topic_rate": on_topic / total,
+        "preference_accuracy": float(((margins > 0).float() + 0.5 * (margins == 0).float()).mean()),  # ties count half
+        "samples": total,
+    }
+
+
+def run(output_dir: str = "outputs/quickstart", steps: int = 150, sft_steps: int = 150, seed: int = 0,
+        alpha: float = 1.0) -> dict:
+    """Run the quickstart and return the measured table (also written to ``<output_dir>/results.json``)."""
+    t0 = time.time()
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    os.makedirs(output_dir, exist_ok=True)
+    base = _sft_warmup(output_dir, seed, sft_steps)
+    dpo = _preference_run(base, output_dir, "dpo", [], seed, steps, alpha)
+    upo = _preference_run(base, output_dir, "upo", [NOVERY_HEAD], seed, steps, alpha)
+    results = {
+        "start (SFT)": evaluate_policy(base, base, seed),
+        "DPO": evaluate_policy(dpo, base, seed),
+        "UPO (novery head)": evaluate_policy(upo, base, seed),
+    }
+    results["_seconds"] = round(time.time() - t0, 1)
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+def format_table(results: dict) -> str:
+    lines = [
+        f"{'policy':<20} {'very rate (lower=better)':>25} {'on-topic rate':>14} {'pref. accuracy':>15}",
+    ]
+    for name, r in results.items():
+        if name.startswith("_"):
+            continue
+        lines.append(
+            f"{name:<20} {r['very_rate']:>25.3f} {r['on_topic_rate']:>14.3f} {r['preference_accuracy']:>15.3f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", default="outputs/quickstart")
+    parser.add_argument("--steps", type=int, default=150, help="preference-optimisation steps per run")
+    parser.add_argument("--sft-steps", type=int, default=150, help="warm-up steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--alpha", type=float, default=1.0, help="UPO auxiliary coefficient")
+    a = parser.parse_args(argv)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    results = run(a.output_dir, a.steps, a.sft_steps, a.seed, a.alpha)
+    print()
+    print(format_table(results))
+    print(f"\n({results['_seconds']} s; results in {os.path.join(a.output_dir, 'results.json')})")
+
+
+if __name__ == "__main__":
+    main()
