@@ -81,7 +81,7 @@ def _rank_transform(x: torch.Tensor, quantiles: list[float]) -> torch.Tensor:
     q = torch.tensor(quantiles, dtype=torch.float64, device=x.device)
     if q.numel() < 2 or float(q[-1] - q[0]) == 0.0:
         return torch.zeros_like(x, dtype=torch.float64)
-    xd = x.to(torch.float64)
+    xd = x.to(torch.float64).contiguous()
     # Piecewise-linear empirical CDF through the stored quantiles; ties (flat segments) take their midpoint.
     idx_hi = torch.searchsorted(q, xd, right=True).clamp(1, q.numel() - 1)
     idx_lo = torch.searchsorted(q, xd, right=False).clamp(0, q.numel() - 1)

@@ -1,0 +1,199 @@
+"""UPOTrainer across TRL's options: PEFT, explicit ref_model, precomputed reference log-probs, the margin mode,
+conversational data, every objective option, evaluation, and the inputs it must reject."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset, IterableDataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM
+from trl import DPOConfig
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+from trl_upo import UPOTrainer
+from trl_upo.objective import aux_reward, normalize_scores
+from trl_upo.scoring import score_column
+from trl_upo.testing import preference_dataset
+
+from tests.helpers import cpu_args
+
+NOVERY = {"name": "novery", "type": "function", "params": {"function": "trl_upo.testing:avoid_word_reward"}}
+LENGTH = {"name": "length", "weight": 0.5}
+LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+
+
+def _losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def _first_step_margin_loss(trainer, dataset, alpha, beta):
+    """At step 1 the policy equals the reference, so every DPO log-ratio difference D is 0 and the margin loss is
+    mean(-log sigmoid(beta * 0 - alpha * m)) = mean(softplus(alpha * m)), m = r_aux(y_w) - r_aux(y_l), computed
+    here from the dataset's score columns and the trainer's training-split statistics."""
+    names = [s.name for s in trainer._upo_specs]
+    raw_c = torch.tensor([[row[score_column(n, "chosen")] for n in names] for row in dataset], dtype=torch.float64)
+    raw_r = torch.tensor([[row[score_column(n, "rejected")] for n in names] for row in dataset], dtype=torch.float64)
+    r_c = aux_reward(normalize_scores(raw_c, trainer._upo_stats, trainer._upo_signs), trainer._upo_weights)
+    r_r = aux_reward(normalize_scores(raw_r, trainer._upo_stats, trainer._upo_signs), trainer._upo_weights)
+    return float(F.softplus(alpha * (r_c - r_r)).mean())
+
+
+@pytest.mark.parametrize("setup", ["full", "lora", "ref_model", "precompute"])
+def test_margin_mode_first_step_matches_hand_value(setup, tiny_model_path, tmp_path, score_cache):
+    data = preference_dataset(8, seed=3)
+    alpha = 2.0
+    args = cpu_args(
+        tmp_path,
+        reward_heads=[NOVERY, LENGTH],
+        upo_combine="margin",
+        upo_alpha=alpha,
+        per_device_train_batch_size=8,  # the whole dataset in one batch: the hand value uses every row
+        max_steps=1,
+        precompute_ref_log_probs=setup == "precompute",
+        upo_score_cache_dir=score_cache,
+    )
+    kwargs = {}
+    if setup == "lora":
+        kwargs["peft_config"] = LoraConfig(**LORA)
+    if setup == "ref_model":
+        kwargs["ref_model"] = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    trainer = UPOTrainer(model=tiny_model_path, args=args, train_dataset=data, **kwargs)
+    trainer.train()
+    expected = _first_step_margin_loss(trainer, trainer.train_dataset, alpha, args.beta)
+    assert _losses(trainer)[0] == pytest.approx(expected, rel=1e-5)
+    assert expected > math.log(2) + 1e-3  # the designer margin really moved the loss away from DPO's log 2
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"upo_applies_to": "both"},
+        {"upo_baseline": "pair"},
+        {"upo_baseline": "none", "upo_normalize_weights": False},
+        {"upo_loglik": "sum"},
+        {"upo_normalization": "rank"},
+        {"ld_alpha": 0.5},
+        {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]},
+        {"use_weighting": True},
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_objective_options_train(options, tiny_model_path, train_dataset, tmp_path, score_cache):
+    args = cpu_args(tmp_path, reward_heads=[NOVERY, LENGTH], upo_score_cache_dir=score_cache, max_steps=2, **options)
+    trainer = UPOTrainer(model=tiny_model_path, args=args, train_dataset=train_dataset)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2
+    for h in logs:
+        assert math.isfinite(h["loss"]) and math.isfinite(h["upo/aux_loss"])
+        assert h["upo/weight/max"] >= h["upo/weight/mean"] > 0
+    if options.get("upo_baseline", "batch") == "batch" and options.get("upo_normalize_weights", True):
+        assert all(h["upo/weight/mean"] == pytest.approx(1.0) for h in logs)
+
+
+def test_weight_cap_is_reported(tiny_model_path, train_dataset, tmp_path, score_cache):
+    args = cpu_args(tmp_path, reward_heads=[NOVERY], upo_weight_cap=1.0, upo_score_cache_dir=score_cache)
+    trainer = UPOTrainer(model=tiny_model_path, args=args, train_dataset=train_dataset)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert all(h["upo/weight/max"] <= 1.0 + 1e-9 for h in logs)
+    assert any(h["upo/weight/capped_frac"] > 0 for h in logs)
+
+
+def test_conversational_data_with_lora(tiny_model_path, tmp_path, score_cache):
+    data = preference_dataset(16, conversational=True)
+    args = cpu_args(tmp_path, reward_heads=[NOVERY, {"name": "length", "params": {"unit": "tokens"}}],
+                    upo_score_cache_dir=score_cache)
+    trainer = UPOTrainer(model=tiny_model_path, args=args, train_dataset=data, peft_config=LoraConfig(**LORA))
+    # message lists were scored: the "very" head sees the assistant message's content
+    expected = [0.0 if "very" in row["chosen"][0]["content"].split() else 1.0 for row in data]
+    assert trainer.train_dataset[score_column("novery", "chosen")] == expected
+    trainer.train()
+    assert all(math.isfinite(h["upo/aux_loss"]) for h in trainer.state.log_history if "loss" in h)
+
+
+def test_alpha_zero_logs_scores_only(tiny_model_path, train_dataset, tmp_path, score_cache):
+    args = cpu_args(tmp_path, reward_heads=[NOVERY], upo_alpha=0.0, upo_score_cache_dir=score_cache)
+    trainer = UPOTrainer(model=tiny_model_path, args=args, train_dataset=train_dataset)
+    trainer.train()
+    log = [h for h in trainer.state.log_history if "loss" in h][0]
+    assert "upo/novery/chosen" in log and "upo/aux_loss" not in log
+    assert trainer._upo_hook_handles == []  # nothing hooks the model when the term is off
+
+
+def test_eval_dict_and_evaluate_with_a_new_dataset(tiny_model_path, train_dataset, tmp_path, score_cache):
+    args = cpu_args(tmp_path, reward_heads=[NOVERY], upo_score_cache_dir=score_cache, max_steps=1)
+    evals = {"a": preference_dataset(8, seed=5), "b": preference_dataset(8, seed=6)}
+    trainer = UPOTrainer(model=tiny_model_path, args=args, train_dataset=train_dataset, eval_dataset=evals)
+    metrics = trainer.evaluate()
+    # As in DPOTrainer, the per-batch metrics of every split are logged as `eval_<metric>` (TRL does not prefix them
+    # with the split name), so the returned dict holds the last split's values; the losses are per split.
+    assert "eval_a_loss" in metrics and "eval_b_loss" in metrics and "eval_upo/aux_loss" in metrics
+    expected = sum(0.0 if "very" in r["chosen"].split() else 1.0 for r in evals["b"]) / len(evals["b"])
+    assert metrics["eval_upo/novery/chosen"] == pytest.approx(expected)
+    fresh = preference_dataset(8, seed=7)
+    metrics = trainer.evaluate(eval_dataset=fresh)
+    assert "eval_upo/novery/chosen_norm" in metrics
+    stats = trainer._upo_stats[0]
+    expected = sum((0.0 if "very" in r["chosen"].split() else 1.0) - stats["mean"] for r in fresh) / 8 / stats["std"]
+    assert metrics["eval_upo/novery/chosen_norm"] == pytest.approx(expected)  # train statistics, not the eval set's
+
+
+def test_custom_collator_is_wrapped(tiny_model_path, train_dataset, tmp_path, score_cache, tokenizer):
+    calls = []
+
+    class CountingCollator(DataCollatorForPreference):
+        def torch_call(self, examples):
+            calls.append(len(examples))
+            return super().torch_call(examples)
+
+    args = cpu_args(tmp_path, reward_heads=[NOVERY], upo_score_cache_dir=score_cache, max_steps=2)
+    trainer = UPOTrainer(
+        model=tiny_model_path, args=args, train_dataset=train_dataset,
+        data_collator=CountingCollator(pad_token_id=tokenizer.pad_token_id),
+    )
+    trainer.train()
+    assert calls and "upo/aux_loss" in trainer.state.log_history[0]
+
+
+def test_dpo_config_is_accepted_and_trains_as_dpo(tiny_model_path, train_dataset, tmp_path):
+    args = cpu_args(tmp_path, config_cls=DPOConfig, max_steps=2)
+    trainer = UPOTrainer(model=tiny_model_path, args=args, train_dataset=train_dataset)
+    trainer.train()
+    assert not any(k.startswith("upo/") for h in trainer.state.log_history for k in h)
+
+
+def test_iterable_dataset_with_heads_is_rejected(tiny_model_path, train_dataset, tmp_path, score_cache):
+    args = cpu_args(tmp_path, reward_heads=[NOVERY], upo_score_cache_dir=score_cache)
+    iterable = IterableDataset.from_generator(lambda: iter(train_dataset))
+    with pytest.raises(ValueError, match="IterableDataset"):
+        UPOTrainer(model=tiny_model_path, args=args, train_dataset=iterable)
+
+
+def test_vision_dataset_with_heads_is_rejected(tiny_model_path, tmp_path, score_cache):
+    data = Dataset.from_dict({"prompt": ["a"], "chosen": ["b"], "rejected": ["c"], "images": [[]]})
+    args = cpu_args(tmp_path, reward_heads=[LENGTH], upo_score_cache_dir=score_cache)
+    with pytest.raises(NotImplementedError, match="vision"):
+        UPOTrainer(model=tiny_model_path, args=args, train_dataset=data)
+
+
+def test_non_finite_score_stops_before_training(tiny_model_path, tmp_path, score_cache):
+    data = Dataset.from_dict(
+        {"prompt": ["p"] * 4, "chosen": [" a"] * 4, "rejected": [" b"] * 4, "s_c": [1.0, None, 2.0, 3.0],
+         "s_r": [0.0] * 4}
+    )
+    head = {"name": "ext", "type": "column", "params": {"chosen": "s_c", "rejected": "s_r"}}
+    args = cpu_args(tmp_path, reward_heads=[head], upo_score_cache_dir=score_cache)
+    with pytest.raises(ValueError, match=r"'ext'.*non-finite.*row 1 chosen"):
+        UPOTrainer(model=tiny_model_path, args=args, train_dataset=data)
+
+
+def test_missing_response_column_is_a_clear_error(tiny_model_path, tmp_path, score_cache):
+    data = Dataset.from_dict({"prompt": ["p"], "chosen": [" a"], "loser": [" b"]})
+    args = cpu_args(tmp_path, reward_heads=[LENGTH], upo_score_cache_dir=score_cache)
+    with pytest.raises(ValueError, match=r"'chosen' and 'rejected'.*\['rejected'\]"):
+        UPOTrainer(model=tiny_model_path, args=args, train_dataset=data)
