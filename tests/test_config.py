@@ -369,7 +369,8 @@ def test_awr_mode_keeps_every_dpo_option(tmp_path, kwargs):
 
 
 def test_to_dict_is_json_serialisable_with_callable_params(tmp_path):
-    cfg = make(tmp_path, reward_heads=[{"name": "avoid", "type": "function", "params": {"function": avoid_word_reward}}])
+    heads = [{"name": "avoid", "type": "function", "params": {"function": avoid_word_reward}}]
+    cfg = make(tmp_path, reward_heads=heads)
     # the live object stays available to the trainer ...
     assert cfg.head_specs[0].params["function"] is avoid_word_reward
     assert cfg.reward_heads[0]["params"]["function"] is avoid_word_reward
@@ -383,14 +384,17 @@ def test_to_dict_is_json_serialisable_with_callable_params(tmp_path):
 
 def test_to_dict_round_trips(tmp_path):
     """The serialised heads build an equivalent config (the dotted path resolves to the same function)."""
-    cfg = make(tmp_path, reward_heads=[{"name": "avoid", "type": "function", "params": {"function": avoid_word_reward}}])
+    heads = [{"name": "avoid", "type": "function", "params": {"function": avoid_word_reward}}]
+    cfg = make(tmp_path, reward_heads=heads)
     again = make(tmp_path, reward_heads=cfg.to_dict()["reward_heads"])
     (spec,) = again.head_specs
-    assert (spec.name, spec.type, spec.params) == ("avoid", "function", {"function": "trl_upo.testing:avoid_word_reward"})
+    assert (spec.name, spec.type) == ("avoid", "function")
+    assert spec.params == {"function": "trl_upo.testing:avoid_word_reward"}
 
 
 def test_to_dict_with_lambda_is_still_json(tmp_path):
-    cfg = make(tmp_path, reward_heads=[{"name": "f", "type": "function", "params": {"function": lambda completions, **kw: [0.0] * len(completions)}}])
+    fn = lambda completions, **kw: [0.0] * len(completions)  # noqa: E731
+    cfg = make(tmp_path, reward_heads=[{"name": "f", "type": "function", "params": {"function": fn}}])
     params = json.loads(json.dumps(cfg.to_dict()))["reward_heads"][0]["params"]
     assert params["function"].startswith("tests.test_config:")
     assert "<lambda>" in params["function"]

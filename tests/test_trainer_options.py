@@ -197,3 +197,35 @@ def test_missing_response_column_is_a_clear_error(tiny_model_path, tmp_path, sco
     args = cpu_args(tmp_path, reward_heads=[LENGTH], upo_score_cache_dir=score_cache)
     with pytest.raises(ValueError, match=r"'chosen' and 'rejected'.*\['rejected'\]"):
         UPOTrainer(model=tiny_model_path, args=args, train_dataset=data)
+
+
+def test_gradient_accumulation_matches_the_large_batch(tiny_model_path, train_dataset, tmp_path, score_cache):
+    """Two micro-batches of 2 with gradient accumulation train like one batch of 4. With per-response weights that do
+    not depend on the rest of the batch (baseline none, unnormalised weights), the UPO loss of the large batch is
+    the mean of the micro-batch losses, so the logged losses of the two runs agree; the Trainer scales the returned
+    loss for accumulation exactly as it does DPO's."""
+    common = dict(
+        reward_heads=[NOVERY, LENGTH], upo_baseline="none", upo_normalize_weights=False, upo_temperature=1.0,
+        upo_score_cache_dir=score_cache, max_steps=3,
+    )
+    big = UPOTrainer(
+        model=tiny_model_path, args=cpu_args(tmp_path / "big", per_device_train_batch_size=4, **common),
+        train_dataset=train_dataset,
+    )
+    big.train()
+    acc = UPOTrainer(
+        model=tiny_model_path,
+        args=cpu_args(tmp_path / "acc", per_device_train_batch_size=2, gradient_accumulation_steps=2, **common),
+        train_dataset=train_dataset,
+    )
+    acc.train()
+    assert _losses(acc) == pytest.approx(_losses(big), rel=1e-5)
+    assert _losses(big)[0] != _losses(big)[-1]  # the model moved between steps
+
+
+def test_sync_ref_model(tiny_model_path, train_dataset, tmp_path, score_cache):
+    args = cpu_args(tmp_path, reward_heads=[NOVERY], sync_ref_model=True, ref_model_sync_steps=1,
+                    ref_model_mixup_alpha=0.5, upo_score_cache_dir=score_cache, upo_combine="margin")
+    trainer = UPOTrainer(model=tiny_model_path, args=args, train_dataset=train_dataset)
+    trainer.train()
+    assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)

@@ -83,14 +83,15 @@ def _rank_transform(x: torch.Tensor, quantiles: list[float]) -> torch.Tensor:
         return torch.zeros_like(x, dtype=torch.float64)
     xd = x.to(torch.float64).contiguous()
     # Piecewise-linear empirical CDF through the stored quantiles; ties (flat segments) take their midpoint.
-    idx_hi = torch.searchsorted(q, xd, right=True).clamp(1, q.numel() - 1)
-    idx_lo = torch.searchsorted(q, xd, right=False).clamp(0, q.numel() - 1)
+    right = torch.searchsorted(q, xd, right=True)  # unclamped: 0..n+1
+    idx_lo = torch.searchsorted(q, xd, right=False)
+    idx_hi = right.clamp(1, q.numel() - 1)
     n = q.numel() - 1
     lo, hi = q[idx_hi - 1], q[idx_hi]
     frac = torch.where(hi > lo, (xd - lo) / (hi - lo).clamp_min(1e-300), torch.zeros_like(xd))
     u_interp = (idx_hi - 1 + frac.clamp(0, 1)) / n
-    tie = (idx_hi - idx_lo) > 1  # x equals one or more stored quantiles exactly
-    u_tie = (idx_lo + idx_hi - 1) / (2 * n)
+    tie = (right - idx_lo) > 1  # x equals two or more stored quantiles exactly
+    u_tie = (idx_lo + right - 1).to(torch.float64) / (2 * n)
     u = torch.where(tie, u_tie.to(torch.float64), u_interp).clamp(0, 1)
     return (u - 0.5) * _RANK_SCALE
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 from datasets import Dataset
+from datasets.fingerprint import Hasher
 
 from .heads.base import HeadSpec, RewardHead, short_hash
 
@@ -79,10 +80,12 @@ def score_dataset(
     cache_dir = cache_dir or default_cache_dir()
     status: dict[str, str] = {}
     new_columns: dict[str, list[float]] = {}
+    # The tokenizer is part of the key: a head may count tokens, and the function head passes completion_ids.
+    tok_key = Hasher.hash(tokenizer) if (use_cache and fingerprint and tokenizer is not None) else "none"
     for head, spec in zip(heads, specs, strict=True):
         cache_file = None
         if use_cache and fingerprint:
-            key = short_hash(f"{fingerprint}|{head.fingerprint()}|{len(dataset)}")
+            key = short_hash(f"{fingerprint}|{head.fingerprint()}|{len(dataset)}|{tok_key}")
             cache_file = os.path.join(cache_dir, f"{spec.name}-{key}.npy")
         scores = None
         if cache_file and os.path.exists(cache_file):

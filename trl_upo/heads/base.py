@@ -38,6 +38,15 @@ class RewardHead:
     #: Whether the head reads the response text; a head that only reads dataset columns sets this to False.
     needs_text: ClassVar[bool] = True
 
+    def __new__(cls, *args: Any, **kwargs: Any):
+        obj = super().__new__(cls)
+        try:
+            bound = inspect.signature(cls.__init__).bind_partial(None, *args, **kwargs)
+            obj._params = dict(list(bound.arguments.items())[1:])
+        except TypeError:
+            obj._params = dict(kwargs)
+        return obj
+
     def __init__(self, **params: Any) -> None:
         if params:
             raise TypeError(f"{type(self).__name__} takes no parameters, got {sorted(params)}")
@@ -80,7 +89,7 @@ class RewardHead:
             inspect.signature(cls.__init__).bind(None, **params)
         except TypeError as e:
             sig = inspect.signature(cls.__init__)
-            valid = [p for p in sig.parameters if p != "self" and sig.parameters[p].kind != p.VAR_KEYWORD]
+            valid = [n for n, p in list(sig.parameters.items())[1:] if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
             raise ValueError(
                 f"Invalid parameters {sorted(params)} for reward head {cls.name or cls.__name__!r}: {e}. "
                 f"Valid parameters: {valid}."

@@ -7,16 +7,32 @@ reward functions work unchanged.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .base import RewardHead, _import_dotted, completion_text, register_head
+from .base import RewardHead, _import_dotted, _stable_repr, completion_text, register_head
 
 
 def _code_digest(fn: Any) -> str:
-    """A digest of a function's code, so that editing the function invalidates cached scores."""
+    """A digest of a function's code and captured state (closure cells, defaults, partial arguments, a callable
+    object's attributes), so that editing or re-configuring the function invalidates cached scores."""
+    if isinstance(fn, functools.partial):
+        text = f"{_code_digest(fn.func)}|{_stable_repr(list(fn.args))}|{_stable_repr(fn.keywords)}"
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+    state = ""
+    t = getattr(fn, "__func__", fn)
+    if inspect.isfunction(t):
+        cells = [c.cell_contents for c in (t.__closure__ or ())]
+        state = _stable_repr([cells, list(t.__defaults__ or ()), t.__kwdefaults__ or {}])
+    elif hasattr(fn, "__dict__"):
+        state = _stable_repr(vars(fn))
+    return hashlib.sha256((_code_digest_only(fn) + state).encode()).hexdigest()[:16]
+
+
+def _code_digest_only(fn: Any) -> str:
     target = getattr(fn, "__func__", fn)
     code = getattr(target, "__code__", None)
     if code is None:

@@ -50,6 +50,6 @@ class LengthHead(RewardHead):
     ) -> list[float]:
         lengths = [self._length(completion_text(c), tokenizer) for c in completions]
         if self.target is not None:
-            return [-abs(n - self.target) for n in lengths]
+            return [-abs(float(n) - float(self.target)) for n in lengths]
         sign = -1.0 if self.direction == "shorter" else 1.0
         return [sign * n for n in lengths]
