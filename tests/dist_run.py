@@ -7,23 +7,16 @@ import sys
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from trl_upo import UPOConfig, UPOTrainer  # noqa: E402
+from trl_upo import UPOTrainer  # noqa: E402
 from trl_upo.testing import preference_dataset  # noqa: E402
+
+from tests.helpers import cpu_args  # noqa: E402
 
 
 def main(model_path: str, out_json: str, per_device_batch: int, cache_dir: str) -> None:
-    args = UPOConfig(
-        output_dir=os.path.join(os.path.dirname(out_json), "run"),
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
+    args = cpu_args(
+        os.path.join(os.path.dirname(out_json), "run"),
         per_device_train_batch_size=per_device_batch,
-        max_steps=3,
-        learning_rate=1e-3,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        seed=42,
         reward_heads=[
             {"name": "novery", "type": "function", "params": {"function": "trl_upo.testing:avoid_word_reward"}},
             {"name": "length", "weight": 0.5},

@@ -23,6 +23,9 @@ import torch
 
 from .testing import DESIGNER_WORD, TOPICS, build_model, build_tokenizer, preference_rows
 
+# Settings that make every run of the quickstart CPU-only, quiet and checkpoint-free.
+CPU_RUN = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[], save_strategy="no",
+               disable_tqdm=True)
 NOVERY_HEAD = {"name": "novery", "type": "function", "params": {"function": "trl_upo.testing:avoid_word_reward"}}
 
 
@@ -38,18 +41,13 @@ def _sft_warmup(out_dir: str, seed: int, steps: int) -> str:
     )
     args = SFTConfig(
         output_dir=os.path.join(out_dir, "sft-run"),
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
         per_device_train_batch_size=32,
         max_steps=steps,
         learning_rate=3e-3,
         lr_scheduler_type="constant",
         logging_steps=max(1, steps // 4),
-        report_to=[],
-        save_strategy="no",
         seed=seed,
-        disable_tqdm=True,
+        **CPU_RUN,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     trainer.train()
@@ -67,19 +65,14 @@ def _preference_run(base: str, out_dir: str, name: str, heads: list, seed: int, 
     train = Dataset.from_list(preference_rows(400, seed=seed + 2000))
     args = UPOConfig(
         output_dir=os.path.join(out_dir, name),
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
         per_device_train_batch_size=16,
         max_steps=steps,
         learning_rate=2e-3,
         beta=0.1,
         logging_steps=max(1, steps // 5),
-        report_to=[],
-        save_strategy="no",
         seed=seed,
-        disable_tqdm=True,
         reward_heads=heads,
+        **CPU_RUN,
         upo_alpha=alpha,
     )
     trainer = UPOTrainer(model=base, args=args, train_dataset=train)
