@@ -95,19 +95,20 @@ def evaluate_policy(path: str, ref_path: str, seed: int, n_prompts: int = 64, sa
     topics = list(TOPICS)
     very = on_topic = total = 0
     torch.manual_seed(seed)
-    for _ in range(n_prompts):
-        topic = rng.choice(topics)
-        enc = tok(f"tell me about {topic} answer", return_tensors="pt")
-        gen = model.generate(
-            **enc, do_sample=True, temperature=1.0, max_new_tokens=10, num_return_sequences=samples,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-        )
-        for seq in gen[:, enc["input_ids"].shape[1] :]:
-            words = tok.decode(seq, skip_special_tokens=True).split()
-            total += 1
-            very += DESIGNER_WORD in words
-            hits = {t: sum(w in TOPICS[t] for w in words) for t in topics}
-            on_topic += hits[topic] > 0 and hits[topic] == max(hits.values())
+    prompt_topics = [rng.choice(topics) for _ in range(n_prompts)]
+    tok.padding_side = "left"  # one batched generate call for every prompt
+    enc = tok([f"tell me about {t} answer" for t in prompt_topics], return_tensors="pt", padding=True)
+    gen = model.generate(
+        **enc, do_sample=True, temperature=1.0, max_new_tokens=10, num_return_sequences=samples,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    )
+    for i, seq in enumerate(gen[:, enc["input_ids"].shape[1] :]):
+        topic = prompt_topics[i // samples]
+        words = tok.decode(seq, skip_special_tokens=True).split()
+        total += 1
+        very += DESIGNER_WORD in words
+        hits = {t: sum(w in TOPICS[t] for w in words) for t in topics}
+        on_topic += hits[topic] > 0 and hits[topic] == max(hits.values())
 
     def seq_logps(m, prompts, completions):
         ids, masks = [], []
