@@ -176,9 +176,11 @@ class UPOTrainer(DPOTrainer):
         self._upo_score_report: dict[str, dict[str, str]] = {}
 
         if self._upo_heads:
-            if processing_class is None and isinstance(model, str):
-                # The same processor DPOTrainer would load; loaded here because heads may need the tokenizer.
-                processing_class = AutoProcessor.from_pretrained(model, trust_remote_code=args.trust_remote_code)
+            if processing_class is None:
+                # The processor DPOTrainer would load (and then does not load again); loaded here because heads may
+                # need the tokenizer.
+                model_id = model if isinstance(model, str) else get_config_model_id(model.config)
+                processing_class = AutoProcessor.from_pretrained(model_id, trust_remote_code=args.trust_remote_code)
             tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
             if train_dataset is None:
                 raise ValueError("`train_dataset` is required")
