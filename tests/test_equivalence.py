@@ -21,6 +21,7 @@ import torch
 import transformers
 import trl
 from peft import LoraConfig
+from transformers import AutoModelForCausalLM
 
 from tests.helpers import cpu_args
 from trl_upo import UPOTrainer
@@ -38,7 +39,7 @@ HEADS = [
 # Keys that measure wall-clock time, not the computation.
 _TIMING = ("runtime", "per_second")
 
-# case id -> (DPOConfig/UPOConfig overrides, use LoRA, evaluate)
+# case id -> (DPOConfig/UPOConfig overrides, use LoRA, evaluate); "_explicit_ref_model" passes a loaded ref_model=
 CASES = {
     "full-sigmoid-eval": (dict(loss_type="sigmoid"), False, True),
     "lora-sigmoid-gradaccum2": (dict(loss_type="sigmoid", gradient_accumulation_steps=2), True, False),
@@ -50,6 +51,8 @@ CASES = {
     "lora-hinge": (dict(loss_type="hinge"), True, False),
     "lora-sigmoid+sft-weighted-eval": (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]), True, True),
     "full-sigmoid-gradaccum2-eval": (dict(loss_type="sigmoid", gradient_accumulation_steps=2), False, True),
+    "full-precompute-ref-eval": (dict(loss_type="sigmoid", precompute_ref_log_probs=True), False, True),
+    "full-explicit-ref-model": (dict(loss_type="sigmoid", _explicit_ref_model=True), False, False),
 }
 
 # Fast matrix: (case, variant). Both variants for the two structurally different setups (full FT with eval, LoRA
@@ -73,7 +76,9 @@ SLOW = [
     ("lora-sigmoid+sft-weighted-eval", "no_heads"),
     ("lora-sigmoid+sft-weighted-eval", "heads_alpha0"),
     ("full-sigmoid-gradaccum2-eval", "heads_alpha0"),
-    ("full-sigmoid-eval", "margin_alpha0"),  # margin + LoRA is below; this one is the fast margin case's twin
+    ("full-sigmoid-eval", "margin_alpha0"),  # the fast margin test runs LoRA; this is its full fine-tuning twin
+    ("full-precompute-ref-eval", "heads_alpha0"),
+    ("full-explicit-ref-model", "heads_alpha0"),
 ]
 
 _DPO_CACHE: dict[str, list[dict]] = {}
@@ -95,9 +100,11 @@ def _train(trainer_cls, model_path, tmp_path, train_dataset, eval_dataset, *, us
     # DPOTrainer seeds before building the PEFT adapter; seeding here as well keeps any RNG use before that point
     # (none expected) from making the comparison depend on test order.
     transformers.set_seed(42)
+    explicit_ref = kw.pop("_explicit_ref_model", False)
     args = cpu_args(tmp_path, **kw)
     trainer = trainer_cls(
         model=model_path,
+        ref_model=AutoModelForCausalLM.from_pretrained(model_path) if explicit_ref else None,
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset if args.eval_strategy != "no" else None,
