@@ -457,13 +457,23 @@ class UPOTrainer(DPOTrainer):
             return
         with open(path) as f:
             state = json.load(f)
-        saved = [(h["name"], h["type"]) for h in state["heads"]]
-        current = [(s.name, s.type) for s in self._upo_specs]
+        saved = state["heads"]
+        # Compared in their JSON form: names, types, weights, signs, normalisation and parameters must all match.
+        current = json.loads(json.dumps([s.to_dict() for s in self._upo_specs]))
         if saved != current or state.get("head_fingerprints") != [h.fingerprint() for h in self._upo_heads]:
             raise ValueError(
                 f"Checkpoint {checkpoint} was trained with reward heads {state['heads']}, but this run has "
                 f"{[s.to_dict() for s in self._upo_specs]}. Resuming would change the objective mid-run: use the "
                 f"same reward_heads, or start a new run (without resume_from_checkpoint)."
+            )
+        now = self.upo_state()["settings"]
+        changed = {k: (v, now.get(k)) for k, v in state.get("settings", {}).items() if now.get(k) != v}
+        if changed:
+            logger.warning(
+                "Resuming from %s with UPO settings that differ from the checkpoint's (saved, now): %s. The run "
+                "continues with the new settings.",
+                checkpoint,
+                changed,
             )
         if state["statistics"] != self._upo_stats:
             logger.warning(
