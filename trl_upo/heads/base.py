@@ -39,6 +39,8 @@ class RewardHead:
     needs_text: ClassVar[bool] = True
 
     def __new__(cls, *args: Any, **kwargs: Any):
+        # Record the constructor arguments, so that a head built directly (not from a spec) still fingerprints on
+        # its parameters and the score cache cannot mix up two configurations of the same head.
         obj = super().__new__(cls)
         try:
             bound = inspect.signature(cls.__init__).bind_partial(None, *args, **kwargs)
