@@ -1,4 +1,4 @@
-"""Docs that execute: every Python block in README.md and docs/ runs (or, when marked
+"""Docs that execute: every Python block in README.md and docs/ runs, in page order (or, when marked
 ``<!-- docs-test: compile-only ... -->`` because it needs the Hub, compiles); every YAML and JSON block parses, and
 YAML blocks holding ``reward_heads`` build a valid UPOConfig; relative links point to files that exist."""
 
@@ -38,13 +38,26 @@ def test_docs_exist():
     assert len(DOC_FILES) >= 10
 
 
-@pytest.mark.parametrize("code,mode", blocks("python"))
-def test_python_blocks(code, mode, tmp_path, monkeypatch, tiny_model_path):
-    if mode == "compile-only":
-        ast.parse(code)
-        return
+def python_pages():
+    """One case per page with Python blocks: a page's blocks run in order in one namespace, like a reader would."""
+    out = []
+    for path in DOC_FILES:
+        text = path.read_text()
+        codes = [(m["body"], m["mode"]) for m in FENCE.finditer(text) if m["lang"] == "python"]
+        if codes:
+            out.append(pytest.param(codes, id=str(path.relative_to(ROOT))))
+    return out
+
+
+@pytest.mark.parametrize("codes", python_pages())
+def test_python_blocks(codes, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "<docs>", "exec"), {"__name__": "docs_example"})
+    namespace = {"__name__": "docs_example"}
+    for code, mode in codes:
+        if mode == "compile-only":
+            ast.parse(code)
+        else:
+            exec(compile(code, "<docs>", "exec"), namespace)
 
 
 @pytest.mark.parametrize("code,mode", blocks("yaml"))

@@ -17,7 +17,7 @@ process), so that the batch baseline and the weight normalisation use the global
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +46,7 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def fit_normalization(scores, mode: str) -> dict:
+def fit_normalization(scores: Sequence[float] | torch.Tensor, mode: str) -> dict:
     """Statistics of one head's raw scores over the training split.
 
     Args:
@@ -152,7 +152,8 @@ def advantages(
     """Eq. (4): advantages of the responses the auxiliary term applies to.
 
     Args:
-        r_chosen, r_rejected: ``(B,)`` auxiliary rewards of the chosen and rejected responses.
+        r_chosen: ``(B,)`` auxiliary rewards of the chosen responses.
+        r_rejected: ``(B,)`` auxiliary rewards of the rejected responses.
         baseline: ``"batch"`` (mean over the term's responses in the global batch), ``"pair"`` (mean of the two
             responses to the same prompt) or ``"none"``.
         applies_to: ``"chosen"`` (returns ``(B,)``) or ``"both"`` (returns ``(2B,)``, chosen first).
