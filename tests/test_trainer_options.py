@@ -229,3 +229,56 @@ def test_sync_ref_model(tiny_model_path, train_dataset, tmp_path, score_cache):
     trainer = UPOTrainer(model=tiny_model_path, args=args, train_dataset=train_dataset)
     trainer.train()
     assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+
+
+def test_model_heads_are_released_before_training(tiny_model_path, tiny_classifier_path, train_dataset, tmp_path,
+                                                  score_cache):
+    """A scoring model (here a classifier head) does not stay in memory while the policy trains."""
+    head = {"name": "clf", "type": "classifier", "params": {"model": tiny_classifier_path, "labels": [1]}}
+    args = cpu_args(tmp_path, reward_heads=[head], upo_score_cache_dir=score_cache, max_steps=1)
+    trainer = UPOTrainer(model=tiny_model_path, args=args, train_dataset=train_dataset)
+    assert trainer._upo_score_report["train"] == {"clf": "scored"}
+    assert trainer._upo_heads[0]._model is None
+    trainer.train()
+    metrics = trainer.evaluate(eval_dataset=preference_dataset(8, seed=9))  # reloads lazily to score a new set
+    assert "eval_upo/clf/chosen" in metrics
+
+
+@pytest.mark.parametrize("head_type", ["classifier", "reward_model", "similarity"])
+def test_missing_model_path_fails_before_training(head_type, tiny_model_path, train_dataset, tmp_path, score_cache):
+    params = {"model": str(tmp_path / "no-such-model")}
+    if head_type == "classifier":
+        params["labels"] = [0]
+    if head_type == "similarity":
+        params["exemplars"] = ["short answer"]
+    args = cpu_args(tmp_path, reward_heads=[{"name": "m", "type": head_type, "params": params}],
+                    upo_score_cache_dir=score_cache)
+    with pytest.raises(ValueError, match="does not exist"):
+        UPOTrainer(model=tiny_model_path, args=args, train_dataset=train_dataset)
+
+
+def _registered_builtin_heads():
+    from trl_upo import registered_heads
+
+    return sorted(n for n, c in registered_heads().items() if c is not None and c.__module__.startswith("trl_upo."))
+
+
+@pytest.mark.parametrize("head_type", _registered_builtin_heads())
+def test_a_head_with_weight_zero_changes_nothing_in_training(head_type, request, tiny_model_path, train_dataset,
+                                                            tmp_path, score_cache):
+    """Contract over the registry: adding any head with weight 0 next to a real head leaves the losses unchanged."""
+    from tests.test_heads import HEAD_PARAMS
+
+    params = HEAD_PARAMS[head_type]
+    params = params(request) if callable(params) else params
+    n = len(train_dataset)
+    data = train_dataset.add_column("score_chosen", [1.0] * n).add_column("score_rejected", [0.0] * n)
+    base = [{"name": "length"}]
+    extra = {"name": "zero", "type": head_type, "weight": 0.0, "params": params}
+    losses = []
+    for i, heads in enumerate([base, base + [extra]]):
+        args = cpu_args(tmp_path / str(i), reward_heads=heads, upo_score_cache_dir=score_cache, max_steps=2)
+        trainer = UPOTrainer(model=tiny_model_path, args=args, train_dataset=data)
+        trainer.train()
+        losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    assert losses[0] == losses[1]

@@ -85,6 +85,38 @@ def save_tiny_model(path: str, seed: int = 0, **kwargs) -> str:
     return path
 
 
+def save_tiny_classifier(path: str, labels: list[str] | None = None, seed: int = 0, hidden_size: int = 32) -> str:
+    """Build and save a randomly initialised 2-layer ``LlamaForSequenceClassification`` with the tiny tokenizer:
+    ``labels`` names its classes (``None``: one label, i.e. a scalar reward model)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = build_tokenizer()
+    labels = labels or ["reward"]
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+    )
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification(config)
+    with torch.no_grad():  # a visible spread of scores: the classification layer starts near zero otherwise
+        model.score.weight.normal_(0.0, 0.2)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def _answer(rng: random.Random, topic: str, with_word: bool, n_words: int) -> str:
     words = [rng.choice(TOPICS[topic]) if rng.random() < 0.5 else rng.choice(FILLER) for _ in range(n_words)]
     words[0] = rng.choice(TOPICS[topic])

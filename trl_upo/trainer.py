@@ -191,6 +191,8 @@ class UPOTrainer(DPOTrainer):
                     eval_dataset = {k: self._upo_score(v, k, args, tokenizer) for k, v in eval_dataset.items()}
                 else:
                     eval_dataset = self._upo_score(eval_dataset, "eval", args, tokenizer)
+            for head in self._upo_heads:  # model heads free their model before training starts
+                head.release()
 
         super().__init__(
             model=model,

@@ -76,6 +76,10 @@ class RewardHead:
         """
         raise NotImplementedError
 
+    def release(self) -> None:
+        """Free what the head loaded to score (a model); it loads again if it scores again. The trainer calls this
+        once the datasets are scored, so a scoring model does not stay in memory during training."""
+
     def fingerprint(self) -> str:
         """A string that changes whenever the scores could change; the score cache is keyed on it."""
         return f"{type(self).__module__}.{type(self).__qualname__}:{_stable_repr(self.config())}"

@@ -1,0 +1,161 @@
+"""The ``classifier`` head against a manual forward of a tiny saved LlamaForSequenceClassification
+(labels negative / neutral / positive; see the ``tiny_classifier_path`` fixture)."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from trl_upo.heads import ClassifierHead, HeadSpec, build_head
+from trl_upo.testing import save_tiny_classifier
+
+TEXTS = ["cats purr", "dogs bark very loud", "rain", "the soup is very good and they like bread"]
+PROMPTS = ["tell me about cats", "tell me about dogs", "tell me about rain", "tell me about food"]
+
+
+@pytest.fixture(scope="module")
+def manual(tiny_classifier_path):
+    """Logits of each text (or text pair) on its own: no padding, so this also checks the head's batching."""
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier_path).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_classifier_path)
+
+    def run(*args):
+        with torch.no_grad():
+            return model(**tok(*args, return_tensors="pt")).logits[0]
+
+    return run
+
+
+def _head(path, **params):
+    return build_head(HeadSpec("classifier", "classifier", params={"model": path, "device": "cpu", **params}))
+
+
+def _score(head, texts=TEXTS, prompts=PROMPTS):
+    return head.score(prompts[: len(texts)], texts, role="chosen", columns={})
+
+
+def test_probability_of_one_label_matches_manual_forward(tiny_classifier_path, manual):
+    expected = [torch.softmax(manual(t), -1)[2].item() for t in TEXTS]
+    got = _score(_head(tiny_classifier_path, labels="positive", batch_size=3))
+    assert got == pytest.approx(expected, abs=1e-5)
+    assert len(set(got)) == len(got)  # the texts really are told apart
+    # a label index is the same label; a unique case-insensitive spelling too
+    assert _score(_head(tiny_classifier_path, labels=2)) == pytest.approx(expected, abs=1e-5)
+    assert _score(_head(tiny_classifier_path, labels="POSITIVE")) == pytest.approx(expected, abs=1e-5)
+
+
+def test_several_labels_are_summed_and_logits(tiny_classifier_path, manual):
+    probs = [torch.softmax(manual(t), -1) for t in TEXTS]
+    got = _score(_head(tiny_classifier_path, labels=["negative", 1]))
+    assert got == pytest.approx([(p[0] + p[1]).item() for p in probs], abs=1e-5)
+    # all labels sum to 1
+    assert _score(_head(tiny_classifier_path, labels=[0, 1, 2])) == pytest.approx([1.0] * 4, abs=1e-6)
+    logits = _score(_head(tiny_classifier_path, labels=["neutral"], output="logit"))
+    assert logits == pytest.approx([manual(t)[1].item() for t in TEXTS], abs=1e-5)
+
+
+def test_include_prompt_classifies_the_pair(tiny_classifier_path, manual):
+    expected = [torch.softmax(manual(p, t), -1)[2].item() for p, t in zip(PROMPTS, TEXTS)]
+    got = _score(_head(tiny_classifier_path, labels="positive", include_prompt=True))
+    assert got == pytest.approx(expected, abs=1e-5)
+    assert got != pytest.approx(_score(_head(tiny_classifier_path, labels="positive")), abs=1e-5)
+
+
+def test_single_label_model_uses_a_sigmoid(tiny_reward_model_path):
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_reward_model_path).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_reward_model_path)
+    with torch.no_grad():
+        expected = [torch.sigmoid(model(**tok(t, return_tensors="pt")).logits[0, 0]).item() for t in TEXTS]
+    assert _score(_head(tiny_reward_model_path, labels=0)) == pytest.approx(expected, abs=1e-5)
+
+
+def test_truncation(tiny_classifier_path, manual):
+    """max_length 2 keeps the first two tokens of the response (the tiny tokenizer adds no special tokens)."""
+    got = _score(_head(tiny_classifier_path, labels="positive", max_length=2), texts=[TEXTS[3]])
+    assert got == pytest.approx([torch.softmax(manual("the soup"), -1)[2].item()], abs=1e-5)
+
+
+def test_empty_response_is_finite(tiny_classifier_path):
+    got = _score(_head(tiny_classifier_path, labels="positive"), texts=["", "cats"])
+    assert all(0.0 < v < 1.0 for v in got), got
+    assert _score(_head(tiny_classifier_path, labels="positive"), texts=[""]) == pytest.approx(got[:1], abs=1e-5)
+
+
+def test_lazy_loading_and_pickling(tiny_classifier_path, tmp_path):
+    from tests.helpers import cpu_args
+
+    # building a config never loads the model; building the head (in the trainer, before any training) checks
+    # that a local path exists; an existing folder that holds no model fails when the head first scores
+    cfg = cpu_args(tmp_path / "out", reward_heads=[{"name": "classifier", "params": {
+        "model": str(tmp_path / "not-there"), "labels": "toxic"}}])
+    with pytest.raises(ValueError, match="not-there' does not exist"):
+        build_head(cfg.head_specs[0])
+    (tmp_path / "empty").mkdir()
+    head = _head(str(tmp_path / "empty"), labels="toxic")
+    assert head._model is None
+    with pytest.raises(ValueError, match="cannot load .*empty"):
+        _score(head)
+
+    head = _head(tiny_classifier_path, labels="positive")
+    assert head._model is None
+    before = _score(head)
+    assert head._model is not None
+    blob = pickle.dumps(head)
+    assert len(blob) < 10_000  # the weights are not in the pickle
+    clone = pickle.loads(blob)
+    assert clone._model is None and _score(clone) == before
+    head.release()
+    assert head._model is None and _score(head) == before
+
+
+def test_fingerprint_follows_the_model_files(tiny_classifier_path, tmp_path):
+    path = save_tiny_classifier(str(tmp_path / "m"), labels=["a", "b"], seed=0)
+    fp = ClassifierHead(model=path, labels="a").fingerprint()
+    assert path in fp
+    assert ClassifierHead(model=path, labels="b").fingerprint() != fp
+    save_tiny_classifier(path, labels=["a", "b"], seed=1)  # same path, new weights
+    assert ClassifierHead(model=path, labels="a").fingerprint() != fp
+
+
+@pytest.mark.parametrize(
+    ("labels", "pattern"),
+    [
+        ("toxic", r"label 'toxic' is not one of the labels .*\['negative', 'neutral', 'positive'\]"),
+        (3, r"label index 3 is out of range .* 3 label\(s\)"),
+        (["positive", 2], "name the same label twice"),
+    ],
+)
+def test_missing_label_errors(tiny_classifier_path, labels, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        _score(_head(tiny_classifier_path, labels=labels))
+
+
+@pytest.mark.parametrize(
+    ("params", "pattern"),
+    [
+        ({"labels": []}, "labels must be a label name"),
+        ({"labels": "x", "output": "prob"}, "output must be one of"),
+        ({"labels": "x", "batch_size": 0}, "batch_size must be an integer >= 1"),
+        ({"labels": "x", "dtype": "fp16"}, "dtype must be one of"),
+        ({"labels": "x", "model": ""}, "model must be a local path or a Hugging Face Hub model id"),
+    ],
+)
+def test_bad_params(params, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        ClassifierHead(**{"model": "some/model", **params})
+
+
+def test_default_device_is_the_process_gpu(monkeypatch):
+    """Without ``device``, each process uses its current CUDA device (set per rank by accelerate), not cuda:0."""
+    from trl_upo.heads import _hf
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _hf.default_device() == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert _hf.default_device() == "cuda:3"
+    assert ClassifierHead(model="m", labels="x")._device() == "cuda:3"
+    assert ClassifierHead(model="m", labels="x", device="cpu")._device() == "cpu"

@@ -1,0 +1,130 @@
+"""``classifier``: the probability (or logit) of chosen labels under any ``AutoModelForSequenceClassification``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ._hf import HFSequenceClassifierHead
+from .base import completion_text, register_head
+
+OUTPUTS = ("probability", "logit")
+
+
+def _prompt_text(prompt: Any) -> str:
+    return prompt if isinstance(prompt, str) else completion_text(prompt)
+
+
+@register_head("classifier")
+class ClassifierHead(HFSequenceClassifierHead):
+    """Score = sum over ``labels`` of p(label | response) (``output="probability"``) or of the logits.
+
+    Probabilities are a softmax over the model's labels, or a per-label sigmoid when the model has one label or its
+    ``config.problem_type`` is ``"multi_label_classification"``.
+
+    Args:
+        model: local directory or Hub id of the classifier (its tokenizer is loaded from the same place).
+        labels: the label name(s) (``config.id2label``) or index(es) whose probabilities are summed.
+        output: ``"probability"`` or ``"logit"``.
+        batch_size: responses per forward pass.
+        device: ``"cuda"``, ``"cpu"``, ``"cuda:1"``, ...; default: the process's current CUDA device (each rank's
+            own GPU under accelerate) when available, else CPU.
+        max_length: truncate inputs to this many tokens, from the right (None: no truncation).
+        include_prompt: classify the (prompt, response) pair (as a text pair) instead of the response alone.
+        dtype: ``"auto"``, ``"float32"``, ``"float16"`` or ``"bfloat16"``; None loads in float32.
+        revision: the Hub revision (branch, tag or commit) to load.
+    """
+
+    _kind = "classifier"
+
+    def __init__(
+        self,
+        model: str,
+        labels: str | int | list[str | int],
+        output: str = "probability",
+        batch_size: int = 32,
+        device: str | None = None,
+        max_length: int | None = 512,
+        include_prompt: bool = False,
+        dtype: str | None = None,
+        revision: str | None = None,
+    ) -> None:
+        self._init_model(
+            model,
+            batch_size=batch_size,
+            device=device,
+            max_length=max_length,
+            dtype=dtype,
+            revision=revision,
+            truncation_side="right",
+        )
+        label_list = labels if isinstance(labels, (list, tuple)) else [labels]
+        if not label_list or not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in label_list):
+            raise ValueError(
+                f"classifier head: labels must be a label name, an index, or a non-empty list of them, got {labels!r}."
+            )
+        if output not in OUTPUTS:
+            raise ValueError(f"classifier head: output must be one of {list(OUTPUTS)}, got {output!r}.")
+        if not isinstance(include_prompt, bool):
+            raise ValueError(f"classifier head: include_prompt must be true or false, got {include_prompt!r}.")
+        self.labels, self.output, self.include_prompt = list(label_list), output, include_prompt
+        self._label_ids: list[int] | None = None
+
+    def _on_load(self, model: Any, tokenizer: Any) -> None:
+        id2label = {int(i): str(name) for i, name in (model.config.id2label or {}).items()}
+        n = model.config.num_labels
+        ids = []
+        for label in self.labels:
+            if isinstance(label, int):
+                if not -n <= label < n:
+                    raise ValueError(
+                        f"classifier head: label index {label} is out of range for {self.model_name!r}, which has "
+                        f"{n} label(s): {id2label}. Use an index in 0..{n - 1} or a label name."
+                    )
+                ids.append(label % n)
+                continue
+            matches = [i for i, name in id2label.items() if name == label]
+            if not matches:  # 'toxic' for 'TOXIC': unambiguous spellings are accepted
+                matches = [i for i, name in id2label.items() if name.lower() == label.lower()]
+            if len(matches) != 1:
+                raise ValueError(
+                    f"classifier head: label {label!r} is not one of the labels of {self.model_name!r}: "
+                    f"{sorted(id2label.values())} (config.id2label). Set params.labels to one of these names or to "
+                    f"an index in 0..{n - 1}."
+                )
+            ids.append(matches[0])
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"classifier head: labels {self.labels} name the same label twice (indices {ids}).")
+        self._label_ids = ids
+        self._sigmoid = n == 1 or getattr(model.config, "problem_type", None) == "multi_label_classification"
+
+    def release(self) -> None:
+        super().release()
+        self._label_ids = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_label_ids"] = None
+        return state
+
+    def score(
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        *,
+        role: str,
+        columns: dict[str, list[Any]],
+        tokenizer: Any = None,
+    ) -> list[float]:
+        import torch
+
+        texts = [completion_text(c) for c in completions]
+        if self.include_prompt:
+            logits = self.logits(pairs=[(_prompt_text(p), t) for p, t in zip(prompts, texts, strict=True)])
+        else:
+            logits = self.logits(texts)
+        if self.output == "probability":
+            values = torch.sigmoid(logits) if self._sigmoid else torch.softmax(logits, dim=-1)
+        else:
+            values = logits
+        return values[:, self._label_ids].sum(dim=-1).double().tolist()

@@ -1,0 +1,117 @@
+"""``similarity``: rewards responses that are close in meaning to exemplar responses, by the cosine similarity of
+sentence embeddings (`sentence-transformers <https://www.sbert.net>`_, the ``similarity`` extra)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from ._hf import _local_files_digest, check_model_path, default_device
+from .base import RewardHead, completion_text, register_head
+
+AGGREGATES = ("max", "mean")
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@register_head("similarity")
+class SimilarityHead(RewardHead):
+    """Score = max (or mean) over the exemplars e of cos(embed(response), embed(e)), in [-1, 1].
+
+    Args:
+        exemplars: example responses with the wanted style or content (a single string is one exemplar).
+        model: a sentence-transformers model, as a local directory or a Hub id.
+        aggregate: ``"max"`` (close to any exemplar) or ``"mean"`` (close to all of them on average).
+        batch_size: texts per forward pass.
+        device: ``"cuda"``, ``"cpu"``, ...; default: the process's current CUDA device when available, else CPU.
+    """
+
+    def __init__(
+        self,
+        exemplars: list[str] | str,
+        model: str = DEFAULT_MODEL,
+        aggregate: str = "max",
+        batch_size: int = 64,
+        device: str | None = None,
+    ) -> None:
+        items = [exemplars] if isinstance(exemplars, str) else exemplars
+        if not isinstance(items, (list, tuple)) or not items:
+            raise ValueError(
+                "similarity head: exemplars must be a non-empty list of example responses, e.g. "
+                "{'exemplars': ['Sure! Here is a short answer: ...']}."
+            )
+        if not all(isinstance(e, str) and e.strip() for e in items):
+            raise ValueError(f"similarity head: every exemplar must be a non-empty string, got {items!r}.")
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"similarity head: aggregate must be one of {list(AGGREGATES)}, got {aggregate!r}.")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"similarity head: batch_size must be an integer >= 1, got {batch_size!r}.")
+        if not isinstance(model, str) or not model:
+            raise ValueError(f"similarity head: model must be a local path or a Hub model id, got {model!r}.")
+        check_model_path(model, "similarity")
+        self.exemplars, self.model_name, self.aggregate = list(items), model, aggregate
+        self.batch_size, self.device = batch_size, device
+        self._model = None
+        self._exemplar_emb = None
+
+    def load(self):
+        """Load (once) the sentence-embedding model and embed the exemplars."""
+        if self._model is None:
+            try:
+                from sentence_transformers import SentenceTransformer
+            except ImportError:
+                raise ImportError(
+                    "The similarity head needs sentence-transformers: pip install 'trl-upo[similarity]'."
+                ) from None
+            try:
+                self._model = SentenceTransformer(self.model_name, device=self.device or default_device())
+            except (OSError, ValueError) as e:
+                raise ValueError(
+                    f"similarity head: cannot load {self.model_name!r} as a sentence-transformers model: {e}. "
+                    f"params.model must be a local directory or a Hub id."
+                ) from e
+            self._exemplar_emb = self._embed(self.exemplars)
+        return self._model
+
+    def _embed(self, texts: list[str]):
+        # Unit vectors (sentence-transformers divides by max(norm, 1e-12)), so a dot product is the cosine and an
+        # all-zero embedding gives similarity 0 rather than NaN.
+        emb = self._model.encode(
+            texts,
+            batch_size=self.batch_size,
+            convert_to_tensor=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        )
+        return emb.float().cpu()
+
+    def release(self) -> None:
+        """Free the model (it is loaded again if the head scores again)."""
+        self._model = self._exemplar_emb = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_model"] = state["_exemplar_emb"] = None  # reloaded lazily wherever the head is unpickled
+        return state
+
+    def fingerprint(self) -> str:
+        where = self.model_name
+        if os.path.isdir(self.model_name):
+            where = f"{os.path.abspath(self.model_name)}#{_local_files_digest(self.model_name)}"
+        return f"{super().fingerprint()}:model={where}"
+
+    def score(
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        *,
+        role: str,
+        columns: dict[str, list[Any]],
+        tokenizer: Any = None,
+    ) -> list[float]:
+        if not completions:
+            return []
+        self.load()
+        sims = self._embed([completion_text(c) for c in completions]) @ self._exemplar_emb.T  # (N, E)
+        values = sims.max(dim=1).values if self.aggregate == "max" else sims.mean(dim=1)
+        return values.double().tolist()
