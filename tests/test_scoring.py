@@ -418,3 +418,41 @@ def test_trainer_scores_once_and_second_trainer_uses_cache(
     assert t2._upo_score_report == {"train": {"counted": "cached"}, "eval": {"counted": "cached"}}
     assert t2.train_dataset["upo_counted_chosen"] == expected
     assert t2._upo_stats == t1._upo_stats
+
+
+@pytest.mark.parametrize("head", [
+    {"name": "length", "params": {"unit": "chars"}},
+    {"name": "lexicon", "params": {"avoid": ["very"], "mode": "rate"}},
+    {"name": "readability"},
+])
+def test_text_heads_score_the_same_in_worker_processes(head, tmp_path):
+    """num_proc > 1 scores shards in worker processes (datasets.map); the scores equal the serial ones."""
+    from trl_upo.heads.base import build_head, parse_head_specs
+    from trl_upo.scoring import score_dataset
+    from trl_upo.testing import preference_dataset
+
+    ds = preference_dataset(300, seed=4)
+    specs = parse_head_specs([head])
+    heads = [build_head(s) for s in specs]
+    assert heads[0].parallel_safe
+    serial, _ = score_dataset(ds, heads, specs, split="train", batch_size=64, use_cache=False)
+    parallel, _ = score_dataset(ds, heads, specs, split="train", batch_size=64, use_cache=False, num_proc=2)
+    for role in ("chosen", "rejected"):
+        col = f"upo_{specs[0].name}_{role}"
+        assert parallel[col] == serial[col]
+
+
+def test_parallel_scoring_reports_the_row_of_a_bad_score(tmp_path):
+    from trl_upo.heads.base import parse_head_specs
+    from trl_upo.heads.length import LengthHead
+    from trl_upo.scoring import score_dataset
+    from datasets import Dataset
+
+    class Broken(LengthHead):
+        def score(self, prompts, completions, **kw):
+            return super().score(prompts, completions, **kw)[:-1]  # one score short
+
+    ds = Dataset.from_dict({"prompt": ["p"] * 200, "chosen": [" a b"] * 200, "rejected": [" c"] * 200})
+    specs = parse_head_specs([{"name": "length"}])
+    with pytest.raises(ValueError, match=r"returned 63 scores for 64 chosen responses .*rows (0|64|128)\.\."):
+        score_dataset(ds, [Broken()], specs, split="train", batch_size=64, use_cache=False, num_proc=2)

@@ -70,8 +70,12 @@ def score_dataset(
     batch_size: int = 256,
     cache_dir: str | None = None,
     use_cache: bool = True,
+    num_proc: int | None = None,
 ) -> tuple[Dataset, ScoreReport]:
     """Score every chosen and rejected response with every head; return the dataset with the score columns.
+
+    Heads marked ``parallel_safe`` (the text heads) score in ``num_proc`` processes when ``num_proc > 1``; model
+    heads batch on one device.
 
     Raises ValueError, naming the head, the split, the row and the fix, on a non-finite score or a wrong count.
     """
@@ -98,7 +102,9 @@ def score_dataset(
         if scores is not None:
             status[spec.name] = "cached"
         else:
-            scores = _score_with_head(dataset, head, spec, split=split, tokenizer=tokenizer, batch_size=batch_size)
+            scores = _score_with_head(
+                dataset, head, spec, split=split, tokenizer=tokenizer, batch_size=batch_size, num_proc=num_proc
+            )
             status[spec.name] = "scored"
             if cache_file:
                 os.makedirs(cache_dir, exist_ok=True)
@@ -117,10 +123,16 @@ def score_dataset(
 
 
 def _score_with_head(
-    dataset: Dataset, head: RewardHead, spec: HeadSpec, *, split: str, tokenizer: Any, batch_size: int
+    dataset: Dataset,
+    head: RewardHead,
+    spec: HeadSpec,
+    *,
+    split: str,
+    tokenizer: Any,
+    batch_size: int,
+    num_proc: int | None = None,
 ) -> np.ndarray:
     n = len(dataset)
-    out = np.empty((n, 2), dtype=np.float64)
     required = getattr(head, "required_columns", lambda: [])()
     missing = [c for c in required if c not in dataset.column_names]
     if missing:
@@ -128,27 +140,57 @@ def _score_with_head(
             f"Reward head {spec.name!r} ({spec.type}) reads column(s) {missing}, which the {split} dataset does not "
             f"have. Columns: {sorted(dataset.column_names)}."
         )
+    if num_proc and num_proc > 1 and head.parallel_safe and n > batch_size:
+        # Text heads are pure CPU work: score shards of the dataset in `num_proc` worker processes.
+        def score_shard(batch: dict[str, list], indices: list[int]) -> dict[str, list[float]]:
+            chosen, rejected = _score_batch(head, spec, batch, indices[0], split, tokenizer)
+            return {"_upo_chosen": chosen, "_upo_rejected": rejected}
+
+        scored = dataset.map(
+            score_shard,
+            batched=True,
+            batch_size=batch_size,
+            with_indices=True,
+            num_proc=num_proc,
+            remove_columns=dataset.column_names,
+            keep_in_memory=True,
+            load_from_cache_file=False,
+            new_fingerprint=short_hash(f"{getattr(dataset, '_fingerprint', '')}|{head.fingerprint()}|parallel"),
+            desc=f"Scoring the {split} dataset with {spec.name!r}",
+        )
+        return np.stack([np.asarray(scored["_upo_chosen"]), np.asarray(scored["_upo_rejected"])], axis=1)
+    out = np.empty((n, 2), dtype=np.float64)
     for start in range(0, n, batch_size):
-        batch = dataset[start : start + batch_size]
-        prompts = batch["prompt"]
-        columns = {k: v for k, v in batch.items() if k not in ("prompt", "chosen", "rejected")}
-        for j, role in enumerate(ROLES):
-            completions = batch[role]
-            try:
-                values = head.score(prompts, completions, role=role, columns=columns, tokenizer=tokenizer)
-            except ValueError as e:
-                raise ValueError(f"Reward head {spec.name!r} failed on the {split} dataset (rows {start}..): {e}") from e
-            except Exception as e:
-                e.add_note(f"(while reward head {spec.name!r} scored the {split} dataset, rows {start}..)")
-                raise
-            values = list(values)
-            if len(values) != len(completions):
-                raise ValueError(
-                    f"Reward head {spec.name!r} returned {len(values)} scores for {len(completions)} {role} responses "
-                    f"of the {split} dataset (rows {start}..); it must return one per response."
-                )
-            out[start : start + len(values), j] = [float("nan") if v is None else float(v) for v in values]
+        chosen, rejected = _score_batch(head, spec, dataset[start : start + batch_size], start, split, tokenizer)
+        out[start : start + len(chosen), 0] = chosen
+        out[start : start + len(rejected), 1] = rejected
     return out
+
+
+def _score_batch(
+    head: RewardHead, spec: HeadSpec, batch: dict[str, list], start: int, split: str, tokenizer: Any
+) -> tuple[list[float], list[float]]:
+    """Score the chosen and the rejected responses of one batch of rows (``start`` is the first row's index)."""
+    prompts = batch["prompt"]
+    columns = {k: v for k, v in batch.items() if k not in ("prompt", "chosen", "rejected")}
+    result = []
+    for role in ROLES:
+        completions = batch[role]
+        try:
+            values = head.score(prompts, completions, role=role, columns=columns, tokenizer=tokenizer)
+        except ValueError as e:
+            raise ValueError(f"Reward head {spec.name!r} failed on the {split} dataset (rows {start}..): {e}") from e
+        except Exception as e:
+            e.add_note(f"(while reward head {spec.name!r} scored the {split} dataset, rows {start}..)")
+            raise
+        values = list(values)
+        if len(values) != len(completions):
+            raise ValueError(
+                f"Reward head {spec.name!r} returned {len(values)} scores for {len(completions)} {role} responses "
+                f"of the {split} dataset (rows {start}..); it must return one per response."
+            )
+        result.append([float("nan") if v is None else float(v) for v in values])
+    return result[0], result[1]
 
 
 def _check_finite(scores: np.ndarray, name: str, split: str) -> None:

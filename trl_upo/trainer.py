@@ -260,6 +260,7 @@ class UPOTrainer(DPOTrainer):
                 batch_size=args.upo_score_batch_size,
                 cache_dir=args.upo_score_cache_dir,
                 use_cache=args.upo_use_score_cache,
+                num_proc=args.dataset_num_proc,
             )
         self._upo_score_report[split] = report.status
         logger.info("UPO scores for the %s dataset: %s", split, report.status)

@@ -37,6 +37,9 @@ class RewardHead:
     name: ClassVar[str] = ""
     #: Whether the head reads the response text; a head that only reads dataset columns sets this to False.
     needs_text: ClassVar[bool] = True
+    #: Whether the head may score shards of a dataset in several worker processes (pure CPU text heads). Model heads
+    #: and arbitrary user functions keep the default, False.
+    parallel_safe: ClassVar[bool] = False
 
     def __new__(cls, *args: Any, **kwargs: Any):
         # Record the constructor arguments, so that a head built directly (not from a spec) still fingerprints on

@@ -21,6 +21,8 @@ class LengthHead(RewardHead):
         target: a length to aim for, in ``unit``.
     """
 
+    parallel_safe = True
+
     def __init__(self, unit: str = "words", direction: str = "shorter", target: float | None = None) -> None:
         if unit not in UNITS:
             raise ValueError(f"length head: unit must be one of {list(UNITS)}, got {unit!r}")

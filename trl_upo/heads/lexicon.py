@@ -49,6 +49,8 @@ class LexiconHead(RewardHead):
             ``"rate"`` (matches per 100 whitespace-separated words).
     """
 
+    parallel_safe = True
+
     def __init__(
         self,
         avoid: list[str] | None = None,

@@ -46,6 +46,8 @@ class ReadabilityHead(RewardHead):
         empty_score: the score of a response without words (textstat's formulas are undefined there).
     """
 
+    parallel_safe = True
+
     def __init__(
         self,
         metric: str = "flesch_reading_ease",
