@@ -47,7 +47,32 @@ def check_model_path(model: str, kind: str) -> None:
         )
 
 
-class HFSequenceClassifierHead(RewardHead):
+class LazyModelMixin:
+    """Shared by the model-backed heads: what they load is freed by :meth:`release`, left out of pickles (loaded
+    again lazily), and the fingerprint names the model (for a local folder, its files' sizes and times)."""
+
+    model_name: str
+    _lazy_attrs: tuple[str, ...] = ("_model",)
+
+    def release(self) -> None:
+        """Free the model (it is loaded again if the head scores again)."""
+        for attr in self._lazy_attrs:
+            setattr(self, attr, None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for attr in self._lazy_attrs:
+            state[attr] = None  # reloaded lazily wherever the head is unpickled
+        return state
+
+    def fingerprint(self) -> str:
+        where = self.model_name
+        if os.path.isdir(self.model_name):
+            where = f"{os.path.abspath(self.model_name)}#{_local_files_digest(self.model_name)}"
+        return f"{super().fingerprint()}:model={where}"
+
+
+class HFSequenceClassifierHead(LazyModelMixin, RewardHead):
     """Base of heads that run an ``AutoModelForSequenceClassification``. The model is loaded on the first call of
     :meth:`logits` (building a config never loads it), dropped when pickled, and freed by :meth:`release`.
 
@@ -55,6 +80,7 @@ class HFSequenceClassifierHead(RewardHead):
     """
 
     _kind = "model"
+    _lazy_attrs = ("_model", "_tokenizer")
 
     def _init_model(
         self,
@@ -127,21 +153,6 @@ class HFSequenceClassifierHead(RewardHead):
 
     def _on_load(self, model: Any, tokenizer: Any) -> None:
         """Hook for checks that need the loaded model (e.g. label names); raise ValueError on a mismatch."""
-
-    def release(self) -> None:
-        """Free the model (it is loaded again if the head scores again)."""
-        self._model = self._tokenizer = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_model"] = state["_tokenizer"] = None  # reloaded lazily wherever the head is unpickled
-        return state
-
-    def fingerprint(self) -> str:
-        where = self.model_name
-        if os.path.isdir(self.model_name):
-            where = f"{os.path.abspath(self.model_name)}#{_local_files_digest(self.model_name)}"
-        return f"{super().fingerprint()}:model={where}"
 
     # -- forward -------------------------------------------------------------------------------------------------
 

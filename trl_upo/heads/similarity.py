@@ -3,11 +3,10 @@ sentence embeddings (`sentence-transformers <https://www.sbert.net>`_, the ``sim
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
-from ._hf import _local_files_digest, check_model_path, default_device
+from ._hf import LazyModelMixin, check_model_path, default_device
 from .base import RewardHead, completion_text, register_head
 
 AGGREGATES = ("max", "mean")
@@ -15,7 +14,7 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 @register_head("similarity")
-class SimilarityHead(RewardHead):
+class SimilarityHead(LazyModelMixin, RewardHead):
     """Score = max (or mean) over the exemplars e of cos(embed(response), embed(e)), in [-1, 1].
 
     Args:
@@ -25,6 +24,8 @@ class SimilarityHead(RewardHead):
         batch_size: texts per forward pass.
         device: ``"cuda"``, ``"cpu"``, ...; default: the process's current CUDA device when available, else CPU.
     """
+
+    _lazy_attrs = ("_model", "_exemplar_emb")
 
     def __init__(
         self,
@@ -84,21 +85,6 @@ class SimilarityHead(RewardHead):
             show_progress_bar=False,
         )
         return emb.float().cpu()
-
-    def release(self) -> None:
-        """Free the model (it is loaded again if the head scores again)."""
-        self._model = self._exemplar_emb = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_model"] = state["_exemplar_emb"] = None  # reloaded lazily wherever the head is unpickled
-        return state
-
-    def fingerprint(self) -> str:
-        where = self.model_name
-        if os.path.isdir(self.model_name):
-            where = f"{os.path.abspath(self.model_name)}#{_local_files_digest(self.model_name)}"
-        return f"{super().fingerprint()}:model={where}"
 
     def score(
         self,
