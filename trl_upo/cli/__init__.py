@@ -1,0 +1,49 @@
+"""The ``trl-upo`` command: ``trl-upo <command> [options]``.
+
+Each command lives in its own module of this package and exposes ``main(argv: list[str], prog: str) -> int``; the
+modules are imported only when their command runs, so ``trl-upo --help`` stays fast and one command's optional
+dependencies never break another.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import sys
+
+#: command name -> (module, one-line help). Run as ``trl-upo <name> --help`` for each command's options.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("trl_upo.cli.train", "train with UPO from a YAML recipe, like `trl dpo` (no recipe: the CPU quickstart)"),
+    "score": ("trl_upo.cli.score", "score a dataset with the configured reward heads and print a per-head summary"),
+    "eval": ("trl_upo.cli.eval", "evaluate a trained policy on designer objectives and held-out preferences"),
+    "build-pairs": ("trl_upo.cli.build_pairs", "build preference pairs by reward ranking or self-critique"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: trl-upo <command> [options]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`trl-upo <command> --help` lists a command's options; `trl-upo --version` prints the version."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``trl-upo`` console script (also ``python -m trl_upo.cli``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from trl_upo import __version__
+
+        print(f"trl-upo {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f" Did you mean `trl-upo {close[0]}`?" if close else ""
+        print(f"trl-upo: unknown command {name!r}.{hint} Commands: {', '.join(COMMANDS)}.", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest, prog=f"trl-upo {name}") or 0)

@@ -1,0 +1,3 @@
+from trl_upo.cli import main
+
+raise SystemExit(main())
