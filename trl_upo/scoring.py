@@ -32,6 +32,7 @@ def score_column(head_name: str, role: str) -> str:
 
 
 def default_cache_dir() -> str:
+    """Where scores are cached when ``upo_score_cache_dir`` is unset: ``trl_upo/scores`` under the HF cache home."""
     from datasets import config as ds_config
 
     return os.path.join(str(ds_config.HF_CACHE_HOME), "trl_upo", "scores")

@@ -31,6 +31,7 @@ CHAT_TEMPLATE = (
 
 
 def vocabulary() -> list[str]:
+    """Every word the synthetic task uses (fillers, topic words, the designer word), sorted: the tiny vocabulary."""
     words = set(FILLER) | {DESIGNER_WORD, "tell", "me", "about", "please", "answer", "short", "long"}
     for topic, ws in TOPICS.items():
         words.add(topic)
@@ -151,6 +152,7 @@ def preference_rows(n: int, seed: int = 0, conversational: bool = False, p_word:
 
 
 def preference_dataset(n: int = 64, seed: int = 0, conversational: bool = False, p_word: float = 0.5):
+    """``preference_rows`` as a ``datasets.Dataset`` (prompt, chosen, rejected)."""
     from datasets import Dataset
 
     rows = preference_rows(n, seed=seed, conversational=conversational, p_word=p_word)

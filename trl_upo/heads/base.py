@@ -233,6 +233,7 @@ class HeadSpec:
     params: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """The spec as a plain mapping (the form ``reward_heads`` takes in YAML or JSON)."""
         return {
             "name": self.name,
             "type": self.type,
@@ -350,4 +351,5 @@ def _stable_repr(v: Any) -> str:
 
 
 def short_hash(text: str) -> str:
+    """First 16 hex digits of the SHA-256 of ``text``: the fingerprints in cache keys and ``upo_state.json``."""
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -25,6 +25,7 @@ class ColumnHead(RewardHead):
         self.chosen, self.rejected = chosen, rejected
 
     def required_columns(self) -> list[str]:
+        """The two dataset columns this head reads: the chosen and the rejected score."""
         return [self.chosen, self.rejected]
 
     def score(
