@@ -1,0 +1,184 @@
+"""trl_upo.evaluation on the tiny model: generation shapes and batching, designer metrics, implicit-reward accuracy
+checked against a hand computation, the PEFT (adapter-disabled) reference, and bad input."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import pytest
+import torch
+
+from trl_upo.evaluation import (
+    designer_metrics,
+    evaluate_policy,
+    generate_responses,
+    load_model,
+    preference_metrics,
+)
+from trl_upo.testing import build_tokenizer, preference_rows, save_tiny_model
+
+NOVERY = {"name": "novery", "type": "function", "params": {"function": "trl_upo.testing:avoid_word_reward"}}
+
+
+@pytest.fixture(scope="module")
+def policy_path(tmp_path_factory) -> str:
+    return save_tiny_model(str(tmp_path_factory.mktemp("eval-policy")), seed=3)
+
+
+@pytest.fixture(scope="module")
+def policy(policy_path):
+    return load_model(policy_path)
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_model_path):
+    return load_model(tiny_model_path)
+
+
+PROMPTS = ["tell me about cats answer", "tell me about the rain and dogs please answer", "me answer"]
+
+
+def test_generate_shapes_and_seed(policy, tokenizer):
+    out = generate_responses(policy, tokenizer, PROMPTS, max_new_tokens=5, num_samples=3, batch_size=2, seed=1)
+    assert len(out) == 3 and all(len(rs) == 3 for rs in out)
+    assert all(isinstance(r, str) and 0 < len(r.split()) <= 5 for rs in out for r in rs)
+    again = generate_responses(policy, tokenizer, PROMPTS, max_new_tokens=5, num_samples=3, batch_size=2, seed=1)
+    assert out == again  # seeded
+    other = generate_responses(policy, tokenizer, PROMPTS, max_new_tokens=5, num_samples=3, batch_size=2, seed=2)
+    assert out != other  # actually sampled
+
+
+def test_left_padding_batched_greedy_equals_one_by_one(policy, tokenizer):
+    """Prompts of different lengths in one left-padded batch decode exactly as they do alone."""
+    batched = generate_responses(policy, tokenizer, PROMPTS, max_new_tokens=6, do_sample=False, batch_size=3)
+    alone = [generate_responses(policy, tokenizer, [p], max_new_tokens=6, do_sample=False)[0] for p in PROMPTS]
+    assert batched == alone
+
+
+def test_conversational_prompt_uses_chat_template_and_pad_fallback(policy):
+    tok = build_tokenizer()
+    chat = [[{"role": "user", "content": "tell me about cats"}]]
+    rendered = ["<|user|> tell me about cats <|assistant|> "]  # the tiny chat template, with the generation prompt
+    assert generate_responses(policy, tok, chat, max_new_tokens=6, do_sample=False) == generate_responses(
+        policy, tok, rendered, max_new_tokens=6, do_sample=False
+    )
+    no_pad = copy.deepcopy(tok)
+    no_pad.pad_token = None
+    assert no_pad.pad_token_id is None
+    assert generate_responses(policy, no_pad, PROMPTS, max_new_tokens=4, do_sample=False) == generate_responses(
+        policy, tok, PROMPTS, max_new_tokens=4, do_sample=False
+    )
+
+
+def test_designer_metrics_raw_scores_by_hand():
+    prompts = ["p1", "p2"]
+    responses = [["a b c", "a very b"], ["x"]]
+    heads = [NOVERY, {"name": "words", "type": "length", "params": {"direction": "longer"}}]
+    m = designer_metrics(prompts, responses, heads)
+    # novery: 1, 0, 1 -> mean 2/3, population std sqrt(2/9); length: 3, 3, 1 -> mean 7/3, std sqrt(8/9)
+    assert m["novery"]["n"] == 3 and m["novery"]["mean"] == pytest.approx(2 / 3)
+    assert m["novery"]["std"] == pytest.approx(math.sqrt(2 / 9))
+    assert m["words"]["mean"] == pytest.approx(7 / 3) and m["words"]["std"] == pytest.approx(math.sqrt(8 / 9))
+    chat = designer_metrics([[{"role": "user", "content": "hi"}]], [["very good"]], [NOVERY])
+    assert chat["novery"]["mean"] == 0.0  # conversational: scored as an assistant message
+
+
+def test_designer_metrics_bad_heads():
+    with pytest.raises(ValueError, match="did you mean 'weight'"):
+        designer_metrics(["p"], [["r"]], [{"name": "length", "wieght": 1.0}])
+    with pytest.raises(ValueError, match="reads dataset columns"):
+        designer_metrics(["p"], [["r"]], [{"name": "c", "type": "column", "params": {"chosen": "a", "rejected": "b"}}])
+    nan_head = {"name": "nan", "type": "function", "params": {"function": lambda prompts, completions, **kw: [None]}}
+    with pytest.raises(ValueError, match="non-finite"):
+        designer_metrics(["p"], [["r"]], [nan_head])
+    with pytest.raises(ValueError, match="2 prompts but 1"):
+        designer_metrics(["p", "q"], [["r"]], [NOVERY])
+
+
+def _logp_by_hand(model, tok, prompt: str, completion: str) -> float:
+    """Sum of log p(token) over the completion (and EOS), one unpadded sequence at a time."""
+    p = tok(prompt)["input_ids"]
+    full = tok(prompt + completion + tok.eos_token)["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([full])).logits[0]
+    lp = torch.log_softmax(logits.double(), -1)
+    return sum(float(lp[t - 1, full[t]]) for t in range(len(p), len(full)))
+
+
+def test_implicit_reward_accuracy_by_hand(policy, ref, tokenizer):
+    rows = preference_rows(6, seed=5)
+    got = preference_metrics(policy, tokenizer, rows, ref_model=ref, beta=0.5, batch_size=4)
+    margins, hits = [], 0.0
+    for r in rows:
+        rc = 0.5 * (_logp_by_hand(policy, tokenizer, r["prompt"], r["chosen"]) - _logp_by_hand(ref, tokenizer, r["prompt"], r["chosen"]))
+        rr = 0.5 * (_logp_by_hand(policy, tokenizer, r["prompt"], r["rejected"]) - _logp_by_hand(ref, tokenizer, r["prompt"], r["rejected"]))
+        margins.append(rc - rr)
+        hits += 1.0 if rc > rr else 0.5 if rc == rr else 0.0
+    assert got["reference"] == "ref_model" and got["n"] == 6
+    assert got["accuracy"] == pytest.approx(hits / 6)
+    assert got["margin_mean"] == pytest.approx(sum(margins) / 6, abs=1e-4)
+    assert got["margin_std"] == pytest.approx(float(torch.tensor(margins).std(unbiased=False)), abs=1e-4)
+    assert 0 < got["accuracy"] < 1  # the hand case is not degenerate
+    same = preference_metrics(policy, tokenizer, rows, ref_model=policy)
+    assert same["accuracy"] == 0.5 and same["ties"] == 6 and same["margin_mean"] == 0.0  # ties count half
+
+
+def test_no_reference_says_which_metric(policy, tokenizer, caplog):
+    rows = preference_rows(4, seed=6)
+    with caplog.at_level(logging.WARNING, logger="trl_upo.evaluation"):
+        got = preference_metrics(policy, tokenizer, rows)
+    assert got["reference"] == "none" and "policy log-prob accuracy" in got["metric"]
+    assert got["accuracy"] == got["policy_logp_accuracy"]
+    assert "no reference" in caplog.text
+
+
+def test_peft_reference_is_the_adapter_disabled_model(tiny_model_path, tokenizer, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = load_model(tiny_model_path)
+    peft_model = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    ).eval()
+    rows = preference_rows(5, seed=7)
+    implicit = preference_metrics(peft_model, tokenizer, rows, batch_size=3)
+    explicit = preference_metrics(peft_model, tokenizer, rows, ref_model=base)
+    assert implicit["reference"] == "adapter_disabled"
+    assert implicit["margin_mean"] != 0.0
+    assert implicit["margin_mean"] == pytest.approx(explicit["margin_mean"], abs=1e-6)
+    assert implicit["accuracy"] == explicit["accuracy"]
+    # An adapter directory loads its base from the adapter config, and the tokenizer from there too.
+    adapter_dir = str(tmp_path / "adapter")
+    peft_model.save_pretrained(adapter_dir)
+    from_path = preference_metrics(adapter_dir, None, rows)
+    assert from_path["reference"] == "adapter_disabled"
+    assert from_path["margin_mean"] == pytest.approx(implicit["margin_mean"], abs=1e-6)
+
+
+def test_evaluate_policy_result_shape(policy_path, tiny_model_path):
+    rows = preference_rows(4, seed=8, conversational=True)
+    res = evaluate_policy(
+        policy_path, prompts=[r["prompt"] for r in rows], heads=[NOVERY], pairs=rows, ref_model=tiny_model_path,
+        max_new_tokens=4, num_samples=2, num_examples=2, return_responses=True, temperature=0.7,
+    )
+    assert set(res) == {"designer", "preference", "generation", "samples", "responses"}
+    assert res["designer"]["novery"]["n"] == 8
+    assert res["preference"]["n"] == 4 and res["preference"]["reference"] == "ref_model"
+    assert res["generation"]["temperature"] == 0.7 and res["generation"]["num_prompts"] == 4
+    assert len(res["samples"]) == 2 and len(res["responses"]) == 4
+
+
+def test_bad_input(policy, tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_model(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="neither a model"):
+        load_model(str(tmp_path))
+    with pytest.raises(ValueError, match="identical greedy"):
+        generate_responses(policy, tokenizer, ["a"], num_samples=2, do_sample=False)
+    with pytest.raises(ValueError, match=r"prompts\[1\] must be a string"):
+        generate_responses(policy, tokenizer, ["a", 3])
+    with pytest.raises(ValueError, match="missing \\['rejected'\\]"):
+        preference_metrics(policy, tokenizer, [{"prompt": "a", "chosen": "b"}])
+    with pytest.raises(ValueError, match="Unknown reward head 'lenght'"):  # before any generation
+        evaluate_policy(policy, tokenizer, prompts=["a"], heads=[{"name": "lenght"}])
