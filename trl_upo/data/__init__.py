@@ -1,0 +1,44 @@
+"""Building alignment data before preference optimisation (``trl-upo build-pairs``).
+
+- :func:`build_rank_pairs`: score N candidate responses per prompt with reward heads or a reward model and pair the
+  best against the worst (or every two above a margin), keeping the scores as columns UPO can train on directly.
+- :func:`build_critique_pairs`: answer, critique under a principle, revise (Constitutional AI); the revision is the
+  chosen response, the original answer the rejected one.
+
+Both write their output in shards as they go (resumable, deterministic with a seed) and produce TRL's standard or
+conversational preference format.
+"""
+
+from .critique import (
+    DEFAULT_CRITIQUE_TEMPLATE,
+    DEFAULT_PRINCIPLES,
+    DEFAULT_REVISION_TEMPLATE,
+    CritiqueConfig,
+    Principle,
+    build_critique_pairs,
+    check_template,
+)
+from .generation import GenerationSettings, batch_seed, make_generator
+from .io import OutputSettings, load_prompt_dataset
+from .rank import RankConfig, build_rank_pairs, column_head_specs, score_columns, select_pairs, within_prompt
+
+__all__ = [
+    "DEFAULT_CRITIQUE_TEMPLATE",
+    "DEFAULT_PRINCIPLES",
+    "DEFAULT_REVISION_TEMPLATE",
+    "CritiqueConfig",
+    "GenerationSettings",
+    "OutputSettings",
+    "Principle",
+    "RankConfig",
+    "batch_seed",
+    "build_critique_pairs",
+    "build_rank_pairs",
+    "check_template",
+    "column_head_specs",
+    "load_prompt_dataset",
+    "make_generator",
+    "score_columns",
+    "select_pairs",
+    "within_prompt",
+]

@@ -1,0 +1,324 @@
+"""Self-critique revisions (Constitutional AI): a model answers a prompt, critiques its answer under a principle,
+and rewrites it; the revision is the chosen response and the original answer the rejected one.
+
+The default principle is the example of the seed article (harmful, unethical, racist, sexist, toxic, dangerous or
+illegal content). Templates are ``str.format`` strings whose placeholders are checked before anything is generated.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import math
+import random
+import string
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .formats import as_completion, check_prompt_column, is_conversational, prompt_text, response_text
+from .generation import GenerationSettings, batch_seed, make_generator
+from .io import OutputSettings, dataset_digest, finish, run_in_shards
+from .rank import _open_store
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Principle:
+    """One constitutional principle: how to ask for a critique, and how to ask for the revision.
+
+    Attributes:
+        name: stored in the output's ``principle`` column.
+        critique_request: fills ``{critique_request}`` in the critique template.
+        revision_request: fills ``{revision_request}`` in the revision template.
+    """
+
+    name: str
+    critique_request: str
+    revision_request: str
+
+    def __post_init__(self) -> None:
+        for key in ("name", "critique_request", "revision_request"):
+            value = getattr(self, key)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"A principle's {key!r} must be a non-empty string, got {value!r}.")
+
+
+DEFAULT_PRINCIPLES = [
+    Principle(
+        name="harmless",
+        critique_request=(
+            "Identify specific ways in which the assistant's last response is harmful, unethical, racist, sexist, "
+            "toxic, dangerous, or illegal."
+        ),
+        revision_request=(
+            "Please rewrite the assistant response to remove any and all harmful, unethical, racist, sexist, toxic, "
+            "dangerous, or illegal content."
+        ),
+    )
+]
+
+DEFAULT_CRITIQUE_TEMPLATE = (
+    "Human: {prompt}\n\nAssistant: {response}\n\nCritiqueRequest: {critique_request}\n\nCritique:"
+)
+DEFAULT_REVISION_TEMPLATE = (
+    "Human: {prompt}\n\nAssistant: {response}\n\nCritiqueRequest: {critique_request}\n\nCritique: {critique}\n\n"
+    "RevisionRequest: {revision_request}\n\nRevision:"
+)
+
+#: template -> (placeholders it must contain, placeholders it may contain)
+TEMPLATE_FIELDS = {
+    "critique_template": ({"prompt", "response", "critique_request"}, set()),
+    "revision_template": ({"prompt", "response", "critique", "revision_request"}, {"critique_request"}),
+}
+SELECTIONS = ("random", "all")
+
+
+def check_template(name: str, template: str) -> None:
+    """Check that ``template`` has every placeholder it needs and no unknown one.
+
+    Raises:
+        ValueError: naming the missing or unknown placeholders (with a did-you-mean), or a malformed template.
+    """
+    required, optional = TEMPLATE_FIELDS[name]
+    if not isinstance(template, str) or not template.strip():
+        raise ValueError(f"{name} must be a non-empty string, got {template!r}.")
+    try:
+        found = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        raise ValueError(f"{name} is not a valid format string ({e}); write a literal brace as '{{{{' or '}}}}'.") from e
+    bad = [f for f in found if not f.isidentifier()]
+    if bad:
+        raise ValueError(f"{name} has placeholders {bad} that are not plain names; write literal braces as '{{{{'.")
+    unknown = sorted(found - required - optional)
+    if unknown:
+        hints = []
+        for f in unknown:
+            close = difflib.get_close_matches(f, sorted(required | optional), n=1)
+            hints.append(f"{{{f}}}" + (f" (did you mean {{{close[0]}}}?)" if close else ""))
+        raise ValueError(
+            f"{name} has unknown placeholder(s) {', '.join(hints)}. It may use {sorted(required | optional)}."
+        )
+    missing = sorted(required - found)
+    if missing:
+        raise ValueError(
+            f"{name} is missing placeholder(s) {['{' + m + '}' for m in missing]}: without them the model never sees "
+            f"that text. It needs all of {sorted('{' + r + '}' for r in required)}."
+        )
+
+
+def _parse_principles(value: Any) -> list[Principle]:
+    if value is None:
+        return list(DEFAULT_PRINCIPLES)
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"principles must be a list of mappings (or a JSON string of one) with name, critique_request and "
+                f"revision_request; could not parse {value!r}: {e}"
+            ) from None
+    if isinstance(value, (dict, Principle)):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"principles must be a non-empty list, got {value!r}.")
+    keys = ("name", "critique_request", "revision_request")
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, Principle):
+            out.append(item)
+            continue
+        if not isinstance(item, dict):
+            raise ValueError(f"principles[{i}] must be a mapping with keys {list(keys)}, got {item!r}.")
+        unknown = sorted(set(item) - set(keys))
+        if unknown:
+            hints = [
+                f"{k!r}" + (f" (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(k, keys, n=1)) else "")
+                for k in unknown
+            ]
+            raise ValueError(f"principles[{i}] has unknown key(s) {', '.join(hints)}. Valid keys: {list(keys)}.")
+        missing = [k for k in keys if k not in item]
+        if missing:
+            raise ValueError(f"principles[{i}] is missing {missing}. Each principle needs {list(keys)}.")
+        out.append(Principle(**item))
+    names = [p.name for p in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Principle names must be unique, got {names}.")
+    return out
+
+
+@dataclass
+class CritiqueConfig:
+    """Settings of a critique run.
+
+    Attributes:
+        generation: the model that answers, critiques and revises (a :class:`GenerationSettings` or a dict of its
+            fields).
+        prompt_column: the column holding prompts (strings, or message lists for conversational data).
+        response_column: critique existing answers from this column instead of generating them.
+        principles: a list of :class:`Principle` or of mappings with ``name``, ``critique_request`` and
+            ``revision_request`` (or a JSON string of one); default :data:`DEFAULT_PRINCIPLES`.
+        principle_selection: ``"random"`` (one principle per prompt, drawn with the seed) or ``"all"`` (one pair per
+            prompt and principle).
+        critique_template: placeholders ``{prompt}``, ``{response}``, ``{critique_request}``.
+        revision_template: placeholders ``{prompt}``, ``{response}``, ``{critique}``, ``{revision_request}``, and
+            optionally ``{critique_request}``.
+        batch_size: prompts per batch (and per shard: an interruption loses at most one batch).
+        seed: the run's seed; each batch and stage samples with a seed derived from it.
+
+    With conversational prompts, a filled template is sent as one user message through the model's chat template,
+    and ``{prompt}`` is the prompt's text (``role: content`` lines when it has several messages).
+    """
+
+    generation: GenerationSettings | dict | None = None
+    prompt_column: str = "prompt"
+    response_column: str | None = None
+    principles: Any = None
+    principle_selection: str = "random"
+    critique_template: str = DEFAULT_CRITIQUE_TEMPLATE
+    revision_template: str = DEFAULT_REVISION_TEMPLATE
+    batch_size: int = 8
+    seed: int = 0
+    principle_list: list[Principle] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_template("critique_template", self.critique_template)
+        check_template("revision_template", self.revision_template)
+        self.principle_list = _parse_principles(self.principles)
+        if self.principle_selection not in SELECTIONS:
+            raise ValueError(f"principle_selection must be one of {list(SELECTIONS)}, got {self.principle_selection!r}.")
+        if isinstance(self.generation, dict):
+            self.generation = GenerationSettings(**self.generation)
+        if self.generation is None:
+            raise ValueError("critique needs a model to critique and revise with: generation={'model': ...} (--model).")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}.")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}.")
+
+    def principles_for(self, row_index: int) -> list[Principle]:
+        """The principle(s) applied to the prompt of row ``row_index`` (a function of the seed and the row only)."""
+        if self.principle_selection == "all":
+            return list(self.principle_list)
+        return [random.Random(f"{self.seed}:{row_index}").choice(self.principle_list)]
+
+
+def build_critique_pairs(
+    dataset: Any,
+    config: CritiqueConfig,
+    output: OutputSettings | None = None,
+    *,
+    on_batch: Callable[[int], None] | None = None,
+) -> Any:
+    """Build critique-and-revision pairs: ``chosen`` = revision, ``rejected`` = original answer.
+
+    Args:
+        dataset: a ``datasets.Dataset`` with a prompt column (and the answers, with ``response_column``).
+        config: the run's settings (templates and principles are already checked).
+        output: where to write the pairs and the resumable shards; None keeps shards in a temporary directory.
+        on_batch: called with each batch's index once it is stored.
+
+    Returns:
+        A ``Dataset`` with ``prompt``, ``chosen``, ``rejected``, ``critique``, ``principle`` and the other input
+        columns.
+    """
+    conversational = check_prompt_column(dataset, config.prompt_column)
+    if config.response_column is not None:
+        if config.response_column not in dataset.column_names:
+            close = difflib.get_close_matches(config.response_column, dataset.column_names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(
+                f"The dataset has no response column {config.response_column!r}.{hint} Columns: "
+                f"{dataset.column_names}."
+            )
+        for i, value in enumerate(dataset[config.response_column]):
+            if not (isinstance(value, str) or is_conversational(value)):
+                raise ValueError(
+                    f"Row {i}: {config.response_column!r} must hold a string or a list of messages, got {value!r}."
+                )
+    consumed = {config.prompt_column, config.response_column}
+    passthrough = [c for c in dataset.column_names if c not in consumed]
+    clash = sorted(set(passthrough) & {"prompt", "chosen", "rejected", "critique", "principle"})
+    if clash:
+        raise ValueError(
+            f"The input dataset has column(s) {clash}, which the output would overwrite. Rename or remove them first "
+            f"(Dataset.rename_column / remove_columns); existing answers go in response_column."
+        )
+    if output is not None:
+        output.check_writable()
+
+    generator = make_generator(config.generation)
+    num_batches = math.ceil(len(dataset) / config.batch_size)
+    store, tmp = _open_store(output, _fingerprint(dataset, config), num_batches)
+
+    def ask(texts: list[str]) -> list[Any]:
+        # A filled template is plain text for a standard model input, one user message for a chat model.
+        return [[{"role": "user", "content": t}] for t in texts] if conversational else texts
+
+    def process(rows: list[dict[str, Any]], b: int, start: int) -> list[dict[str, Any]]:
+        prompts = [r[config.prompt_column] for r in rows]
+        if config.response_column is not None:
+            answers = [response_text(r[config.response_column]) for r in rows]
+        else:
+            answers = [t[0] for t in generator.generate(prompts, 1, batch_seed(config.seed, b, "answer"))]
+        jobs = [(i, p) for i in range(len(rows)) for p in config.principles_for(start + i)]
+        fields = [
+            {"prompt": prompt_text(prompts[i]), "response": answers[i].strip(), "critique_request": p.critique_request}
+            for i, p in jobs
+        ]
+        critique_inputs = ask([config.critique_template.format(**f) for f in fields])
+        critiques = [t[0].strip() for t in generator.generate(critique_inputs, 1, batch_seed(config.seed, b, "critique"))]
+        revision_inputs = ask(
+            [
+                config.revision_template.format(**f, critique=c, revision_request=p.revision_request)
+                for f, c, (_, p) in zip(fields, critiques, jobs, strict=True)
+            ]
+        )
+        revisions = [t[0] for t in generator.generate(revision_inputs, 1, batch_seed(config.seed, b, "revision"))]
+        out = []
+        for (i, p), critique, revision in zip(jobs, critiques, revisions, strict=True):
+            original = rows[i][config.response_column] if config.response_column is not None else answers[i]
+            if conversational and isinstance(original, str):
+                original = as_completion(original, True)
+            chosen = as_completion(revision.strip(), True) if conversational else _like(original, revision)
+            row = {"prompt": prompts[i], "chosen": chosen, "rejected": original, "critique": critique,
+                   "principle": p.name}
+            row.update({c: rows[i][c] for c in passthrough})
+            out.append(row)
+        return out
+
+    try:
+        run_in_shards(
+            dataset,
+            process,
+            batch_size=config.batch_size,
+            store=store,
+            desc="Critique and revision",
+            progress=output.progress if output is not None else True,
+            on_batch=on_batch,
+        )
+        result = finish(store, output, "pairs")
+    finally:
+        generator.release()
+        if tmp is not None:
+            tmp.cleanup()
+    return result
+
+
+def _like(original: Any, revision: str) -> str:
+    """A standard-format revision, separated from the prompt the way the original answer is (a leading space)."""
+    text = revision.strip()
+    if isinstance(original, str) and original[:1].isspace():
+        return original[: len(original) - len(original.lstrip())] + text
+    return text
+
+
+def _fingerprint(dataset: Any, config: CritiqueConfig) -> str:
+    from ..heads.base import short_hash
+
+    settings = {k: v for k, v in asdict(config).items() if k not in ("generation", "principles", "principle_list")}
+    settings["generation"] = config.generation.to_dict()
+    settings["principles"] = [asdict(p) for p in config.principle_list]
+    return short_hash(f"critique|{json.dumps(settings, sort_keys=True, default=repr)}|{dataset_digest(dataset)}")

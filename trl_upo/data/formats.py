@@ -1,0 +1,83 @@
+"""Prompt and completion formats, as TRL reads them: *standard* rows hold strings, *conversational* rows hold lists
+of ``{"role", "content"}`` messages (the prompt ends with a user turn; a completion is an assistant turn)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def is_conversational(value: Any) -> bool:
+    """Whether ``value`` is a list of chat messages (dicts with ``role`` and ``content``)."""
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) > 0
+        and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+    )
+
+
+def check_prompt_column(dataset: Any, column: str) -> bool:
+    """Check that ``dataset`` has the prompt column and that every prompt has one format.
+
+    Args:
+        dataset: a ``datasets.Dataset``.
+        column: name of the prompt column.
+
+    Returns:
+        True for conversational prompts (message lists), False for standard prompts (strings).
+
+    Raises:
+        ValueError: no such column, an empty dataset, an empty or mistyped prompt, or mixed formats.
+    """
+    if column not in dataset.column_names:
+        import difflib
+
+        close = difflib.get_close_matches(column, dataset.column_names, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"The dataset has no prompt column {column!r}.{hint} Columns: {dataset.column_names}. Pass the column "
+            f"holding the prompts as prompt_column (--prompt_column)."
+        )
+    if len(dataset) == 0:
+        raise ValueError("The dataset is empty: there are no prompts to build pairs from.")
+    kinds = set()
+    for i, prompt in enumerate(dataset[column]):
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ValueError(f"Row {i}: the prompt is empty. Remove the row or fill in its prompt.")
+            kinds.add("standard")
+        elif is_conversational(prompt):
+            kinds.add("conversational")
+        else:
+            raise ValueError(
+                f"Row {i}: the prompt must be a string (standard format) or a list of {{'role', 'content'}} messages "
+                f"(conversational format), got {prompt!r}."
+            )
+    if len(kinds) > 1:
+        raise ValueError(
+            f"The prompt column {column!r} mixes strings and message lists; use one format for the whole dataset."
+        )
+    return kinds == {"conversational"}
+
+
+def as_completion(text: str, conversational: bool) -> Any:
+    """A generated text in the dataset's format: the string itself, or ``[{"role": "assistant", "content": text}]``."""
+    return [{"role": "assistant", "content": text}] if conversational else text
+
+
+def prompt_text(prompt: Any) -> str:
+    """Plain text of a prompt, for a template: a string as is; one message as its content; several messages as
+    ``role: content`` lines."""
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) == 1:
+        return str(prompt[0]["content"])
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+def response_text(response: Any) -> str:
+    """Plain text of a response: a string as is, or the contents of its messages joined by newlines."""
+    if isinstance(response, str):
+        return response
+    if isinstance(response, dict):
+        return str(response.get("content", ""))
+    return "\n".join(str(m.get("content", "")) for m in response)

@@ -1,0 +1,276 @@
+"""Reading prompts, writing pairs: a run is written batch by batch into a shard directory, so an interrupted run
+resumes at the first missing batch and loses at most the batch it was working on; when every batch is done the
+shards become the output (JSONL, Parquet or a saved dataset) and, if asked, are pushed to the Hub."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("jsonl", "parquet", "disk")
+_SHARD_VERSION = 1
+
+
+@dataclass
+class OutputSettings:
+    """Where and how the pairs are written.
+
+    Attributes:
+        path: the output file (``.jsonl``/``.json``: JSON lines; ``.parquet``: Parquet) or directory (``disk``:
+            ``Dataset.save_to_disk``).
+        format: ``"jsonl"``, ``"parquet"`` or ``"disk"``; None infers it from ``path``'s extension.
+        shard_dir: where finished batches are kept until the run completes; default ``<path>.shards``.
+        overwrite: replace an existing output, and start over when the shard directory holds a run with other
+            settings (otherwise both are errors).
+        keep_shards: keep the shard directory after the output is written.
+        push_to_hub: a Hub dataset repo id to push the result to (``Dataset.push_to_hub``), or None.
+        hub_private: create the Hub repo as private.
+        progress: show tqdm progress bars.
+    """
+
+    path: str
+    format: str | None = None
+    shard_dir: str | None = None
+    overwrite: bool = False
+    keep_shards: bool = False
+    push_to_hub: str | None = None
+    hub_private: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("output path is empty: give the file or directory to write the pairs to.")
+        if self.format is None:
+            self.format = infer_format(self.path)
+        if self.format not in FORMATS:
+            raise ValueError(f"output format must be one of {list(FORMATS)}, got {self.format!r}.")
+        if self.shard_dir is None:
+            self.shard_dir = self.path.rstrip("/\\") + ".shards"
+
+    def check_writable(self) -> None:
+        """Fail before any work when the output exists and ``overwrite`` is off."""
+        if os.path.exists(self.path) and not self.overwrite:
+            raise ValueError(
+                f"The output {self.path!r} already exists. Pass overwrite=True (--overwrite) to replace it, or choose "
+                f"another path."
+            )
+
+
+def infer_format(path: str) -> str:
+    """The output format implied by a path: ``.jsonl``/``.json`` -> jsonl, ``.parquet`` -> parquet, else disk."""
+    lower = path.lower()
+    if lower.endswith((".jsonl", ".json")):
+        return "jsonl"
+    if lower.endswith(".parquet"):
+        return "parquet"
+    if os.path.splitext(lower)[1] in (".csv", ".arrow", ".txt", ".tsv"):
+        raise ValueError(f"Cannot write {path!r}: use a .jsonl or .parquet file, or a directory (save_to_disk).")
+    return "disk"
+
+
+def load_prompt_dataset(source: str, split: str = "train", limit: int | None = None) -> Any:
+    """Load the input dataset: a JSON/JSONL/Parquet/CSV file, a directory written by ``save_to_disk``, or a Hub
+    dataset id.
+
+    Args:
+        source: file, directory or Hub id.
+        split: the split to use (Hub datasets, ``DatasetDict`` directories).
+        limit: keep only the first ``limit`` rows.
+    """
+    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+    builders = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+    ext = os.path.splitext(source.lower())[1]
+    if os.path.isfile(source):
+        if ext not in builders:
+            raise ValueError(f"Cannot read {source!r}: give a .json, .jsonl, .parquet or .csv file.")
+        ds = load_dataset(builders[ext], data_files=source, split="train")
+    elif os.path.isdir(source) and (
+        os.path.exists(os.path.join(source, "dataset_info.json"))
+        or os.path.exists(os.path.join(source, "dataset_dict.json"))
+    ):
+        ds = load_from_disk(source)
+        if isinstance(ds, DatasetDict):
+            if split not in ds:
+                raise ValueError(f"{source!r} has splits {list(ds)}, not {split!r}: pass --split.")
+            ds = ds[split]
+    elif source.startswith(("/", "./", "../", "~")) and not os.path.exists(source):
+        raise ValueError(f"The dataset path {source!r} does not exist.")
+    else:
+        ds = load_dataset(source, split=split)
+    if not isinstance(ds, Dataset):
+        raise ValueError(f"{source!r} did not load as one dataset split (got {type(ds).__name__}).")
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}.")
+        ds = ds.select(range(min(limit, len(ds))))
+    return ds
+
+
+class ShardStore:
+    """Finished batches of one run, one JSONL file each (``shard-000003.jsonl``), written atomically.
+
+    ``meta.json`` records the run's fingerprint (settings, input data, batch size): a directory holding another run
+    is an error unless ``overwrite`` (then it is cleared), so a resume never mixes two runs.
+    """
+
+    def __init__(self, directory: str, fingerprint: str, num_batches: int, overwrite: bool = False) -> None:
+        self.directory = directory
+        self.num_batches = num_batches
+        meta_path = os.path.join(directory, "meta.json")
+        meta = {"version": _SHARD_VERSION, "fingerprint": fingerprint, "num_batches": num_batches}
+        if os.path.exists(meta_path):
+            with open(meta_path) as f:
+                old = json.load(f)
+            if old != meta:
+                if not overwrite:
+                    raise ValueError(
+                        f"The shard directory {directory!r} holds an unfinished run with different settings or input "
+                        f"data, so it cannot be resumed with these. Delete it, pass overwrite=True (--overwrite) to "
+                        f"start over, or use another output path."
+                    )
+                shutil.rmtree(directory)
+        elif os.path.isdir(directory) and os.listdir(directory):
+            if not overwrite:
+                raise ValueError(
+                    f"The shard directory {directory!r} exists and is not a trl-upo shard directory. Delete it or "
+                    f"pass overwrite=True (--overwrite)."
+                )
+            shutil.rmtree(directory)
+        os.makedirs(directory, exist_ok=True)
+        if not os.path.exists(meta_path):
+            _atomic_write(meta_path, json.dumps(meta))
+
+    def _path(self, index: int) -> str:
+        return os.path.join(self.directory, f"shard-{index:06d}.jsonl")
+
+    def done(self, index: int) -> bool:
+        """Whether batch ``index`` is already written."""
+        return os.path.exists(self._path(index))
+
+    def num_done(self) -> int:
+        """How many batches are written."""
+        return sum(self.done(i) for i in range(self.num_batches))
+
+    def write(self, index: int, rows: list[dict[str, Any]]) -> None:
+        """Write the rows of batch ``index`` (an empty batch is written too: it is done)."""
+        _atomic_write(self._path(index), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+    def rows(self) -> list[dict[str, Any]]:
+        """All rows, in batch order."""
+        out = []
+        for i in range(self.num_batches):
+            with open(self._path(i), encoding="utf-8") as f:
+                out.extend(json.loads(line) for line in f if line.strip())
+        return out
+
+    def remove(self) -> None:
+        """Delete the shard directory."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def run_in_shards(
+    dataset: Any,
+    process: Callable[[list[dict[str, Any]], int, int], list[dict[str, Any]]],
+    *,
+    batch_size: int,
+    store: ShardStore,
+    desc: str,
+    progress: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> None:
+    """Run ``process(rows, batch_index, first_row_index)`` on every batch not yet in ``store`` and store its output.
+
+    ``on_batch(batch_index)`` is called after each batch is stored (a progress hook; the tests interrupt a run there).
+    """
+    from tqdm.auto import tqdm
+
+    n = len(dataset)
+    done = store.num_done()
+    if done:
+        logger.info("Resuming: %d of %d batches are already in %s.", done, store.num_batches, store.directory)
+    bar = tqdm(total=store.num_batches, initial=done, desc=desc, unit="batch", disable=not progress)
+    try:
+        for b in range(store.num_batches):
+            if store.done(b):
+                continue
+            start = b * batch_size
+            rows = dataset.select(range(start, min(start + batch_size, n))).to_list()
+            store.write(b, process(rows, b, start))
+            bar.update(1)
+            if on_batch is not None:
+                on_batch(b)
+    finally:
+        bar.close()
+
+
+def finish(store: ShardStore, output: OutputSettings | None, what: str) -> Any:
+    """Turn the finished shards into a ``Dataset``, write it to ``output`` and push it if asked."""
+    from datasets import Dataset
+
+    rows = store.rows()
+    if not rows:
+        raise ValueError(
+            f"No {what} were built from any prompt (see the warnings above), so there is nothing to write. Lower the "
+            f"margin, or check the reward heads and the responses."
+        )
+    dataset = Dataset.from_list(rows)
+    if output is not None:
+        write_dataset(dataset, rows, output)
+        if output.push_to_hub:
+            dataset.push_to_hub(output.push_to_hub, private=output.hub_private)
+        if not output.keep_shards:
+            store.remove()
+    return dataset
+
+
+def write_dataset(dataset: Any, rows: list[dict[str, Any]], output: OutputSettings) -> None:
+    """Write the pairs in ``output.format`` (JSON lines are written from ``rows`` so floats keep every digit)."""
+    path = output.path
+    if os.path.exists(path):
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    if output.format == "jsonl":
+        _atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    elif output.format == "parquet":
+        dataset.to_parquet(path)
+    else:
+        dataset.save_to_disk(path)
+
+
+def settings_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass as a JSON-safe dict (for fingerprints)."""
+    return json.loads(json.dumps(asdict(obj), default=repr, sort_keys=True))
+
+
+def dataset_digest(dataset: Any) -> str:
+    """A hash of a dataset's content (not of how it was built), so a resume in a new process recognises its input."""
+    import hashlib
+
+    if getattr(dataset, "_indices", None) is not None:
+        dataset = dataset.flatten_indices()
+    h = hashlib.sha256()
+    h.update(str(dataset.features).encode())
+    for batch in dataset.data.to_batches():
+        h.update(batch.serialize())
+    return h.hexdigest()[:24]
