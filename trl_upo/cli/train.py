@@ -22,6 +22,7 @@ given.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import shlex
 import subprocess
@@ -37,6 +38,8 @@ RESOURCE_PREFIX = "upo://"
 RESOURCES_DIR = Path(__file__).resolve().parents[1] / "resources"
 #: The recipe ``trl-upo train`` runs when it is given no arguments.
 QUICKSTART_RECIPE = RESOURCE_PREFIX + "quickstart.yaml"
+#: Where ``report_before_after`` writes its numbers, in ``output_dir``.
+REPORT_FILE = "report.json"
 #: Set in the environment of processes this command launches, so that they train instead of launching again.
 LAUNCHED_ENV = "TRL_UPO_LAUNCHED"
 # Set by `accelerate launch` (every launcher: simple, multi-GPU, DeepSpeed, FSDP) or by torchrun in its workers.
@@ -531,12 +534,15 @@ def train(script_args, training_args, model_args, dataset_args):
         trainer.model._ddp_params_and_buffers_to_ignore = [
             name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
         ]
-    before = _report(trainer, script_args, report_ds, ref=True) if report_ds is not None else None
+    before = _report(trainer, script_args, model_id, report_ds, before=True) if report_ds is not None else None
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     if report_ds is not None:
-        after = _report(trainer, script_args, report_ds, ref=False)
-        trainer.accelerator.print(format_report(before, after))
+        after = _report(trainer, script_args, model_id, report_ds, before=False)
+        if trainer.accelerator.is_main_process:
+            with open(os.path.join(training_args.output_dir, REPORT_FILE), "w") as f:
+                json.dump({"before": before, "after": after}, f, indent=2, default=str)
+            print(format_report(before, after), flush=True)
     saved = sorted(os.listdir(training_args.output_dir)) if trainer.accelerator.is_main_process else []
     trainer.accelerator.print(f"Model saved to {os.path.abspath(training_args.output_dir)} ({', '.join(saved)}).")
     if training_args.push_to_hub:
@@ -546,14 +552,69 @@ def train(script_args, training_args, model_args, dataset_args):
     return trainer
 
 
-def _report(trainer, script_args, report_ds, ref: bool):
-    """Placeholder until the before/after report is wired to trl_upo.evaluation."""
-    return None
+def _report(trainer, script_args, model_id: str, report_ds, before: bool) -> dict | None:
+    """Designer metrics and held-out preference accuracy of the current policy (main process only).
+
+    Before training, the reference is the policy itself (implicit-reward accuracy 0.5 by definition, every pair a
+    tie); after, it is the trainer's reference: the adapter-disabled model under PEFT, the ``ref_model``, or the
+    starting model reloaded from ``model_name_or_path``.
+    """
+    from trl_upo.evaluation import evaluate_policy
+
+    if not trainer.accelerator.is_main_process:
+        return None
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    n = min(script_args.report_num_prompts, len(report_ds))
+    rows = report_ds.select(range(n))
+    if before:
+        ref = model
+    elif getattr(model, "peft_config", None):
+        ref = None  # evaluate_policy disables the adapter
+    elif trainer.ref_model is not None:
+        ref = trainer.accelerator.unwrap_model(trainer.ref_model)
+    else:
+        ref = model_id
+    was_training = model.training
+    model.eval()
+    try:
+        result = evaluate_policy(
+            model,
+            trainer.processing_class,
+            prompts=rows["prompt"],
+            heads=trainer.args.reward_heads,
+            pairs=rows,
+            ref_model=ref,
+            beta=trainer.args.beta,
+            max_new_tokens=script_args.report_max_new_tokens,
+            num_samples=script_args.report_num_samples,
+            seed=trainer.args.seed,
+        )
+    finally:
+        model.train(was_training)
+    return result
 
 
-def format_report(before, after) -> str:
-    """The before/after table of the report."""
-    return ""
+def format_report(before: dict, after: dict) -> str:
+    """The before/after table: each head's mean score on generated answers, and the held-out preference accuracy
+    (implicit reward against the reference, ties count half; and policy log-prob accuracy)."""
+    heads = list(after["designer"])
+    cols = [f"{h} (mean)" for h in heads] + ["pref. accuracy", "log-prob accuracy"]
+    width = max(14, *(len(c) for c in cols))
+    gen = after["generation"]
+    lines = [
+        "",
+        f"Designer metrics on {gen['num_prompts']} held-out prompts x {gen['num_samples']} sampled answers "
+        f"(head scores, higher is better); preference accuracy on {after['preference'].get('n', 0)} held-out pairs:",
+        f"{'':<8}" + "".join(f"{c:>{width + 2}}" for c in cols),
+    ]
+    for name, r in (("before", before), ("after", after)):
+        values = [r["designer"][h]["mean"] for h in heads]
+        values += [r["preference"].get("accuracy", float("nan")), r["preference"].get("policy_logp_accuracy", float("nan"))]
+        lines.append(f"{name:<8}" + "".join(f"{v:>{width + 2}.3f}" for v in values))
+    for name, r in (("before", before), ("after", after)):
+        if r.get("samples"):
+            lines.append(f"{name} sample: {r['samples'][0]['prompt']!s} ->{r['samples'][0]['response']}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
