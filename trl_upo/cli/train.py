@@ -298,7 +298,7 @@ class _UsageError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_keys(argv: list[str], parser) -> list[tuple[str, Any]]:
+def _check_keys(argv: list[str], parser, extra_keys: tuple[str, ...] = ()) -> None:
     """Find unknown keys in the recipe and on the command line before any dataclass is built; return nothing, or
     raise a :class:`_UsageError` listing every unknown key with the closest valid one."""
     import yaml
@@ -306,7 +306,7 @@ def _check_keys(argv: list[str], parser) -> list[tuple[str, Any]]:
 
     launch = launch_keys()
     dests = _dataclass_keys(parser)
-    valid = dests + sorted(launch)
+    valid = dests + sorted(launch) + list(extra_keys)
     problems: list[str] = []
 
     def unknown(key: str, where: str, choices: list[str]) -> None:
@@ -357,7 +357,7 @@ def _check_keys(argv: list[str], parser) -> list[tuple[str, Any]]:
         )
 
 
-def parse(argv: list[str], prog: str | None = None):
+def parse(argv: list[str], prog: str | None = None, extra_keys: tuple[str, ...] = ()):
     """Parse ``argv`` strictly: returns ``(script_args, training_args, model_args, dataset_args, launch_options)``.
 
     Unknown keys are checked first, before any dataclass is built or anything is loaded. The recipe's ``env:``
@@ -365,11 +365,12 @@ def parse(argv: list[str], prog: str | None = None):
 
     Raises:
         _UsageError: a key that no dataclass and no ``accelerate launch`` option takes (naming the closest valid
-            key), a stray value, or a value a dataclass rejects.
+            key), a stray value, or a value a dataclass rejects. ``extra_keys`` (a calling command's own flags,
+            already removed from ``argv``) count as valid in the suggestions.
     """
     argv = _resolve_config_arg(argv)
     parser = make_parser(prog=prog)
-    _check_keys(argv, parser)
+    _check_keys(argv, parser, extra_keys)
     try:
         *dataclasses, config_remaining, cli_remaining = parser.parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True
@@ -489,6 +490,16 @@ def _split(ds, name: str, what: str):
     return ds[name]
 
 
+def quiet_progress(training_args) -> None:
+    """With ``disable_tqdm``, also silence the progress bars of datasets and of weight loading."""
+    if training_args.disable_tqdm:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+
+
 def train(script_args, training_args, model_args, dataset_args):
     """Train with the parsed recipe, save the model (and ``upo_state.json``) to ``output_dir``; return the
     trainer."""
@@ -496,12 +507,7 @@ def train(script_args, training_args, model_args, dataset_args):
 
     from trl_upo import UPOTrainer
 
-    if training_args.disable_tqdm:  # also the datasets and weight-loading bars, not only the Trainer's
-        import datasets
-        import transformers
-
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
+    quiet_progress(training_args)
     model_id = model_args.model_name_or_path
     if not model_id:
         raise _UsageError("no model: give `model_name_or_path` (hub name, local path or upo://...).")
