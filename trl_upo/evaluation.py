@@ -308,6 +308,32 @@ def _as_completion(prompt: Any, response: str) -> Any:
     return [{"role": "assistant", "content": response}] if is_conversational_prompt(prompt) else response
 
 
+def text_head_specs(heads: Sequence[dict] | str | None) -> list:
+    """Parse head specs and check that every head scores response text, before any model is loaded.
+
+    Args:
+        heads: head spec dicts (or a JSON string of a list of them), as ``UPOConfig.reward_heads`` takes them.
+
+    Returns:
+        The parsed :class:`~trl_upo.heads.HeadSpec` list.
+
+    Raises:
+        ValueError: on an invalid spec (unknown head or key, with a suggestion), or a head that reads dataset columns
+            instead of text (``column``): generated responses have no such columns.
+    """
+    from .heads import parse_head_specs, resolve_head_class
+
+    specs = parse_head_specs(heads)
+    for spec in specs:
+        if not getattr(resolve_head_class(spec.type), "needs_text", True):
+            raise ValueError(
+                f"Reward head {spec.name!r} ({spec.type}) reads dataset columns, not response text, so it cannot score "
+                f"generated responses. Evaluate with heads that score text (length, lexicon, readability, function, "
+                f"classifier, reward_model, similarity)."
+            )
+    return specs
+
+
 def designer_metrics(
     prompts: Sequence[Any],
     responses: Sequence[Sequence[str]],
@@ -334,9 +360,9 @@ def designer_metrics(
         ValueError: on mismatched lengths, a head that reads dataset columns instead of text (``column``), or a
             non-finite score (naming the head and the response).
     """
-    from .heads import build_head, parse_head_specs
+    from .heads import build_head
 
-    specs = parse_head_specs(heads)
+    specs = text_head_specs(heads)
     if len(prompts) != len(responses):
         raise ValueError(f"designer_metrics: {len(prompts)} prompts but {len(responses)} response lists.")
     flat_prompts = [p for p, rs in zip(prompts, responses, strict=True) for _ in rs]
@@ -344,12 +370,6 @@ def designer_metrics(
     out: dict[str, dict] = {}
     for spec in specs:
         head = build_head(spec)
-        if not getattr(head, "needs_text", True):
-            raise ValueError(
-                f"Reward head {spec.name!r} ({spec.type}) reads dataset columns, not response text, so it cannot score "
-                f"generated responses. Evaluate with heads that score text (length, lexicon, readability, function, "
-                f"classifier, reward_model, similarity)."
-            )
         try:
             scores = [float(s) for s in head.score(flat_prompts, flat, role="chosen", columns={}, tokenizer=tokenizer)]
         finally:
@@ -476,6 +496,7 @@ def preference_metrics(
     ref_model: Any = None,
     beta: float = 0.1,
     batch_size: int = 16,
+    return_margins: bool = False,
 ) -> dict:
     """Implicit-reward accuracy and margins of a policy on held-out preference pairs.
 
@@ -495,6 +516,7 @@ def preference_metrics(
         ref_model: the reference model (loaded or a path), or None.
         beta: DPO's beta (scales rewards and margins, not the accuracy).
         batch_size: sequences per forward pass.
+        return_margins: also return every pair's margin ``r(x, y_w) - r(x, y_l)`` under ``"margins"``.
 
     Returns:
         ``{"accuracy", "margin_mean", "margin_std", "n", "ties", "chosen_reward_mean", "rejected_reward_mean",
@@ -537,7 +559,7 @@ def preference_metrics(
     def acc(m: torch.Tensor) -> float:
         return float(((m > 0).double() + 0.5 * (m == 0).double()).mean())
 
-    return {
+    result = {
         "accuracy": acc(margins),
         "margin_mean": float(margins.mean()),
         "margin_std": float(margins.std(unbiased=False)),
@@ -550,6 +572,9 @@ def preference_metrics(
         "metric": METRIC_NAMES[kind],
         "beta": beta,
     }
+    if return_margins:
+        result["margins"] = margins.tolist()
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -595,9 +620,7 @@ def evaluate_policy(
     Returns:
         ``{"designer": {...}, "preference": {...}, "generation": {settings}, "samples": [...]}``.
     """
-    from .heads import parse_head_specs
-
-    parse_head_specs(heads)  # a typo in a head fails here, before any generation
+    text_head_specs(heads)  # a typo in a head, or a head that cannot score text, fails here, before generation
     prompts = list(prompts)
     model = load_model(model)
     tokenizer = load_tokenizer(model, tokenizer)
@@ -629,3 +652,21 @@ def evaluate_policy(
     if return_responses:
         result["responses"] = responses
     return result
+
+
+def require_matplotlib() -> Any:
+    """Import ``matplotlib.pyplot`` with the non-interactive Agg backend, or explain how to install it.
+
+    Raises:
+        ImportError: when matplotlib is missing, naming the ``eval`` extra that provides it.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError(
+            "Plots need matplotlib, which is not installed: pip install 'trl-upo[eval]' (or pip install matplotlib)."
+        ) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -1,0 +1,118 @@
+"""``trl-upo eval``: JSON, Markdown and PNG outputs on the tiny model (full model + reference, PEFT adapter,
+conversational saved dataset, YAML heads, reward-model win rate), and bad input rejected with exit code 2."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import yaml
+
+from trl_upo.cli import main as cli
+from trl_upo.testing import preference_dataset, preference_rows, save_tiny_model
+
+PNG = b"\x89PNG\r\n\x1a\n"
+HEADS = json.dumps([
+    {"name": "novery", "type": "function", "params": {"function": "trl_upo.testing:avoid_word_reward"}},
+    {"name": "length", "params": {"direction": "shorter"}},
+])
+
+
+@pytest.fixture(scope="module")
+def policy_path(tmp_path_factory) -> str:
+    return save_tiny_model(str(tmp_path_factory.mktemp("cli-eval-policy")), seed=4)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("cli-eval-data") / "test.jsonl"
+    with open(path, "w") as f:
+        for row in preference_rows(6, seed=11):
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def test_eval_writes_json_markdown_and_plots(policy_path, tiny_model_path, tiny_reward_model_path, data_file,
+                                             tmp_path, capsys):
+    out = tmp_path / "eval"
+    rc = cli(["eval", "--model", policy_path, "--ref-model", tiny_model_path, "--dataset", data_file,
+              "--heads", HEADS, "--reward-model", tiny_reward_model_path, "--num-prompts", "4", "--num-samples", "2",
+              "--max-new-tokens", "6", "--output-dir", str(out)])
+    assert rc == 0
+    res = json.loads((out / "eval.json").read_text())
+    assert res["reference"]["kind"] == "ref_model" and res["dataset"]["rows"] == 4
+    assert set(res["designer"]) == {"novery", "length"} and res["designer"]["length"]["n"] == 8
+    assert set(res["designer_reference"]) == {"novery", "length"}
+    assert res["preference"]["n"] == 4 and len(res["preference"]["margins"]) == 4
+    assert res["preference"]["reference"] == "ref_model"
+    w = res["win_rate"]
+    assert w["n"] == 8 and 0.0 <= w["win_rate"] <= 1.0
+    report = (out / "report.md").read_text()
+    for text in ("## Designer metrics", "| novery | higher |", "implicit-reward accuracy", "win rate",
+                 "![designer](designer.png)", "## Samples"):
+        assert text in report
+    for png in ("designer.png", "margins.png"):
+        assert (out / png).read_bytes()[:8] == PNG
+    assert "preference accuracy" in capsys.readouterr().out
+
+
+def test_eval_peft_adapter_conversational_saved_dataset_yaml_heads(tiny_model_path, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    from trl_upo.evaluation import load_model
+
+    adapter = str(tmp_path / "adapter")
+    model = get_peft_model(copy.deepcopy(load_model(tiny_model_path)),
+                           LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    model.save_pretrained(adapter)
+    data_dir = str(tmp_path / "saved")
+    preference_dataset(5, seed=12, conversational=True).save_to_disk(data_dir)
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump({
+        "reward_heads": [{"name": "length", "params": {"direction": "shorter"}}], "beta": 0.5, "learning_rate": 1e-4,
+    }))
+    out = tmp_path / "eval"
+    rc = cli(["eval", "--model", adapter, "--dataset", data_dir, "--config", str(config), "--num-prompts", "3",
+              "--max-new-tokens", "4", "--greedy", "--no-plots", "--output-dir", str(out)])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "not used by eval: learning_rate" in err
+    res = json.loads((out / "eval.json").read_text())
+    assert res["reference"]["kind"] == "adapter_disabled"
+    assert res["preference"]["reference"] == "adapter_disabled" and res["preference"]["beta"] == 0.5
+    assert res["designer"]["length"]["n"] == 3 and res["generation"]["do_sample"] is False
+    assert isinstance(res["samples"][0]["prompt"], list)  # conversational prompts kept as messages
+    assert not (out / "designer.png").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--heads", '[{"name": "length", "wieght": 1}]'], "did you mean 'weight'"),
+        (["--heads", '[{"name": "lenght"}]'], "Did you mean 'length'"),
+        (["--heads", "[{name: length}]"], "--heads is not valid JSON"),
+        (["--heads", '[{"name": "c", "type": "column", "params": {"chosen": "a", "rejected": "b"}}]'],
+         "reads dataset columns"),
+        (["--split", "validation", "--dataset", "SAVED"], "has no split 'validation'"),
+        (["--dataset", "./no/such/file.jsonl"], "does not exist"),
+        (["--reward-model", "RM"], "there is no reference"),
+        (["--num-samples", "0"], "--num-samples must be >= 1"),
+        (["--config", "recipe.yaml", "--heads", "[]"], "either with --heads or in --config"),
+    ],
+)
+def test_eval_bad_input(policy_path, tiny_reward_model_path, data_file, tmp_path, capsys, extra, message):
+    saved = str(tmp_path / "dd")
+    from datasets import DatasetDict
+
+    DatasetDict({"test": preference_dataset(3, seed=1)}).save_to_disk(saved)
+    extra = [saved if x == "SAVED" else tiny_reward_model_path if x == "RM" else x for x in extra]
+    argv = ["eval", "--model", policy_path, "--output-dir", str(tmp_path / "o"), "--max-new-tokens", "2",
+            "--no-plots", "--num-prompts", "2"]
+    if "--dataset" not in extra:
+        argv += ["--dataset", data_file]
+    rc = cli(argv + extra)
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o" / "eval.json")

@@ -1,0 +1,416 @@
+"""``trl-upo eval``: evaluate a trained policy on designer objectives and held-out preferences.
+
+    trl-upo eval --model outputs/upo --ref-model outputs/sft --dataset data/test.jsonl \\
+        --heads '[{"name": "length", "params": {"direction": "shorter"}}]' --output-dir outputs/eval
+    trl-upo eval --model outputs/upo-lora --dataset org/dataset --split test --config recipe.yaml \\
+        --reward-model org/reward-model --output-dir outputs/eval
+
+What it measures, on the first ``--num-prompts`` rows of the split (``trl_upo.evaluation``):
+
+- **designer**: the raw scores of every reward head on responses sampled from the policy (and from the reference,
+  when there is one), mean and standard deviation;
+- **preference** (when the dataset has ``chosen`` and ``rejected``): DPO's implicit-reward accuracy and margins
+  against the reference; with no reference, the policy log-prob accuracy, named as such;
+- **win rate** (``--reward-model``): the share of prompts (x samples) where the reward model scores the policy's
+  response above the reference's response to the same prompt, ties counting half.
+
+The reference is ``--ref-model``; else, for a PEFT adapter, the base model with the adapter disabled; else none.
+``--model`` / ``--ref-model`` take a model directory, a PEFT adapter directory (its base is loaded from the adapter
+config) or a Hub id. ``--dataset`` takes a .json/.jsonl/.parquet/.csv file, a directory written by
+``Dataset.save_to_disk``, or a name for ``datasets.load_dataset``. Heads come from ``--heads`` (JSON) or the
+``reward_heads`` of a YAML ``--config`` (a ``trl-upo train`` recipe works: its ``beta`` is used too, its other keys
+are listed and not used).
+
+Writes ``eval.json`` (everything), ``report.md`` and the plots ``designer.png`` and ``margins.png`` to
+``--output-dir`` (plots need matplotlib: ``pip install 'trl-upo[eval]'``; ``--no-plots`` skips them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+#: Keys of a ``--config`` YAML that ``trl-upo eval`` uses; the others (training settings) are listed and not used.
+CONFIG_KEYS = ("reward_heads", "beta")
+
+
+class UsageError(ValueError):
+    """A problem with the command line or its inputs, reported before any model is loaded."""
+
+
+def make_parser(prog: str) -> argparse.ArgumentParser:
+    """The argument parser of ``trl-upo eval``."""
+    p = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    p.add_argument("--model", required=True, help="policy: model dir, PEFT adapter dir or Hub id")
+    p.add_argument("--ref-model", default=None, help="reference model (default: adapter disabled, for an adapter)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the policy's, or its base model's)")
+    p.add_argument("--dataset", required=True, help="file (.json/.jsonl/.parquet/.csv), saved dataset dir, or hub name")
+    p.add_argument("--dataset-config", default=None, help="configuration name for datasets.load_dataset")
+    p.add_argument("--split", default="test", help="split to evaluate on (default: test)")
+    p.add_argument("--heads", default=None, help="reward heads as JSON, e.g. '[{\"name\": \"length\"}]'")
+    p.add_argument("--config", default=None, help="YAML with reward_heads (e.g. a trl-upo train recipe)")
+    p.add_argument("--reward-model", default=None, help="reward model (dir or Hub id) for the win rate vs reference")
+    p.add_argument("--num-prompts", type=int, default=64, help="rows of the split to use (default 64)")
+    p.add_argument("--num-samples", type=int, default=1, help="sampled responses per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--beta", type=float, default=None, help="DPO beta for the implicit reward (default 0.1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", required=True, help="where eval.json, report.md and the plots go")
+    p.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots (no matplotlib needed)")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_heads(heads_json: str | None, config: str | None) -> tuple[list[dict], dict[str, Any], list[str]]:
+    """Head specs from ``--heads`` or ``--config``; returns (heads, other used config values, unused config keys)."""
+    if heads_json and config:
+        raise UsageError("give the heads either with --heads or in --config, not both.")
+    if heads_json:
+        try:
+            heads = json.loads(heads_json)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--heads is not valid JSON ({e}); e.g. --heads '[{{\"name\": \"length\"}}]'.") from None
+        return (heads if isinstance(heads, list) else [heads]), {}, []
+    if not config:
+        return [], {}, []
+    if not os.path.isfile(config):
+        raise UsageError(f"--config {config!r} does not exist.")
+    import yaml
+
+    with open(config) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {config!r} must be a YAML mapping with a reward_heads list.")
+    if "reward_heads" not in data:
+        import difflib
+
+        close = difflib.get_close_matches("reward_heads", [str(k) for k in data], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UsageError(f"--config {config!r} has no reward_heads{hint}.")
+    heads = data["reward_heads"]
+    if isinstance(heads, str):
+        heads = json.loads(heads)
+    used = {k: data[k] for k in CONFIG_KEYS if k in data and k != "reward_heads"}
+    unused = sorted(str(k) for k in data if k not in CONFIG_KEYS)
+    return heads, used, unused
+
+
+def load_split(dataset: str, split: str, config_name: str | None = None):
+    """One split of a local file, a ``save_to_disk`` directory, or a dataset for ``datasets.load_dataset``."""
+    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+    kinds = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+    if os.path.isfile(dataset):
+        ext = os.path.splitext(dataset)[1].lower()
+        if ext not in kinds:
+            raise UsageError(f"--dataset {dataset!r}: unknown file type {ext!r}; use .json, .jsonl, .parquet or .csv.")
+        return load_dataset(kinds[ext], data_files=dataset, split="train")  # a single file is one split
+    if os.path.isdir(dataset) and (
+        os.path.exists(os.path.join(dataset, "dataset_info.json"))
+        or os.path.exists(os.path.join(dataset, "dataset_dict.json"))
+    ):
+        ds = load_from_disk(dataset)
+        if isinstance(ds, Dataset):
+            return ds
+    elif dataset.startswith(("/", "./", "../", "~")) and not os.path.exists(dataset):
+        raise UsageError(f"--dataset {dataset!r} does not exist.")
+    else:
+        ds = load_dataset(dataset, name=config_name)
+    if isinstance(ds, (DatasetDict, dict)):
+        if split not in ds:
+            raise UsageError(f"--dataset {dataset!r} has no split {split!r}; splits: {list(ds.keys())}. Use --split.")
+        return ds[split]
+    return ds
+
+
+def prompts_and_pairs(data) -> tuple[list[Any], Any]:
+    """The prompts of a split, and the split itself when it holds preference pairs (else None)."""
+    cols = set(data.column_names)
+    has_pairs = {"chosen", "rejected"} <= cols
+    if "prompt" not in cols:
+        if not has_pairs:
+            raise UsageError(
+                f"the dataset needs a 'prompt' column (or 'chosen' and 'rejected' sharing a prompt); columns: "
+                f"{sorted(cols)}."
+            )
+        from trl.data_utils import extract_prompt
+
+        data = data.map(extract_prompt)
+    return list(data["prompt"]), (data if has_pairs else None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def win_rate(reward_model: str, prompts: list[Any], policy: list[list[str]], reference: list[list[str]],
+             batch_size: int = 8) -> dict:
+    """A reward model's win rate of policy responses over reference responses to the same prompts (ties: half)."""
+    from trl_upo.evaluation import is_conversational_prompt
+    from trl_upo.heads.reward_model import RewardModelHead
+
+    head = RewardModelHead(model=reward_model, batch_size=batch_size)
+
+    def scores(responses: list[list[str]]) -> list[float]:
+        flat_p = [p for p, rs in zip(prompts, responses, strict=True) for _ in rs]
+        flat_r = [
+            [{"role": "assistant", "content": r}] if is_conversational_prompt(p) else r
+            for p, rs in zip(prompts, responses, strict=True)
+            for r in rs
+        ]
+        return [float(s) for s in head.score(flat_p, flat_r, role="chosen", columns={})]
+
+    try:
+        a, b = scores(policy), scores(reference)
+    finally:
+        head.release()
+    wins = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b, strict=True))
+    return {
+        "win_rate": wins / len(a),
+        "n": len(a),
+        "policy_reward_mean": sum(a) / len(a),
+        "reference_reward_mean": sum(b) / len(b),
+        "reward_model": reward_model,
+    }
+
+
+def run(args: argparse.Namespace, heads: list[dict], beta: float, log=print) -> dict:
+    """Load the models and the data, generate, score and measure; return the full result."""
+    from contextlib import nullcontext
+
+    from trl_upo.evaluation import (
+        designer_metrics,
+        generate_responses,
+        load_model,
+        load_tokenizer,
+        preference_metrics,
+    )
+
+    data = load_split(args.dataset, args.split, args.dataset_config)
+    if len(data) == 0:
+        raise UsageError(f"the {args.split!r} split of {args.dataset!r} is empty.")
+    data = data.select(range(min(args.num_prompts, len(data))))
+    prompts, pairs = prompts_and_pairs(data)
+    model = load_model(args.model)
+    tokenizer = load_tokenizer(args.model if isinstance(args.model, str) else model, args.tokenizer)
+    ref = load_model(args.ref_model) if args.ref_model else None
+    peft = bool(getattr(model, "peft_config", None)) and hasattr(model, "disable_adapter")
+    ref_kind = "ref_model" if ref is not None else "adapter_disabled" if peft else "none"
+    if args.reward_model and ref_kind == "none":
+        raise UsageError(
+            "--reward-model computes a win rate against the reference's responses, but there is no reference: give "
+            "--ref-model (or evaluate a PEFT adapter, whose reference is the adapter-disabled base)."
+        )
+    gen = dict(max_new_tokens=args.max_new_tokens, num_samples=args.num_samples, batch_size=args.batch_size,
+               do_sample=not args.greedy, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    log(f"Generating {len(prompts)} x {args.num_samples} responses with the policy...")
+    responses = generate_responses(model, tokenizer, prompts, **gen)
+    ref_responses = None
+    if ref_kind != "none":
+        log("Generating the reference's responses...")
+        ctx = model.disable_adapter() if ref_kind == "adapter_disabled" else nullcontext()
+        with ctx:
+            ref_responses = generate_responses(ref if ref is not None else model, tokenizer, prompts, **gen)
+    result: dict[str, Any] = {
+        "model": args.model,
+        "reference": {"kind": ref_kind, "path": args.ref_model},
+        "dataset": {"name": args.dataset, "split": args.split, "rows": len(data)},
+        "heads": heads,
+        "generation": {**gen, "num_prompts": len(prompts)},
+        "designer": {},
+        "designer_reference": {},
+        "preference": {},
+        "win_rate": None,
+    }
+    if heads:
+        log("Scoring the responses with the reward heads...")
+        result["designer"] = designer_metrics(prompts, responses, heads, tokenizer=tokenizer)
+        if ref_responses is not None:
+            result["designer_reference"] = designer_metrics(prompts, ref_responses, heads, tokenizer=tokenizer)
+    if pairs is not None:
+        log(f"Preference metrics on {len(pairs)} held-out pairs...")
+        result["preference"] = preference_metrics(
+            model, tokenizer, pairs, ref_model=ref, beta=beta, batch_size=args.batch_size, return_margins=True
+        )
+    if args.reward_model:
+        log("Reward-model win rate against the reference...")
+        result["win_rate"] = win_rate(args.reward_model, prompts, responses, ref_responses)
+    result["samples"] = [
+        {"prompt": p, "response": r[0], **({"reference": rr[0]} if ref_responses else {})}
+        for p, r, rr in list(zip(prompts, responses, ref_responses or responses, strict=True))[:5]
+    ]
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _prompt_text(p: Any) -> str:
+    return p if isinstance(p, str) else " / ".join(str(m.get("content", "")) for m in p)
+
+
+def markdown_report(result: dict, plots: list[str]) -> str:
+    """The Markdown report of one evaluation."""
+    g = result["generation"]
+    sampling = f"temperature {g['temperature']}, top-p {g['top_p']}" if g["do_sample"] else "greedy"
+    lines = [
+        f"# Evaluation of `{result['model']}`",
+        "",
+        f"Dataset `{result['dataset']['name']}`, split `{result['dataset']['split']}`, {result['dataset']['rows']} "
+        f"rows; reference: {result['reference']['kind']}"
+        + (f" (`{result['reference']['path']}`)" if result["reference"]["path"] else "")
+        + f". Generation: {g['num_prompts']} prompts x {g['num_samples']} samples, max {g['max_new_tokens']} new "
+        f"tokens, {sampling}, seed {g['seed']}.",
+        "",
+    ]
+    if result["designer"]:
+        lines += ["## Designer metrics (raw head scores of generated responses)", ""]
+        ref = result["designer_reference"]
+        head = "| head | better | policy mean ± std |" + (" reference mean ± std | change |" if ref else "")
+        lines += [head, "|---|---|---|" + ("---|---|" if ref else "")]
+        for name, m in result["designer"].items():
+            row = f"| {name} | {'higher' if m['higher_is_better'] else 'lower'} | {m['mean']:.4f} ± {m['std']:.4f} |"
+            if ref:
+                r = ref[name]
+                row += f" {r['mean']:.4f} ± {r['std']:.4f} | {m['mean'] - r['mean']:+.4f} |"
+            lines.append(row)
+        lines.append("")
+    pref = result["preference"]
+    if pref:
+        lines += [
+            "## Preferences (held-out pairs)",
+            "",
+            f"- {pref['metric']}: **{pref['accuracy']:.4f}** on {pref['n']} pairs (ties count half; {pref['ties']} ties)",
+            f"- margin (beta {pref['beta']}): mean {pref['margin_mean']:.4f}, std {pref['margin_std']:.4f}",
+            f"- policy log-prob accuracy: {pref['policy_logp_accuracy']:.4f}",
+            "",
+        ]
+    else:
+        lines += ["## Preferences", "", "The dataset has no `chosen`/`rejected` columns: no preference metrics.", ""]
+    if result["win_rate"]:
+        w = result["win_rate"]
+        lines += [
+            "## Reward-model win rate against the reference",
+            "",
+            f"`{w['reward_model']}`: policy wins **{w['win_rate']:.4f}** of {w['n']} comparisons (ties count half); "
+            f"mean reward {w['policy_reward_mean']:.4f} (policy) vs {w['reference_reward_mean']:.4f} (reference).",
+            "",
+        ]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots] + [""]
+    lines += ["## Samples", "", "| prompt | policy | reference |", "|---|---|---|"]
+    for s in result["samples"]:
+        cells = [_prompt_text(s["prompt"]), s["response"], s.get("reference", "")]
+        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ")[:200] for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def draw_plots(result: dict, out_dir: str) -> list[str]:
+    """``designer.png`` (each head: policy vs reference, mean ± std) and ``margins.png`` (histogram of the
+    implicit-reward margins); returns the file names written."""
+    from trl_upo.evaluation import require_matplotlib
+
+    plt = require_matplotlib()
+    written = []
+    panels = [(n, m, result["designer_reference"].get(n)) for n, m in result["designer"].items()]
+    if result["win_rate"]:
+        w = result["win_rate"]
+        panels.append(("reward model", {"mean": w["policy_reward_mean"], "std": 0.0, "higher_is_better": True},
+                       {"mean": w["reference_reward_mean"], "std": 0.0}))
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(2.4 * len(panels) + 0.6, 2.8), dpi=80, squeeze=False)
+        for ax, (name, m, r) in zip(axes[0], panels, strict=True):
+            labels, means, stds = ["policy"], [m["mean"]], [m["std"]]
+            if r is not None:
+                labels, means, stds = ["reference", "policy"], [r["mean"], m["mean"]], [r["std"], m["std"]]
+            ax.bar(labels, means, yerr=stds, color=["gray", "tab:red"][-len(labels):], capsize=3)
+            ax.set_title(f"{name} ({'higher' if m.get('higher_is_better', True) else 'lower'} is better)", fontsize=8)
+            ax.tick_params(labelsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "designer.png"))
+        plt.close(fig)
+        written.append("designer.png")
+    if result["preference"].get("margins"):
+        fig, ax = plt.subplots(figsize=(4.5, 2.8), dpi=80)
+        ax.hist(result["preference"]["margins"], bins=30, color="tab:blue")
+        ax.axvline(0.0, color="black", lw=0.8)
+        ax.set_xlabel("implicit-reward margin r(chosen) - r(rejected)", fontsize=8)
+        ax.set_title(f"accuracy {result['preference']['accuracy']:.3f} ({result['preference']['reference']})",
+                     fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "margins.png"))
+        plt.close(fig)
+        written.append("margins.png")
+    return written
+
+
+def main(argv: list[str] | None = None, prog: str | None = "trl-upo eval") -> int:
+    """Run ``trl-upo eval``.
+
+    Args:
+        argv: Command-line arguments after ``eval``.
+        prog: Program name for usage and error messages.
+
+    Returns:
+        0 on success, 2 on a usage error (bad flag, head, file or split), reported before any model is loaded when
+        it can be.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser(prog or "trl-upo eval")
+    args = parser.parse_args(argv)
+    try:
+        from trl_upo.evaluation import require_matplotlib, text_head_specs
+
+        for name in ("num_prompts", "num_samples", "max_new_tokens", "batch_size"):
+            if getattr(args, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+        heads, used, unused = read_heads(args.heads, args.config)
+        text_head_specs(heads)  # an unknown head or key fails here, with a suggestion
+        if not heads and not args.reward_model:
+            print(f"{prog}: no reward heads (--heads or --config): only preference metrics.", file=sys.stderr)
+        if unused:
+            print(f"{prog}: --config keys not used by eval: {', '.join(unused)}.", file=sys.stderr)
+        beta = args.beta if args.beta is not None else float(used.get("beta", 0.1))
+        if not args.no_plots:
+            require_matplotlib()
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+        result = run(args, heads, beta, log=log)
+    except (UsageError, ValueError, ImportError, FileNotFoundError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    os.makedirs(args.output_dir, exist_ok=True)
+    plots = [] if args.no_plots else draw_plots(result, args.output_dir)
+    with open(os.path.join(args.output_dir, "eval.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(args.output_dir, "report.md"), "w") as f:
+        f.write(markdown_report(result, plots))
+    pref = result["preference"]
+    summary = [f"{n} {m['mean']:.4f}" for n, m in result["designer"].items()]
+    if pref:
+        summary.append(f"preference accuracy {pref['accuracy']:.4f} ({pref['reference']})")
+    if result["win_rate"]:
+        summary.append(f"win rate {result['win_rate']['win_rate']:.4f}")
+    print("; ".join(summary))
+    print(f"Wrote eval.json, report.md{''.join(', ' + p for p in plots)} to {os.path.abspath(args.output_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:], prog="python -m trl_upo.cli.eval"))
