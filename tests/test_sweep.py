@@ -1,0 +1,57 @@
+"""examples/frontier_sweep.py in a tiny mode: two configurations, a few steps, one seed; results, table and plots
+are written, a second run resumes instead of retraining, and an unknown configuration is refused."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_sweep():
+    spec = importlib.util.spec_from_file_location("frontier_sweep", os.path.join(ROOT, "examples", "frontier_sweep.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = ["--steps", "3", "--sft-steps", "3", "--n-train", "32", "--n-eval-prompts", "4", "--n-eval-pairs", "4",
+        "--num-samples", "1", "--seeds", "0"]
+
+
+def test_tiny_sweep_writes_results_table_and_plots(tmp_path, capsys):
+    sweep = _load_sweep()
+    out = str(tmp_path / "frontier")
+    argv = ["--task", "length", "--configs", "dpo,upo-a1", "--output-dir", out, *TINY]
+    assert sweep.main(argv) == 0
+    task_dir = os.path.join(out, "length")
+    with open(os.path.join(task_dir, "results.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["config"] for r in rows] == ["start", "dpo", "upo-a1"]
+    for r in rows:
+        assert set(r["designer"]) == {"words", "on_topic"} and r["designer"]["words"]["n"] == 4
+        assert r["preference"]["n"] == 4 and r["preference"]["reference"] == "ref_model"
+    assert rows[0]["preference"]["accuracy"] == 0.5  # the start is its own reference: every pair ties
+    table = open(os.path.join(task_dir, "table.md")).read()
+    assert "| upo-a1 | 1 |" in table and "words (lower)" in table
+    for name in ("frontier_words.png", "frontier_on_topic.png"):
+        assert open(os.path.join(task_dir, name), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    assert sweep.main(argv) == 0  # everything is done: nothing is trained again
+    assert "seed 0" not in capsys.readouterr().out
+    with open(os.path.join(task_dir, "results.jsonl")) as f:
+        assert len(f.readlines()) == 3
+
+
+def test_unknown_config_is_refused(capsys):
+    sweep = _load_sweep()
+    with pytest.raises(SystemExit) as e:
+        sweep.main(["--configs", "dpo,upo-a2"])
+    assert e.value.code == 2
+    assert "unknown config(s) 'upo-a2' (did you mean" in capsys.readouterr().err
