@@ -1,0 +1,179 @@
+"""``trl-upo build-pairs``: flags and YAML configs (strict keys), both methods end to end, errors with exit code 2
+before any generation, and (slow) a killed process that resumes to the same file."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from trl_upo.cli import main as trl_upo
+from trl_upo.data.generation import TransformersGenerator
+from trl_upo.testing import TOPICS
+
+
+def _write_jsonl(path, rows) -> str:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def _prompt_file(tmp_path, n=4) -> str:
+    topics = list(TOPICS)
+    return _write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"tell me about {topics[i % 4]} answer"} for i in
+                                                     range(n)])
+
+
+def _read_jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_rank_from_yaml_with_flag_override_prints_column_heads(tmp_path, capsys):
+    data = _write_jsonl(tmp_path / "cands.jsonl", [
+        {"prompt": "p0", "c": [" a very b", " a"]},
+        {"prompt": "p1", "c": [" x y z", " very"]},
+    ])
+    config = tmp_path / "rank.yaml"
+    config.write_text(yaml.safe_dump({
+        "method": "rank",
+        "dataset": data,
+        "candidates_column": "c",
+        "reward_heads": [{"name": "novery", "type": "lexicon", "params": {"avoid": ["very"]}}],
+        "output": str(tmp_path / "ignored.jsonl"),
+        "progress": False,
+    }))
+    out = tmp_path / "pairs.jsonl"
+    assert trl_upo(["build-pairs", "--config", str(config), "--output", str(out)]) == 0
+    rows = _read_jsonl(out)
+    assert [(r["chosen"], r["rejected"]) for r in rows] == [(" a", " a very b"), (" x y z", " very")]
+    assert rows[0]["score_novery_chosen"] == 0.0 and rows[0]["score_novery_rejected"] == -1.0
+    assert not (tmp_path / "ignored.jsonl").exists()
+    printed = capsys.readouterr().out
+    assert "Wrote 2 pairs from 2 prompts" in printed
+    snippet = yaml.safe_load(printed[printed.index("reward_heads:"):])
+    assert snippet["reward_heads"][0]["params"] == {"chosen": "score_novery_chosen", "rejected": "score_novery_rejected"}
+    from trl_upo import UPOConfig
+
+    UPOConfig(output_dir=str(tmp_path / "o"), use_cpu=True, bf16=False, **snippet)
+
+
+def test_rank_generated_with_reward_model_flag(tiny_model_path, tiny_reward_model_path, tmp_path):
+    out = tmp_path / "rm.parquet"
+    code = trl_upo([
+        "build-pairs", "rank", "--dataset", _prompt_file(tmp_path), "--model", tiny_model_path,
+        "--num_candidates", "2", "--max_new_tokens", "4", "--reward_model", tiny_reward_model_path,
+        "--output", str(out), "--no-progress", "--batch_size", "2",
+    ])  # fmt: skip
+    assert code == 0
+    from datasets import Dataset
+
+    ds = Dataset.from_parquet(str(out))
+    assert len(ds) == 4 and {"score_reward_model_chosen", "score_reward_model_rejected"} <= set(ds.column_names)
+    assert all(c > r for c, r in zip(ds["score_reward_model_chosen"], ds["score_reward_model_rejected"], strict=True))
+
+
+def test_critique_cli_with_principles_in_yaml(tiny_model_path, tmp_path):
+    config = tmp_path / "critique.yaml"
+    config.write_text(yaml.safe_dump({
+        "dataset": _prompt_file(tmp_path, 2),
+        "model": tiny_model_path,
+        "max_new_tokens": 4,
+        "principles": [{"name": "brief", "critique_request": "What is too long?", "revision_request": "Shorten it."}],
+        "output": str(tmp_path / "c.jsonl"),
+        "progress": False,
+    }))
+    assert trl_upo(["build-pairs", "critique", "--config", str(config)]) == 0
+    rows = _read_jsonl(tmp_path / "c.jsonl")
+    assert len(rows) == 2 and {r["principle"] for r in rows} == {"brief"}
+    assert set(rows[0]) == {"prompt", "chosen", "rejected", "critique", "principle"}
+
+
+@pytest.fixture
+def no_generation(monkeypatch):
+    def forbidden(*a, **k):
+        raise AssertionError("generation ran before the input was checked")
+
+    monkeypatch.setattr(TransformersGenerator, "generate", forbidden)
+
+
+HEADS = '[{"name": "length"}]'
+
+
+@pytest.mark.parametrize(
+    "args, yaml_data, match",
+    [
+        (["rank"], {"max_new_token": 4}, r"unknown key\(s\) for `build-pairs rank`: 'max_new_token' \(did you mean 'max_new_tokens'\?\)"),
+        (["critique"], {"candidates_column": "c"}, r"unknown key\(s\) for `build-pairs critique`: 'candidates_column'"),
+        (["rank"], {"method": "critique"}, "command line says 'rank'"),
+        (["rnak"], {}, "Did you mean 'rank'"),
+        ([], {}, "Name the method"),
+        (["rank", "--model", "MODEL", "--num_candidates", "1", "--reward_heads", HEADS], {}, "num_candidates must be an integer >= 2"),
+        (["rank", "--model", "MODEL", "--num_candidates", "2", "--reward_heads", '[{"name": "lenght"}]'], {}, "Did you mean 'length'"),
+        (["rank", "--model", "MODEL", "--num_candidates", "2", "--reward_heads", "[{name"], {}, "--reward_heads must be JSON"),
+        (["rank", "--candidates_column", "c", "--reward_heads", HEADS, "--temperature", "0.5"], {}, r"Generation options \['temperature'\] were given without --model"),
+        (["critique", "--model", "MODEL", "--critique_template", "Critique: {response}"], {}, r"missing placeholder\(s\) \['\{critique_request\}', '\{prompt\}'\]"),
+        (["critique", "--model", "MODEL", "--prompt_column", "question"], {}, "no prompt column 'question'"),
+        (["critique"], {}, "--model is required"),
+    ],
+)
+def test_errors_exit_2_before_generation(tiny_model_path, tmp_path, capsys, no_generation, args, yaml_data, match):
+    args = [tiny_model_path if a == "MODEL" else a for a in args]
+    base = {"dataset": _prompt_file(tmp_path), "output": str(tmp_path / "out.jsonl")}
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(base | yaml_data))
+    assert trl_upo(["build-pairs", *args, "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("trl-upo build-pairs: error:")
+    assert re.search(match, err), err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_missing_output_and_existing_output(tmp_path, capsys):
+    data = _write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "a": " x", "b": " x y"}])
+    common = ["build-pairs", "rank", "--dataset", data, "--candidate_columns", "a", "b", "--reward_heads",
+              '[{"name": "length"}]', "--no-progress"]
+    assert trl_upo(common) == 2
+    assert "--output is required" in capsys.readouterr().err
+    out = str(tmp_path / "o.jsonl")
+    assert trl_upo([*common, "--output", out]) == 0
+    assert trl_upo([*common, "--output", out]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert trl_upo([*common, "--output", out, "--overwrite"]) == 0
+
+
+@pytest.mark.slow
+def test_killed_process_resumes_to_the_same_file(tiny_model_path, tmp_path):
+    """SIGKILL a real `trl-upo build-pairs rank` process after its first shards, run it again: same bytes as an
+    uninterrupted run."""
+    prompts = _prompt_file(tmp_path, 24)
+
+    def cmd(out):
+        return [sys.executable, "-m", "trl_upo.cli", "build-pairs", "rank", "--dataset", prompts, "--model",
+                tiny_model_path, "--num_candidates", "3", "--max_new_tokens", "8", "--reward_heads",
+                '[{"name": "length"}, {"name": "novery", "type": "lexicon", "params": {"avoid": ["very"]}}]',
+                "--batch_size", "2", "--seed", "7", "--keep_candidates", "--output", str(out), "--no-progress"]
+
+    env = os.environ | {"TQDM_DISABLE": "1"}
+    full = tmp_path / "full.jsonl"
+    subprocess.run(cmd(full), check=True, env=env, capture_output=True)
+    part = tmp_path / "part.jsonl"
+    shards = tmp_path / "part.jsonl.shards"
+    proc = subprocess.Popen(cmd(part), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(shards.glob("shard-*.jsonl"))) < 3:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(shards.glob("shard-*.jsonl")))
+    assert 3 <= done < 12 and not part.exists(), done
+    subprocess.run(cmd(part), check=True, env=env, capture_output=True)
+    assert part.read_bytes() == full.read_bytes()
