@@ -177,3 +177,41 @@ def test_killed_process_resumes_to_the_same_file(tiny_model_path, tmp_path):
     assert 3 <= done < 12 and not part.exists(), done
     subprocess.run(cmd(part), check=True, env=env, capture_output=True)
     assert part.read_bytes() == full.read_bytes()
+
+
+def test_help_and_argparse_errors_return_codes(capsys):
+    assert trl_upo(["build-pairs", "--help"]) == 0
+    assert "{rank,critique}" in capsys.readouterr().out
+    assert trl_upo(["build-pairs", "rank", "--help"]) == 0
+    assert "--candidate_columns" in capsys.readouterr().out
+    assert trl_upo(["build-pairs", "rank", "--pairing", "best"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_the_docs_yaml_config_parses(tmp_path):
+    """The build-pairs YAML on docs/data.md uses only valid keys and builds a valid critique config."""
+    from pathlib import Path
+
+    from trl_upo.cli.build_pairs import _critique_config, parse_args
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    block = re.search(r"```yaml\n(# build-pairs\.yaml.*?)```", page, re.S).group(1)
+    config = tmp_path / "build-pairs.yaml"
+    config.write_text(block)
+    args = parse_args(["--config", str(config)], "trl-upo build-pairs")
+    assert args.method == "critique" and args.max_new_tokens == 256 and args.batch_size == 16
+    assert _critique_config(args).principle_list[0].name == "concise"
+
+
+def test_push_to_hub_is_called_with_the_built_dataset(tmp_path, monkeypatch, capsys):
+    """The Hub itself is offline here: record the call datasets would make."""
+    from datasets import Dataset
+
+    pushed = []
+    monkeypatch.setattr(Dataset, "push_to_hub", lambda self, repo, **kw: pushed.append((repo, kw, self.to_list())))
+    data = _write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "a": " x", "b": " x y"}])
+    code = trl_upo(["build-pairs", "rank", "--dataset", data, "--candidate_columns", "a", "b", "--reward_heads",
+                    '[{"name": "length"}]', "--no-progress", "--output", str(tmp_path / "o.jsonl"),
+                    "--push_to_hub", "me/pairs", "--hub_private"])
+    assert code == 0
+    assert pushed == [("me/pairs", {"private": True}, _read_jsonl(tmp_path / "o.jsonl"))]

@@ -228,7 +228,10 @@ def _critique_config(args: argparse.Namespace) -> Any:
 def main(argv: list[str], prog: str = "trl-upo build-pairs") -> int:
     """Run ``trl-upo build-pairs``; returns the exit code (2 for bad input, reported before any generation)."""
     try:
-        args = parse_args(list(argv), prog)
+        try:
+            args = parse_args(list(argv), prog)
+        except SystemExit as e:  # --help, or argparse's own usage error (already printed)
+            return int(e.code or 0)
         from trl_upo.data import OutputSettings, build_critique_pairs, build_rank_pairs, load_prompt_dataset
 
         config = _rank_config(args) if args.method == "rank" else _critique_config(args)

@@ -145,6 +145,9 @@ class ShardStore:
                 )
             shutil.rmtree(directory)
         os.makedirs(directory, exist_ok=True)
+        for name in os.listdir(directory):
+            if name.endswith(".tmp"):  # a shard a killed run was writing: that batch runs again
+                os.remove(os.path.join(directory, name))
         if not os.path.exists(meta_path):
             _atomic_write(meta_path, json.dumps(meta))
 
@@ -205,7 +208,9 @@ def run_in_shards(
     done = store.num_done()
     if done:
         logger.info("Resuming: %d of %d batches are already in %s.", done, store.num_batches, store.directory)
-    bar = tqdm(total=store.num_batches, initial=done, desc=desc, unit="batch", disable=not progress)
+    # An explicit `disable` would override TQDM_DISABLE, which the environment may set to silence every bar.
+    disable = not progress or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+    bar = tqdm(total=store.num_batches, initial=done, desc=desc, unit="batch", disable=disable)
     try:
         for b in range(store.num_batches):
             if store.done(b):
