@@ -330,3 +330,20 @@ def test_rank_with_vllm(tiny_model_path):
                      num_candidates=3, batch_size=4, keep_candidates=True)
     out = build_rank_pairs(_prompts(4), cfg)
     assert all(len(c) == 3 for c in out["candidates"])
+
+
+def test_reward_model_that_cannot_load_fails_before_generation(tiny_model_path, no_generation):
+    heads = [{"name": "rm", "type": "reward_model", "params": {"model": "no-such-org/no-such-reward-model"}}]
+    cfg = RankConfig(reward_heads=heads, generation=_gen(tiny_model_path), num_candidates=2)
+    with pytest.raises(ValueError, match="cannot load 'no-such-org/no-such-reward-model'"):
+        build_rank_pairs(_prompts(2), cfg)
+
+
+def test_token_length_head_uses_the_given_tokenizer(tiny_model_path):
+    ds = Dataset.from_list([{"prompt": "p", "a": " cats purr", "b": " cats purr very much"}])
+    heads = [{"name": "tokens", "type": "length", "params": {"unit": "tokens"}}]
+    with pytest.raises(ValueError, match="needs the trainer's tokenizer"):
+        build_rank_pairs(ds, RankConfig(reward_heads=heads, candidate_columns=["a", "b"]))
+    row = build_rank_pairs(ds, RankConfig(reward_heads=heads, candidate_columns=["a", "b"], tokenizer=tiny_model_path))[0]
+    # word-level tokenizer: "much" is unknown but still one token -> 2 vs 4 tokens
+    assert (row["chosen"], row["score_tokens_chosen"], row["score_tokens_rejected"]) == (" cats purr", -2.0, -4.0)

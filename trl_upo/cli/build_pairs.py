@@ -74,6 +74,7 @@ def build_parser(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse
     r.add_argument("--margin", type=float, default=0.0, help="ranking-score gap a pair must exceed")
     r.add_argument("--normalization", choices=["none", "zscore", "rank"], default="none",
                    help="per-prompt scale of each head before the weighted sum (heads without their own 'normalize')")
+    r.add_argument("--tokenizer", help="tokenizer for heads that count tokens (default: --model's)")
     r.add_argument("--keep_candidates", action=argparse.BooleanOptionalAction, default=False,
                    help="also store every candidate and its ranking score")
     crit = subs.add_parser("critique", help="answer, critique under a principle, revise; chosen = revision")
@@ -204,6 +205,7 @@ def _rank_config(args: argparse.Namespace) -> Any:
         batch_size=args.batch_size,
         seed=args.seed,
         keep_candidates=args.keep_candidates,
+        tokenizer=args.tokenizer,
     )
 
 

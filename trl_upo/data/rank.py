@@ -80,6 +80,8 @@ class RankConfig:
         batch_size: prompts per batch (and per shard: an interruption loses at most one batch).
         seed: the run's seed; each batch samples with a seed derived from it and the batch's index.
         keep_candidates: also store every candidate (``candidates``) and its ranking score (``candidate_scores``).
+        tokenizer: tokenizer (local path or Hub id) handed to heads that count tokens (``length`` with
+            ``unit: tokens``); default: the generation model's tokenizer, or none when candidates come from columns.
     """
 
     reward_heads: Any = None
@@ -94,6 +96,7 @@ class RankConfig:
     batch_size: int = 8
     seed: int = 0
     keep_candidates: bool = False
+    tokenizer: str | None = None
     head_specs: list[HeadSpec] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -310,7 +313,28 @@ def build_rank_pairs(
         output.check_writable()
 
     heads = [build_head(spec) for spec in config.head_specs]
+    for head, spec in zip(heads, config.head_specs, strict=True):
+        missing = [c for c in getattr(head, "required_columns", lambda: [])() if c not in passthrough]
+        if missing:
+            raise ValueError(
+                f"Reward head {spec.name!r} ({spec.type}) reads column(s) {missing}, which the dataset does not have "
+                f"(besides the prompt and candidates). Columns: {dataset.column_names}."
+            )
+    for head in heads:
+        # A model head loads now, so that a wrong model id fails before anything is generated.
+        if callable(getattr(head, "load", None)):
+            head.load()
     generator = make_generator(config.generation) if config.generation is not None else None
+    tokenizer = None
+    if config.tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"Cannot load the tokenizer {config.tokenizer!r} (RankConfig.tokenizer): {e}") from e
+    elif generator is not None:
+        tokenizer = generator.tokenizer
     num_batches = math.ceil(len(dataset) / config.batch_size)
     fingerprint = _fingerprint(dataset, config, heads)
     store, tmp = _open_store(output, fingerprint, num_batches)
@@ -330,7 +354,6 @@ def build_rank_pairs(
         flat = [c for cs in cands for c in cs]
         flat_prompts = [prompts[i] for i in owner]
         columns = {c: [rows[i][c] for i in owner] for c in passthrough}
-        tokenizer = generator.tokenizer if generator is not None else None
         raw = np.empty((len(heads), len(flat)), dtype=np.float64)
         for h, (head, spec) in enumerate(zip(heads, config.head_specs, strict=True)):
             try:
