@@ -19,8 +19,7 @@ from typing import Any
 
 from .formats import as_completion, check_prompt_column, is_conversational, prompt_text, response_text
 from .generation import GenerationSettings, batch_seed, make_generator
-from .io import OutputSettings, dataset_digest, finish, run_in_shards
-from .rank import _open_store
+from .io import OutputSettings, dataset_digest, finish, open_store, run_in_shards
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +250,7 @@ def build_critique_pairs(
 
     generator = make_generator(config.generation)
     num_batches = math.ceil(len(dataset) / config.batch_size)
-    store, tmp = _open_store(output, _fingerprint(dataset, config), num_batches)
+    store, tmp = open_store(output, _fingerprint(dataset, config), num_batches)
 
     def ask(texts: list[str]) -> list[Any]:
         # A filled template is plain text for a standard model input, one user message for a chat model.

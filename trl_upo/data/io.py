@@ -179,6 +179,17 @@ class ShardStore:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
+def open_store(output: OutputSettings | None, fingerprint: str, num_batches: int) -> tuple[ShardStore, Any]:
+    """The run's shard store: ``output.shard_dir``, or a temporary directory when there is no output (returned too,
+    to clean up; None otherwise)."""
+    import tempfile
+
+    if output is None:
+        tmp = tempfile.TemporaryDirectory(prefix="trl-upo-pairs-")
+        return ShardStore(tmp.name, fingerprint, num_batches), tmp
+    return ShardStore(output.shard_dir, fingerprint, num_batches, overwrite=output.overwrite), None
+
+
 def _atomic_write(path: str, text: str) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:

@@ -19,7 +19,7 @@ import numpy as np
 from ..heads.base import HeadSpec, build_head, parse_head_specs
 from .formats import as_completion, check_prompt_column, is_conversational
 from .generation import GenerationSettings, batch_seed, make_generator
-from .io import OutputSettings, ShardStore, dataset_digest, finish, run_in_shards
+from .io import OutputSettings, dataset_digest, finish, open_store, run_in_shards
 
 logger = logging.getLogger(__name__)
 
@@ -337,7 +337,7 @@ def build_rank_pairs(
         tokenizer = generator.tokenizer
     num_batches = math.ceil(len(dataset) / config.batch_size)
     fingerprint = _fingerprint(dataset, config, heads)
-    store, tmp = _open_store(output, fingerprint, num_batches)
+    store, tmp = open_store(output, fingerprint, num_batches)
 
     def process(rows: list[dict[str, Any]], b: int, start: int) -> list[dict[str, Any]]:
         prompts = [r[config.prompt_column] for r in rows]
@@ -435,12 +435,3 @@ def _fingerprint(dataset: Any, config: RankConfig, heads: list[Any]) -> str:
     settings["generation"] = config.generation.to_dict() if config.generation is not None else None
     settings["heads"] = [[s.to_dict(), h.fingerprint()] for s, h in zip(config.head_specs, heads, strict=True)]
     return short_hash(f"rank|{json.dumps(settings, sort_keys=True, default=repr)}|{dataset_digest(dataset)}")
-
-
-def _open_store(output: OutputSettings | None, fingerprint: str, num_batches: int):
-    import tempfile
-
-    if output is None:
-        tmp = tempfile.TemporaryDirectory(prefix="trl-upo-pairs-")
-        return ShardStore(tmp.name, fingerprint, num_batches), tmp
-    return ShardStore(output.shard_dir, fingerprint, num_batches, overwrite=output.overwrite), None
