@@ -59,6 +59,9 @@ class UPOScriptArguments(ScriptArguments):
         report_num_prompts: At most this many test prompts (and pairs) in the report.
         report_num_samples: Answers sampled per prompt in the report.
         report_max_new_tokens: Length limit of the sampled answers.
+        torch_num_threads: CPU threads of torch in each process (``torch.set_num_threads``); unset: torch's
+            default. Small models on a shared machine run several times faster with 1 (measured on the quickstart:
+            31 s instead of 186 s on 2 busy cores).
     """
 
     report_before_after: bool = field(
@@ -71,6 +74,9 @@ class UPOScriptArguments(ScriptArguments):
     report_num_prompts: int = field(default=64, metadata={"help": "Test prompts (and pairs) in the report."})
     report_num_samples: int = field(default=4, metadata={"help": "Answers sampled per prompt in the report."})
     report_max_new_tokens: int = field(default=16, metadata={"help": "Length limit of the sampled answers."})
+    torch_num_threads: int | None = field(
+        default=None, metadata={"help": "CPU threads of torch per process (torch.set_num_threads); unset: default."}
+    )
 
 
 def make_parser(subparsers=None, prog: str | None = None):
@@ -508,6 +514,10 @@ def train(script_args, training_args, model_args, dataset_args):
     from trl_upo import UPOTrainer
 
     quiet_progress(training_args)
+    if script_args.torch_num_threads:
+        import torch
+
+        torch.set_num_threads(script_args.torch_num_threads)
     model_id = model_args.model_name_or_path
     if not model_id:
         raise _UsageError("no model: give `model_name_or_path` (hub name, local path or upo://...).")
