@@ -166,3 +166,67 @@ def avoid_word_reward(prompts, completions, **kwargs):
         text = c if isinstance(c, str) else " ".join(m["content"] for m in c)
         out.append(0.0 if DESIGNER_WORD in text.split() else 1.0)
     return out
+
+
+#: Model families ``build_causal_lm`` can build (``config.model_type`` of transformers), for tests that swap a
+#: recipe's hub model for a tiny local one of the same architecture.
+TINY_FAMILIES = ("llama", "qwen2", "mistral", "gemma2")
+
+
+def build_causal_lm(tokenizer, family: str = "llama", seed: int = 0, hidden_size: int = 32, num_layers: int = 2):
+    """A randomly initialised causal LM of the given architecture family, sized for CPU tests.
+
+    Args:
+        tokenizer: The tokenizer whose vocabulary and special tokens the model uses (e.g. ``build_tokenizer()``).
+        family: One of ``TINY_FAMILIES`` (a transformers ``model_type``).
+        seed: Seed of the random initialisation.
+        hidden_size: Hidden size (4 attention heads, 2 key-value heads).
+        num_layers: Number of decoder layers.
+
+    Returns:
+        A ``transformers`` model of that family (``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ...).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"Unknown tiny model family {family!r}; choose one of {list(TINY_FAMILIES)}.")
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    if family == "gemma2":  # explicit head_dim and a sliding window shorter than the test sequences are long
+        common.update(head_dim=hidden_size // 4, sliding_window=64, tie_word_embeddings=True)
+    if family == "mistral":
+        common.update(sliding_window=64)
+    config = AutoConfig.for_model(family, **common)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def save_tiny_causal_lm(path: str, family: str = "llama", seed: int = 0, **kwargs) -> str:
+    """Build and save a tiny causal LM of ``family`` with the tiny tokenizer to ``path`` (loadable by name).
+
+    Args:
+        path: Directory to write (created if missing).
+        family: One of ``TINY_FAMILIES``.
+        seed: Seed of the random initialisation.
+        **kwargs: ``hidden_size`` or ``num_layers`` for ``build_causal_lm``.
+
+    Returns:
+        ``path``.
+    """
+    tokenizer = build_tokenizer()
+    model = build_causal_lm(tokenizer, family=family, seed=seed, **kwargs)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
