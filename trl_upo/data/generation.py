@@ -62,6 +62,11 @@ class GenerationSettings:
                 "backend='vllm' needs the vllm package, which is not installed: `pip install vllm` (on a machine "
                 "with a supported GPU), or use backend='transformers'."
             )
+        if self.backend == "vllm" and self.device is not None:
+            raise ValueError(
+                "device is not used by the vllm backend: vLLM places the model on the visible GPUs itself. Choose "
+                "them with CUDA_VISIBLE_DEVICES, and leave device unset."
+            )
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}.")
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
