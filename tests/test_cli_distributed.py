@@ -1,0 +1,58 @@
+"""`trl-upo train --num_processes 2 --use_cpu true` on a CPU-only machine starts two training processes (the command
+re-launches itself with `accelerate launch --multi_gpu`, since `--cpu --num_processes 2` would start one), and their
+losses and UPO metrics match a one-process run with the same global batch."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_cli_train import CPU, write_data, write_recipe
+
+METRICS = ["loss", "upo/aux_loss", "upo/weight/max", "upo/advantage/max", "upo/novery/chosen", "upo/length/rejected_norm",
+           "rewards/margins", "logps/chosen"]
+
+
+def _train(args, cwd):
+    exe = shutil.which("trl-upo", path=os.path.dirname(sys.executable))
+    cmd = [exe] if exe else [sys.executable, "-m", "trl_upo.cli"]
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("TRL_UPO_LAUNCHED", None)
+    proc = subprocess.run([*cmd, "train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_match_one_process(tmp_path, tiny_model_path):
+    data = write_data(tmp_path / "data", n_train=32, n_test=8)
+    fields = {**CPU, "use_cpu": False, "save_strategy": "steps"}  # use_cpu: given on the command line below
+    recipe = write_recipe(
+        tmp_path / "r.yaml", model_name_or_path=tiny_model_path, dataset_name=str(data), **fields,
+        max_steps=3, logging_steps=1, learning_rate=1e-3, seed=42, save_steps=3,
+        reward_heads=[{"name": "novery", "type": "lexicon", "params": {"avoid": ["very"], "mode": "presence"}},
+                      {"name": "length", "weight": 0.5}],
+        upo_score_cache_dir=str(tmp_path / "cache"),
+    )
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train(["--config", recipe, "--output_dir", str(one), "--use_cpu", "true", "--per_device_train_batch_size", "4"],
+           tmp_path)
+    out = _train(["--config", recipe, "--output_dir", str(two), "--use_cpu", "true", "--per_device_train_batch_size",
+                  "2", "--num_processes", "2"], tmp_path)
+    assert "accelerate launch --num_processes 2 --multi_gpu" in out
+    # The Trainer saves one RNG state per process: two processes really ran.
+    assert (one / "checkpoint-3" / "rng_state.pth").is_file()
+    assert sorted(p.name for p in (two / "checkpoint-3").glob("rng_state*")) == ["rng_state_0.pth", "rng_state_1.pth"]
+    a = json.loads((one / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
+    b = json.loads((two / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
+    steps_a, steps_b = [h for h in a if "loss" in h], [h for h in b if "loss" in h]
+    assert len(steps_a) == len(steps_b) == 3
+    for ha, hb in zip(steps_a, steps_b):
+        for key in METRICS:
+            # Float32 reductions run in a different order across two processes: agreement to 1e-4 relative.
+            assert hb[key] == pytest.approx(ha[key], rel=1e-4, abs=1e-6), (key, ha["step"])
+    assert (two / "upo_state.json").is_file() and (two / "model.safetensors").is_file()
