@@ -286,6 +286,15 @@ def build_critique_pairs(
                    "principle": p.name}
             row.update({c: rows[i][c] for c in passthrough})
             out.append(row)
+        same = sum(response_text(r["chosen"]).strip() == response_text(r["rejected"]).strip() for r in out)
+        if same:
+            logger.warning(
+                "Rows %d..%d: %d revision(s) are identical to the original answer; those pairs carry no preference "
+                "signal (kept, and marked by chosen == rejected).",
+                start,
+                start + len(rows) - 1,
+                same,
+            )
         return out
 
     try:
