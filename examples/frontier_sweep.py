@@ -283,6 +283,26 @@ def summarize(results: list[dict]) -> dict[str, dict[str, tuple[float, float, in
     return out
 
 
+def paired_differences(results: list[dict], baseline: str = "dpo") -> dict[str, dict[str, tuple[float, float, int]]]:
+    """``{config: {metric: (mean, std, n)}}`` of ``config - baseline`` per seed (paired: same start, data, seed)."""
+    values: dict[tuple[int, str], dict[str, float]] = {}
+    for r in results:
+        values[(r["seed"], r["config"])] = {"accuracy": r["preference"]["accuracy"]} | {
+            h: v["mean"] for h, v in r["designer"].items()
+        }
+    out: dict[str, dict[str, list[float]]] = {}
+    for (seed, config), metrics in values.items():
+        if config in (baseline, "start") or (seed, baseline) not in values:
+            continue
+        base = values[(seed, baseline)]
+        for k, v in metrics.items():
+            out.setdefault(config, {}).setdefault(k, []).append(v - base[k])
+    return {
+        c: {k: (float(torch.tensor(v).mean()), float(torch.tensor(v).std(unbiased=False)), len(v)) for k, v in m.items()}
+        for c, m in out.items()
+    }
+
+
 def markdown_table(summary: dict, heads: list[dict]) -> str:
     """A Markdown table: one row per configuration, mean ± std over seeds."""
     names = [h["name"] for h in heads]
@@ -357,11 +377,14 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(results)
     task = TASKS[a.task]
     table = markdown_table(summary, task.eval_heads)
+    if "dpo" in configs and len(configs) > 1:
+        table += "\n\nDifference from DPO, paired by seed (mean ± std over seeds):\n\n"
+        table += markdown_table(paired_differences(results), task.eval_heads)
     task_dir = os.path.join(a.output_dir, a.task)
     with open(os.path.join(task_dir, "table.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(task_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+        json.dump({"mean_std_n": summary, "difference_from_dpo": paired_differences(results)}, f, indent=2)
     title = f"task {a.task}: {len(a.seeds)} seeds, {a.steps} steps"
     plots = plot_frontier(summary, task.eval_heads, task_dir, title)
     print("\n" + table)
