@@ -267,7 +267,10 @@ def cpu_recipe(data: dict, tmp: Path, cache: dict) -> tuple[dict, list[str]]:
     if ga > 2:
         setv("gradient_accumulation_steps", 2, "fewer micro-batches per step on CPU")
     if "eval_steps" in out:
-        setv("eval_steps", 1, "evaluate within the 2 steps")
+        # after the last step, not between the two: on CPU, bitsandbytes (0.50) repacks 4-bit weights for inference
+        # the first time they run in eval mode and keeps that layout, whose kernel has no backward (see
+        # docs/recipes.md); training after an evaluation would backpropagate through it
+        setv("eval_steps", 2, "evaluate within the 2 steps")
     setv("output_dir", str(tmp / "out"), "test output")
     setv("upo_score_cache_dir", str(tmp / "score-cache"), "fresh score cache")
     if out.get("report_before_after"):

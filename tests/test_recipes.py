@@ -221,8 +221,12 @@ def test_recipe_trains_two_steps_on_cpu(path, tmp_path, standins):
     format and its head models for tiny local ones, and bf16/CUDA-only settings turned into CPU ones, trains two
     optimizer steps: finite losses, every head's metrics logged, PEFT/4-bit/full fine-tuning as the recipe says."""
     original = load_recipe(path)
-    trainer, data, changes = _run_two_steps(path, tmp_path, standins)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, data, changes = _run_two_steps(path, tmp_path, standins)
     note = "\n".join(changes)
+    no_backward = [str(w.message) for w in caught if "autograd kernel was not registered" in str(w.message)]
+    assert not no_backward, f"backward through an op without a gradient: {no_backward[0]}"
     assert trainer.state.global_step == 2, note
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2 and all(math.isfinite(h["loss"]) for h in logs), logs
