@@ -215,3 +215,75 @@ def test_lora_through_model_config_and_a_dataset_mixture_under_a_launcher(tmp_pa
     adapter = json.loads((out_dir / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
     assert (out_dir / "upo_state.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# docs/cli.md: every command is parsed strictly, the short ones run; the recipe blocks run for two steps
+# ------------------------------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI_DOC = ROOT / "docs" / "cli.md"
+
+
+def _doc_blocks(lang: str) -> list[str]:
+    import re
+
+    return re.findall(rf"```{lang}\n(.*?)```", CLI_DOC.read_text(), re.S)
+
+
+def _doc_commands() -> list[list[str]]:
+    import shlex
+
+    return [shlex.split(line) for block in _doc_blocks("bash") for line in block.splitlines() if line.strip()]
+
+
+def _absolute(args: list[str]) -> list[str]:
+    return [str(ROOT / a) if a.startswith("recipes/") else a for a in args]
+
+
+def test_cli_doc_commands(tmp_path, monkeypatch, capsys, score_cache):
+    """`trl-upo train` lines parse strictly (those with `--max_steps` <= 20 and no launch options also train, with
+    the report off); `accelerate launch ... -m trl_upo.cli.train` lines pass accelerate's launch parser and ours;
+    `trl-upo score` lines run."""
+    from accelerate.commands.launch import launch_command_parser
+
+    from trl_upo.cli import score as cli_score
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    commands = _doc_commands()
+    assert len(commands) >= 8
+    ran = 0
+    for cmd in commands:
+        if cmd[:2] == ["trl-upo", "train"]:
+            args = _absolute(cmd[2:])
+            script, targs, _, _, launch = cli_train.parse(args or ["--config", cli_train.QUICKSTART_RECIPE])
+            if args and not launch and targs.max_steps <= 20:
+                assert cli_train.main([*args, "--max_steps", "2", "--report_before_after", "false"]) == 0
+                assert (Path(targs.output_dir) / "model.safetensors").is_file()
+                ran += 1
+        elif cmd[:2] == ["trl-upo", "score"]:
+            assert cli_score.main(_absolute(cmd[2:]) + ["--upo_score_cache_dir", score_cache]) == 0, cmd
+            ran += 1
+        elif cmd[:2] == ["accelerate", "launch"]:
+            i = cmd.index("trl_upo.cli.train")
+            parsed = launch_command_parser().parse_args(_absolute(cmd[2:]))
+            assert parsed.module and parsed.training_script == "trl_upo.cli.train"
+            cli_train.parse(_absolute(cmd[i + 1 :]))
+        else:
+            raise AssertionError(f"docs/cli.md: a command the test does not know how to check: {cmd}")
+    assert ran >= 5
+    assert "novery" in capsys.readouterr().out
+
+
+def test_cli_doc_recipe_blocks_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    recipe = {}
+    for block in _doc_blocks("yaml"):
+        recipe.update(yaml.safe_load(block))
+    assert {"env", "use_peft", "datasets", "reward_heads"} <= set(recipe)
+    path = write_recipe(tmp_path / "r.yaml", **recipe)
+    code, out, err = run_main(["--config", path, "--max_steps", "2", "--upo_score_cache_dir", str(tmp_path / "c")],
+                              capsys)
+    assert code == 0, err[-3000:]
+    assert (tmp_path / "runs" / "lora" / "adapter_config.json").is_file()

@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None, prog: str | None = "trl-upo score") -> i
         if rest:
             cli_train.make_parser(prog=prog).print_help()
         return 0 if rest else 2
+    if not any(a == "--bf16" or a.startswith("--bf16=") for a in rest):
+        # Mixed precision only concerns training; without this, a GPU recipe (bf16: true) fails to parse on a CPU.
+        rest = [*rest, "--bf16", "false"]
     try:
         script_args, training_args, model_args, dataset_args, launch = cli_train.parse(rest, prog, extra_keys=("output",))
         specs = training_args.head_specs
