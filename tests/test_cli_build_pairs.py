@@ -215,3 +215,40 @@ def test_push_to_hub_is_called_with_the_built_dataset(tmp_path, monkeypatch, cap
                     "--push_to_hub", "me/pairs", "--hub_private"])
     assert code == 0
     assert pushed == [("me/pairs", {"private": True}, _read_jsonl(tmp_path / "o.jsonl"))]
+
+
+def test_rerank_packaged_quickstart_data_with_upo_paths(tmp_path, caplog):
+    """`upo://` names packaged assets; re-ranking an existing dataset's two responses keeps the pairs a head
+    separates (with its winner as chosen) and reports the prompts it cannot rank."""
+    from trl_upo.cli.train import resolve_resource
+
+    source = _read_jsonl(resolve_resource("upo://quickstart-data/train.jsonl"))[:16]
+    out = tmp_path / "reranked.jsonl"
+    code = trl_upo(["build-pairs", "rank", "--dataset", "upo://quickstart-data/train.jsonl", "--limit", "16",
+                    "--candidate_columns", "chosen", "rejected", "--reward_heads",
+                    '[{"name": "novery", "type": "lexicon", "params": {"avoid": ["very"]}}]',
+                    "--output", str(out), "--no-progress"])
+    assert code == 0
+    has = [[" very " in f"{r[c]} " for c in ("chosen", "rejected")] for r in source]
+    expected = [
+        (r["rejected"], r["chosen"]) if c else (r["chosen"], r["rejected"])
+        for r, (c, rj) in zip(source, has, strict=True)
+        if c != rj
+    ]
+    rows = _read_jsonl(out)
+    assert [(r["chosen"], r["rejected"]) for r in rows] == expected
+    ties = sum(c == rj for c, rj in has)
+    assert f"{ties} of the 16 prompts ranked in this run gave no pair" in caplog.text
+    assert trl_upo(["build-pairs", "rank", "--dataset", "upo://no-such-data.jsonl", "--candidate_columns", "a", "b",
+                    "--reward_heads", '[{"name": "length"}]', "--output", str(tmp_path / "x.jsonl")]) == 2
+
+
+def test_remove_columns_gives_an_existing_preference_dataset_new_pairs(tiny_model_path, tmp_path, capsys):
+    common = ["build-pairs", "critique", "--dataset", "upo://quickstart-data/test.jsonl", "--limit", "2", "--model",
+              tiny_model_path, "--max_new_tokens", "3", "--output", str(tmp_path / "c.jsonl"), "--no-progress"]
+    assert trl_upo(common) == 2
+    assert "['chosen', 'rejected'], which the output would overwrite" in capsys.readouterr().err
+    assert trl_upo([*common, "--remove_columns", "chosen", "rejectd"]) == 2
+    assert "remove_columns names ['rejectd']" in capsys.readouterr().err
+    assert trl_upo([*common, "--remove_columns", "chosen", "rejected"]) == 0
+    assert len(_read_jsonl(tmp_path / "c.jsonl")) == 2

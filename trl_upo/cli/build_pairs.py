@@ -6,7 +6,8 @@
     trl-upo build-pairs --config build.yaml          # the YAML names the method: `method: rank`
 
 A YAML config (``--config``) takes the same keys as the flags (without the dashes); flags given on the command line
-override it, and an unknown key is an error with a did-you-mean suggestion.
+override it, and an unknown key is an error with a did-you-mean suggestion. Values starting with ``upo://`` name the
+package's assets, as in ``trl-upo train`` recipes.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     io.add_argument("--dataset", help="prompts: a .jsonl/.json/.parquet/.csv file, a save_to_disk directory, or a Hub id")
     io.add_argument("--split", default="train", help="split of a Hub dataset or DatasetDict directory")
     io.add_argument("--limit", type=int, help="use only the first N rows")
+    io.add_argument("--remove_columns", nargs="+", metavar="COLUMN",
+                    help="input columns to leave out (e.g. the chosen/rejected of a preference dataset)")
     io.add_argument("--prompt_column", default="prompt", help="column holding the prompts (strings or message lists)")
     io.add_argument("--output", help="output: a .jsonl or .parquet file, or a directory (save_to_disk)")
     io.add_argument("--format", choices=["jsonl", "parquet", "disk"], help="output format (default: from --output)")
@@ -153,10 +156,32 @@ def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
         _check_keys(data, _dests(sub), known.config, method)
         sub.set_defaults(**data)
     args = parser.parse_args(argv)
+    _resolve_resources(args)
     for key in ("dataset", "output"):
         if getattr(args, key) is None:
             raise ValueError(f"--{key} is required (on the command line or as `{key}:` in the --config YAML).")
     return args
+
+
+def _resolve_resources(args: argparse.Namespace) -> None:
+    """``upo://<path>`` values name packaged assets, as in ``trl-upo train`` recipes (``upo://tiny-llama``,
+    ``upo://quickstart-data/train.jsonl``)."""
+    from trl_upo.cli.train import resolve_resource
+
+    for key, value in vars(args).items():
+        if key in ("output", "shard_dir", "push_to_hub"):
+            continue
+        if key == "reward_heads" and isinstance(value, str) and "upo://" in value:
+            import json
+
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                continue  # reported as invalid JSON when the heads are parsed
+        try:
+            setattr(args, key, resolve_resource(value))
+        except FileNotFoundError as e:
+            raise ValueError(str(e)) from None
 
 
 def _generation(args: argparse.Namespace, required: bool) -> Any:
@@ -248,7 +273,9 @@ def main(argv: list[str], prog: str = "trl-upo build-pairs") -> int:
             progress=args.progress,
         )
         output.check_writable()
-        dataset = load_prompt_dataset(args.dataset, split=args.split, limit=args.limit)
+        dataset = load_prompt_dataset(
+            args.dataset, split=args.split, limit=args.limit, remove_columns=args.remove_columns
+        )
         build = build_rank_pairs if args.method == "rank" else build_critique_pairs
         result = build(dataset, config, output)
     except ValueError as e:

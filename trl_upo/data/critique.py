@@ -286,16 +286,10 @@ def build_critique_pairs(
                    "principle": p.name}
             row.update({c: rows[i][c] for c in passthrough})
             out.append(row)
-        same = sum(response_text(r["chosen"]).strip() == response_text(r["rejected"]).strip() for r in out)
-        if same:
-            logger.warning(
-                "Rows %d..%d: %d revision(s) are identical to the original answer; those pairs carry no preference "
-                "signal (kept, and marked by chosen == rejected).",
-                start,
-                start + len(rows) - 1,
-                same,
-            )
+        unchanged.append(sum(response_text(r["chosen"]).strip() == response_text(r["rejected"]).strip() for r in out))
         return out
+
+    unchanged: list[int] = []
 
     try:
         run_in_shards(
@@ -307,6 +301,12 @@ def build_critique_pairs(
             progress=output.progress if output is not None else True,
             on_batch=on_batch,
         )
+        if sum(unchanged):
+            logger.warning(
+                "%d revision(s) built in this run are identical to the original answer: those pairs carry no "
+                "preference signal (they are kept; chosen == rejected marks them).",
+                sum(unchanged),
+            )
         result = finish(store, output, "pairs")
     finally:
         generator.release()

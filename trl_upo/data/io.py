@@ -75,7 +75,9 @@ def infer_format(path: str) -> str:
     return "disk"
 
 
-def load_prompt_dataset(source: str, split: str = "train", limit: int | None = None) -> Any:
+def load_prompt_dataset(
+    source: str, split: str = "train", limit: int | None = None, remove_columns: list[str] | None = None
+) -> Any:
     """Load the input dataset: a JSON/JSONL/Parquet/CSV file, a directory written by ``save_to_disk``, or a Hub
     dataset id.
 
@@ -83,6 +85,8 @@ def load_prompt_dataset(source: str, split: str = "train", limit: int | None = N
         source: file, directory or Hub id.
         split: the split to use (Hub datasets, ``DatasetDict`` directories).
         limit: keep only the first ``limit`` rows.
+        remove_columns: input columns to leave out (e.g. the old ``chosen``/``rejected`` of a preference dataset
+            whose prompts get new pairs); naming a column the dataset does not have is an error.
     """
     from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
@@ -107,6 +111,11 @@ def load_prompt_dataset(source: str, split: str = "train", limit: int | None = N
         ds = load_dataset(source, split=split)
     if not isinstance(ds, Dataset):
         raise ValueError(f"{source!r} did not load as one dataset split (got {type(ds).__name__}).")
+    if remove_columns:
+        missing = [c for c in remove_columns if c not in ds.column_names]
+        if missing:
+            raise ValueError(f"remove_columns names {missing}, which {source!r} does not have: {ds.column_names}.")
+        ds = ds.remove_columns(list(remove_columns))
     if limit is not None:
         if limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}.")

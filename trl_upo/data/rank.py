@@ -397,15 +397,10 @@ def build_rank_pairs(
                     out["candidates"], out["candidate_scores"] = cs, [float(x) for x in agg]
                 out.update({c: row[c] for c in passthrough})
                 out_rows.append(out)
-        if skipped:
-            logger.warning(
-                "Rows %d..%d: %d prompt(s) gave no pair (all their candidates' ranking scores within margin=%s).",
-                start,
-                start + len(rows) - 1,
-                skipped,
-                config.margin,
-            )
+        no_pair.append(skipped)
         return out_rows
+
+    no_pair: list[int] = []
 
     try:
         run_in_shards(
@@ -417,6 +412,14 @@ def build_rank_pairs(
             progress=output.progress if output is not None else True,
             on_batch=on_batch,
         )
+        if sum(no_pair):
+            logger.warning(
+                "%d of the %d prompts ranked in this run gave no pair: all their candidates' ranking scores were "
+                "within margin=%s of each other.",
+                sum(no_pair),
+                min(len(dataset), len(no_pair) * config.batch_size),
+                config.margin,
+            )
         result = finish(store, output, "pairs")
     finally:
         for head in heads:
