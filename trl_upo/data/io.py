@@ -9,7 +9,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -281,11 +281,6 @@ def write_dataset(dataset: Any, rows: list[dict[str, Any]], output: OutputSettin
         dataset.to_parquet(path)
     else:
         dataset.save_to_disk(path)
-
-
-def settings_dict(obj: Any) -> dict[str, Any]:
-    """A dataclass as a JSON-safe dict (for fingerprints)."""
-    return json.loads(json.dumps(asdict(obj), default=repr, sort_keys=True))
 
 
 def dataset_digest(dataset: Any) -> str:
