@@ -56,3 +56,26 @@ def test_two_cpu_processes_match_one_process(tmp_path, tiny_model_path):
             # Float32 reductions run in a different order across two processes: agreement to 1e-4 relative.
             assert hb[key] == pytest.approx(ha[key], rel=1e-4, abs=1e-6), (key, ha["step"])
     assert (two / "upo_state.json").is_file() and (two / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_started_by_accelerate_launch_as_a_script_does_not_launch_again(tmp_path, tiny_model_path):
+    """`accelerate launch <path of trl_upo/cli/train.py> ...`: the script trains in the launched process; a launch key
+    among its arguments is left to the launcher (message) instead of starting a second launcher."""
+    from trl_upo.cli import train as cli_train
+
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+    data = write_data(tmp_path / "data", n_train=8, n_test=4)
+    recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path=tiny_model_path, dataset_name=str(data), **CPU,
+                          max_steps=2, per_device_train_batch_size=4, reward_heads=[{"name": "length"}],
+                          upo_score_cache_dir=str(tmp_path / "cache"))
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("TRL_UPO_LAUNCHED", None)
+    proc = subprocess.run(
+        [accelerate, "launch", "--num_processes", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         cli_train.__file__, "--config", recipe, "--output_dir", str(tmp_path / "out"), "--num_processes", "2"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "already running under a launcher" in proc.stderr and "launching:" not in proc.stdout
+    assert (tmp_path / "out" / "model.safetensors").is_file()
