@@ -287,3 +287,26 @@ def test_cli_doc_recipe_blocks_run(tmp_path, monkeypatch, capsys):
                               capsys)
     assert code == 0, err[-3000:]
     assert (tmp_path / "runs" / "lora" / "adapter_config.json").is_file()
+
+
+def test_launch_options_relaunch_through_accelerate(tmp_path, recipe, capsys, monkeypatch):
+    """Outside a launcher, launch keys re-launch the same entry point with `accelerate launch -m trl_upo.cli.train`
+    (the two-process run itself is the slow test in tests/test_cli_distributed.py)."""
+    for key in ("TRL_UPO_LAUNCHED", "ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_MIXED_PRECISION", "LOCAL_RANK",
+                "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    calls = []
+    monkeypatch.setattr(cli_train.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
+    recipe["num_processes"] = 2
+    path = write_recipe(tmp_path / "r.yaml", **recipe)
+    code, out, _ = run_main(["--config", path, "--max_steps", "3", "--main_process_port", "29611"], capsys)
+    assert code == 0 and len(calls) == 1
+    cmd, env = calls[0]
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and env["TRL_UPO_LAUNCHED"] == "1"
+    i = cmd.index("trl_upo.cli.train")
+    launch, script = cmd[3 : i - 1], cmd[i + 1 :]
+    assert script == ["--config", path, "--max_steps", "3"]
+    assert launch[:2] == ["--num_processes", "2"] and "--multi_gpu" in launch  # use_cpu: true in the recipe
+    assert launch[launch.index("--main_process_port") + 1] == "29611"
+    assert "launching: accelerate launch" in out
+    assert not (tmp_path / "out").exists()  # nothing trained in this process

@@ -629,7 +629,8 @@ def format_report(before: dict, after: dict) -> str:
         lines.append(f"{name:<8}" + "".join(f"{v:>{width + 2}.3f}" for v in values))
     for name, r in (("before", before), ("after", after)):
         if r.get("samples"):
-            lines.append(f"{name} sample: {r['samples'][0]['prompt']!s} ->{r['samples'][0]['response']}")
+            sample = r["samples"][0]
+            lines.append(f"{name:<8}sample: {sample['prompt']!r} -> {sample['response'].strip()!r}")
     return "\n".join(lines)
 
 
