@@ -580,8 +580,10 @@ def _report(trainer, script_args, model_id: str, report_ds, before: bool) -> dic
     if not trainer.accelerator.is_main_process:
         return None
     model = trainer.accelerator.unwrap_model(trainer.model)
+    from trl_upo.scoring import ensure_prompt
+
     n = min(script_args.report_num_prompts, len(report_ds))
-    rows = report_ds.select(range(n))
+    rows = ensure_prompt(report_ds.select(range(n)))  # an implicit prompt is extracted as DPOTrainer does
     if before:
         ref = model
     elif getattr(model, "peft_config", None):
