@@ -284,3 +284,102 @@ def write_recipe(data: dict, path: Path) -> Path:
     with open(path, "w") as f:
         yaml.safe_dump(data, f, sort_keys=False)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FSDP2 + 4-bit on CPU (a torchrun worker: python -m torch.distributed.run --nproc_per_node 2 -m tests.recipe_utils
+# fsdp2-qlora <tiny model dir> <output json>)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def fsdp_plugin_from_accelerate_config(config: Path):
+    """The ``FullyShardedDataParallelPlugin`` a process launched with ``accelerate launch --config_file <config>``
+    builds: the launch environment accelerate derives from the file, then the plugin read from that environment."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config), "-m", "trl_upo.cli.train"])
+    args, _, _ = _validate_launch_command(args)
+    env = prepare_multi_gpu_env(args)
+    os.environ.update({k: v for k, v in env.items() if k.startswith(("FSDP_", "ACCELERATE_"))})
+    plugin = FullyShardedDataParallelPlugin()
+    plugin.set_mixed_precision(env.get("ACCELERATE_MIXED_PRECISION", "no"))
+    return plugin
+
+
+def _fsdp2_qlora_worker(model_dir: str, out_json: str, mixed_precision: str | None = None) -> None:
+    """Load the tiny model the way the FSDP2 QLoRA recipe loads its model (its 4-bit settings, its LoRA), shard it
+    with accelerate's own FSDP2 preparation and the recipe's accelerate config, and compare the sharded forward and
+    backward with the unsharded model's."""
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl import get_peft_config, get_quantization_config
+
+    from trl_upo.cli.train import parse
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    recipe = RECIPES / "fsdp2_qlora_llama3.1-70b.yaml"
+    _, training_args, model_args, _, _ = parse(["--config", str(recipe), "--use_cpu", "true"])
+    plugin = fsdp_plugin_from_accelerate_config(ROOT / load_recipe(recipe)["accelerate_config"])
+    if mixed_precision is not None:
+        plugin.mixed_precision_policy = None
+        if mixed_precision != "no":
+            plugin.set_mixed_precision(mixed_precision)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=get_quantization_config(model_args), dtype=getattr(torch, model_args.dtype),
+        **{k: v for k, v in (training_args.model_init_kwargs or {}).items() if k != "device_map"},
+    )
+    peft_config = get_peft_config(model_args)
+    peft_config.init_lora_weights = False  # non-zero adapters, so the LoRA path changes the output
+    peft_config.lora_dropout = 0.0  # as DPOConfig's disable_dropout does; dropout would make two passes differ
+    model = get_peft_model(model, peft_config, autocast_adapter_dtype=False)
+    model.train()
+    x = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]])
+
+    def loss_of(logits):
+        return logits.float().logsumexp(-1).mean()
+
+    ref = model(x).logits
+    loss_of(ref).backward()
+    ref_logits = ref.detach().float()
+    ref_grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    model.zero_grad(set_to_none=True)
+    four_bit = [n for n, p in model.named_parameters() if p.__class__.__name__ == "Params4bit"]
+    nan_patterns = sum(int(torch.isnan(p.data).sum()) for n, p in model.named_parameters() if n in four_bit)
+    shim = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), device=torch.device("cpu"),
+                           is_main_process=rank == 0, mixed_precision="bf16", torch_device_mesh=None)
+    model = fsdp2_prepare_model(shim, model)
+    sharded = {n for n, p in model.named_parameters() if hasattr(p, "to_local") and p.to_local().numel() < p.numel()}
+    out = model(x)
+    diff = float((out.logits.detach().float() - ref_logits).abs().max())
+    loss_of(out.logits).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+    full = {n: (g.full_tensor() if hasattr(g, "full_tensor") else g) for n, g in grads.items() if g is not None}
+    grad_diff = max(float((full[n].float() - ref_grads[n].float()).abs().max()) for n in full)
+    result = dict(
+        world_size=dist.get_world_size(), max_abs_logit_diff=diff, ref_logit_scale=float(ref_logits.abs().max()),
+        four_bit_weights=len(four_bit), four_bit_weights_sharded=len(set(four_bit) & sharded),
+        nan_bit_patterns_in_packed_weights=nan_patterns,
+        lora_grads=len(grads), lora_grads_present=len(full), max_abs_lora_grad_diff=grad_diff,
+        lora_grad_scale=max(float(g.abs().max()) for g in ref_grads.values()),
+        mixed_precision_policy=str(plugin.mixed_precision_policy),
+    )
+    if rank == 0:
+        with open(out_json, "w") as f:
+            json.dump(result, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1] == "fsdp2-qlora":
+        _fsdp2_qlora_worker(*sys.argv[2:])

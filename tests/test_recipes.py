@@ -590,3 +590,33 @@ def test_docs_recipes_yaml_blocks_form_a_strict_recipe(tmp_path):
     path = write_recipe(data, tmp_path / "own.yaml")
     _, training_args, model_args, _, launch = _parse(["--config", str(path), "--use_cpu", "true"])
     assert model_args.use_peft and len(training_args.reward_heads) == 2 and not launch
+
+
+@pytest.mark.slow
+def test_fsdp2_shards_the_recipes_4bit_weights_without_changing_forward_or_grads(tmp_path):
+    """As far as a CPU allows: two processes (gloo) load a tiny Llama with the FSDP2 QLoRA recipe's 4-bit and LoRA
+    settings (nf4, bf16 storage, nested quantization, all-linear LoRA), shard it with accelerate's own FSDP2
+    preparation and the plugin built from recipes/accelerate/fsdp2_qlora.yaml (bf16 mixed precision), and compare
+    with the unsharded model: every 4-bit weight is sharded, the logits and every LoRA gradient are identical, although
+    the packed storage holds bf16 NaN bit patterns (the ones bitsandbytes#1945 reports FSDP2 rewriting on GPU).
+    (accelerate only enables FSDP with GPUs, so the trainer's FSDP path itself is a GPU test.)"""
+    pytest.importorskip("bitsandbytes", reason="the quantization extra is not installed")
+    from trl_upo.testing import save_tiny_causal_lm
+
+    model_dir = save_tiny_causal_lm(str(tmp_path / "tiny-llama"), family="llama", hidden_size=64)
+    out = tmp_path / "result.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
+    env.update(OMP_NUM_THREADS="1", MASTER_PORT="29519")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+         "-m", "tests.recipe_utils", "fsdp2-qlora", model_dir, str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert r["world_size"] == 2
+    assert r["four_bit_weights"] > 0 and r["four_bit_weights_sharded"] == r["four_bit_weights"], r
+    assert r["nan_bit_patterns_in_packed_weights"] > 0, "the check needs NaN-like packed bytes to be meaningful"
+    assert r["max_abs_logit_diff"] == 0.0, r
+    assert r["lora_grads_present"] == r["lora_grads"] > 0 and r["max_abs_lora_grad_diff"] == 0.0, r
+    assert "bfloat16" in r["mixed_precision_policy"]
