@@ -368,6 +368,16 @@ def test_awr_weights_hand_example():
     assert ws.capped_fraction == 0.0
 
 
+def test_awr_weights_statistics_stay_a_tensor_until_read():
+    """The trainer converts all of a step's metrics with one host sync, so the weight statistics come as one (3,)
+    float64 tensor [mean, max, capped fraction]; the float properties read it. Cap 1.2 on the hand example:
+    [0.5, 1.5] -> [0.5, 1.2]: mean 0.85, max 1.2, capped fraction 0.5."""
+    ws = awr_weights(t64(0.0, math.log(3.0)), temperature=1.0, weight_cap=1.2)
+    assert isinstance(ws.stats, torch.Tensor) and ws.stats.dtype == torch.float64 and ws.stats.shape == (3,)
+    assert ws.stats.tolist() == pytest.approx([0.85, 1.2, 0.5])
+    assert (ws.mean, ws.max, ws.capped_fraction) == tuple(ws.stats.tolist())
+
+
 def test_awr_weights_temperature_scales_advantages():
     """A [0, ln 3], tau 0.5 -> exp(A / tau) = [1, 9], mean 5 -> [0.2, 1.8]."""
     ws = awr_weights(t64(0.0, math.log(3.0)), temperature=0.5)

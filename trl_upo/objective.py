@@ -182,12 +182,31 @@ def advantages(
 
 @dataclass
 class WeightStats:
-    """Weights of the auxiliary term and their global statistics (for logging)."""
+    """Weights of the auxiliary term and their global statistics (for logging).
 
-    weights: torch.Tensor  # local (N,), detached
-    mean: float
-    max: float
-    capped_fraction: float
+    Attributes:
+        weights: local ``(N,)`` weights, detached.
+        stats: ``(3,)`` float64 tensor: mean, max and capped fraction of the weights over the global batch. Kept as a
+            tensor so that a training step converts its metrics with one host sync; the properties read it.
+    """
+
+    weights: torch.Tensor
+    stats: torch.Tensor
+
+    @property
+    def mean(self) -> float:
+        """Mean of the capped weights over the global batch."""
+        return float(self.stats[0])
+
+    @property
+    def max(self) -> float:
+        """Largest capped weight over the global batch."""
+        return float(self.stats[1])
+
+    @property
+    def capped_fraction(self) -> float:
+        """Fraction of the global batch's weights that hit the cap."""
+        return float(self.stats[2])
 
 
 def awr_weights(
@@ -219,12 +238,8 @@ def awr_weights(
         capped = raw.clamp(max=weight_cap)
         all_raw = gather(raw)
         all_capped = all_raw.clamp(max=weight_cap)
-        return WeightStats(
-            weights=capped.to(adv.dtype),
-            mean=float(all_capped.mean()),
-            max=float(all_capped.max()),
-            capped_fraction=float((all_raw > weight_cap).to(torch.float64).mean()),
-        )
+        stats = torch.stack([all_capped.mean(), all_capped.max(), (all_raw > weight_cap).to(torch.float64).mean()])
+        return WeightStats(weights=capped.to(adv.dtype), stats=stats)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -4,13 +4,17 @@ What it adds, top to bottom:
 
 1. ``__init__``: scores the train and eval sets with every reward head (cached), fits the normalisation statistics
    on the train split, then hands everything to ``DPOTrainer.__init__`` unchanged.
-2. The score columns survive TRL's column pruning (``_set_signature_columns_if_needed``) and are stacked into the
-   batch by a wrapping collator; they are popped in ``compute_loss`` before TRL forwards the inputs to the model.
+2. The normalised scores and auxiliary reward of every response depend only on the fitted statistics, so they are
+   computed once for the whole dataset (vectorised) and stored next to the raw scores. These columns survive TRL's
+   column pruning (``_set_signature_columns_if_needed``) and are stacked into the batch by a wrapping collator; they
+   are popped in ``compute_loss`` before TRL forwards the inputs to the model. A step only computes what depends on
+   the batch: advantages, weights and the weighted log-likelihood.
 3. A forward hook on the policy module captures the per-token log-probabilities of the forward TRL already runs
    (no second forward, no second model copy); the auxiliary term is computed from them (``trl_upo.objective``)
    and added to TRL's loss.
 4. ``save_model`` writes ``upo_state.json`` (resolved heads and statistics) to the output dir and every checkpoint;
-   ``train(resume_from_checkpoint=...)`` reads it back so a resumed run uses the same scale.
+   ``train(resume_from_checkpoint=...)`` reads it back so a resumed run uses the same scale (and recomputes the
+   normalised columns with it).
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from datasets import Dataset, IterableDataset
+from datasets.fingerprint import Hasher
 from transformers import AutoProcessor, ProcessorMixin
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOTrainer
@@ -42,13 +48,36 @@ from .objective import (
     normalize_scores,
     sequence_loglik,
 )
-from .scoring import fit_head_statistics, score_column, score_dataset
+from .scoring import ROLES, fit_head_statistics, score_column, score_dataset
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "upo_state.json"
+# Batch keys the collator adds (popped before TRL sees the batch): raw scores (B, K), normalised scores (B, K) and
+# auxiliary rewards (B,) of the chosen and rejected responses.
 SCORES_CHOSEN = "upo_scores_chosen"
 SCORES_REJECTED = "upo_scores_rejected"
+NORMALIZED_CHOSEN = "upo_normalized_chosen"
+NORMALIZED_REJECTED = "upo_normalized_rejected"
+REWARD_AUX_CHOSEN = "upo_reward_aux_chosen"
+REWARD_AUX_REJECTED = "upo_reward_aux_rejected"
+UPO_BATCH_KEYS = (
+    SCORES_CHOSEN, SCORES_REJECTED, NORMALIZED_CHOSEN, NORMALIZED_REJECTED, REWARD_AUX_CHOSEN, REWARD_AUX_REJECTED
+)
+
+
+def normalized_column(role: str) -> str:
+    """Dataset column with the (K,) normalised scores of the ``role`` responses. Head names start with a letter, so
+    the double underscore cannot collide with a head's score column ``upo_<head>_<role>``."""
+    return f"upo__normalized_{role}"
+
+
+def reward_aux_column(role: str) -> str:
+    """Dataset column with the auxiliary reward r_aux (eq. 3) of the ``role`` responses."""
+    return f"upo__reward_aux_{role}"
+
+
+UPO_DERIVED_COLUMNS = tuple(f(role) for role in ROLES for f in (normalized_column, reward_aux_column))
 
 _UPO_CITATION = textwrap.dedent("""\
     @article{badrinath2025unified,
@@ -71,23 +100,40 @@ def _is_peft_model(model: Any) -> bool:
 
 @dataclass
 class UPODataCollator:
-    """Wraps a preference collator and adds the heads' raw scores as ``(B, K)`` tensors."""
+    """Wraps a preference collator and adds, for the chosen and the rejected responses, the heads' raw scores
+    (``(B, K)`` float32), their normalised scores (``(B, K)`` float64) and the auxiliary reward (``(B,)`` float64),
+    read from the columns ``UPOTrainer`` adds to the dataset (``upo_<head>_<role>``, ``upo__normalized_<role>``,
+    ``upo__reward_aux_<role>``).
+
+    Args:
+        base: the preference collator to wrap (TRL's ``DataCollatorForPreference`` by default).
+        head_names: the reward heads' names, in the order of the ``K`` score columns.
+    """
 
     base: Callable[[list[dict[str, Any]]], dict[str, Any]]
     head_names: list[str]
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.base(examples)
-        for key, role in ((SCORES_CHOSEN, "chosen"), (SCORES_REJECTED, "rejected")):
+        for role, raw_key, norm_key, aux_key in (
+            ("chosen", SCORES_CHOSEN, NORMALIZED_CHOSEN, REWARD_AUX_CHOSEN),
+            ("rejected", SCORES_REJECTED, NORMALIZED_REJECTED, REWARD_AUX_REJECTED),
+        ):
             cols = [score_column(n, role) for n in self.head_names]
+            norm_col, aux_col = normalized_column(role), reward_aux_column(role)
             try:
-                rows = [[float(ex[c]) for c in cols] for ex in examples]
+                raw = [[float(ex[c]) for c in cols] for ex in examples]
+                norm = [ex[norm_col] for ex in examples]
+                aux = [ex[aux_col] for ex in examples]
             except KeyError as e:
                 raise KeyError(
-                    f"A batch lacks the UPO score column {e.args[0]!r}. The dataset was not scored by this trainer, "
-                    f"or a custom data pipeline removed the column; keep the 'upo_<head>_chosen/rejected' columns."
+                    f"A batch lacks the UPO column {e.args[0]!r}. The dataset was not prepared by this trainer, or a "
+                    f"custom data pipeline removed the column; keep the 'upo_<head>_chosen/rejected' and "
+                    f"'upo__normalized_*' / 'upo__reward_aux_*' columns."
                 ) from None
-            batch[key] = torch.tensor(rows, dtype=torch.float32)
+            batch[raw_key] = torch.tensor(raw, dtype=torch.float32)
+            batch[norm_key] = torch.tensor(norm, dtype=torch.float64).reshape(len(examples), len(cols))
+            batch[aux_key] = torch.tensor(aux, dtype=torch.float64)
         return batch
 
 
@@ -173,6 +219,8 @@ class UPOTrainer(DPOTrainer):
         self._upo_specs = specs
         self._upo_heads = [build_head(s) for s in specs]
         self._upo_stats: list[dict] = []
+        self._upo_weights = torch.tensor([s.weight for s in specs], dtype=torch.float64)
+        self._upo_signs = torch.tensor([1.0 if s.higher_is_better else -1.0 for s in specs], dtype=torch.float64)
         self._upo_score_report: dict[str, dict[str, str]] = {}
 
         if self._upo_heads:
@@ -186,11 +234,9 @@ class UPOTrainer(DPOTrainer):
                 raise ValueError("`train_dataset` is required")
             train_dataset = self._upo_score(train_dataset, "train", args, tokenizer)
             self._upo_stats = fit_head_statistics(train_dataset, specs, args.upo_normalization)
+            train_dataset = self._upo_add_normalized(train_dataset)
             if eval_dataset is not None:
-                if isinstance(eval_dataset, dict):
-                    eval_dataset = {k: self._upo_score(v, k, args, tokenizer) for k, v in eval_dataset.items()}
-                else:
-                    eval_dataset = self._upo_score(eval_dataset, "eval", args, tokenizer)
+                eval_dataset = self._upo_prepare_eval(eval_dataset, "eval", args, tokenizer)
             for head in self._upo_heads:  # model heads free their model before training starts
                 head.release()
 
@@ -219,8 +265,6 @@ class UPOTrainer(DPOTrainer):
                     "per-response log-likelihoods are sharded across ranks. Use data parallelism (DDP, ZeRO, FSDP)."
                 )
             self.data_collator = UPODataCollator(self.data_collator, [s.name for s in specs])
-            self._upo_weights = torch.tensor([s.weight for s in specs], dtype=torch.float64)
-            self._upo_signs = torch.tensor([1.0 if s.higher_is_better else -1.0 for s in specs], dtype=torch.float64)
             if self.args.upo_alpha > 0:
                 policy = self.model.get_base_model() if _is_peft_model(self.model) else self.model
                 self._upo_hook_handles.append(
@@ -266,10 +310,44 @@ class UPOTrainer(DPOTrainer):
         logger.info("UPO scores for the %s dataset: %s", split, report.status)
         return scored
 
+    def _upo_prepare_eval(self, dataset, split: str, args: UPOConfig, tokenizer):
+        """Score an evaluation dataset (or a dict of them) and normalise it with the train statistics."""
+        if isinstance(dataset, dict):
+            return {k: self._upo_prepare_eval(v, k, args, tokenizer) for k, v in dataset.items()}
+        return self._upo_add_normalized(self._upo_score(dataset, split, args, tokenizer))
+
+    def _upo_add_normalized(self, dataset: Dataset) -> Dataset:
+        """Eqs. (2)-(3) once per response for the whole dataset: add the normalised scores and r_aux as columns.
+
+        They depend only on the raw scores and the statistics, so no step recomputes them. Existing columns of these
+        names (from an earlier trainer, or from statistics replaced on resume) are replaced.
+        """
+        names = [s.name for s in self._upo_specs]
+        # The fingerprint covers the statistics, weights and signs instead of hashing the new columns' values.
+        fingerprint = Hasher.hash(
+            (dataset._fingerprint, self._upo_stats, self._upo_weights.tolist(), self._upo_signs.tolist())
+        )
+        stale = [c for c in UPO_DERIVED_COLUMNS if c in dataset.column_names]
+        if stale:
+            dataset = dataset.remove_columns(stale)
+        for role in ROLES:
+            # Raw scores rounded to float32 first: the precision the batch carries them in (and the logged raw
+            # metrics); normalised in float64.
+            raw = np.stack([np.asarray(dataset[score_column(n, role)], dtype=np.float32) for n in names], axis=1)
+            norm = normalize_scores(torch.from_numpy(raw).to(torch.float64), self._upo_stats, self._upo_signs)
+            r_aux = aux_reward(norm, self._upo_weights)
+            dataset = dataset.add_column(
+                normalized_column(role), norm.tolist(), new_fingerprint=Hasher.hash((fingerprint, role, "norm"))
+            )
+            dataset = dataset.add_column(
+                reward_aux_column(role), r_aux.tolist(), new_fingerprint=Hasher.hash((fingerprint, role, "aux"))
+            )
+        return dataset
+
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         if self._upo_specs:
-            extra = [score_column(s.name, r) for s in self._upo_specs for r in ("chosen", "rejected")]
+            extra = [score_column(s.name, r) for s in self._upo_specs for r in ROLES] + list(UPO_DERIVED_COLUMNS)
             self._signature_columns = list(self._signature_columns) + [
                 c for c in extra if c not in self._signature_columns
             ]
@@ -278,14 +356,11 @@ class UPOTrainer(DPOTrainer):
         # A dataset passed here directly is scored like the ones given at construction, with the train statistics.
         if self._upo_heads and eval_dataset is not None and not isinstance(eval_dataset, str):
             tokenizer = getattr(self, "_tokenizer", None)
-            if isinstance(eval_dataset, dict):
-                eval_dataset = {k: self._upo_score(v, k, self.args, tokenizer) for k, v in eval_dataset.items()}
-            else:
-                eval_dataset = self._upo_score(eval_dataset, metric_key_prefix, self.args, tokenizer)
+            eval_dataset = self._upo_prepare_eval(eval_dataset, metric_key_prefix, self.args, tokenizer)
         return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def compute_ref_log_probs(self, model, inputs):
-        inputs = {k: v for k, v in inputs.items() if k not in (SCORES_CHOSEN, SCORES_REJECTED)}
+        inputs = {k: v for k, v in inputs.items() if k not in UPO_BATCH_KEYS}
         return super().compute_ref_log_probs(model, inputs)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -293,11 +368,10 @@ class UPOTrainer(DPOTrainer):
     # ------------------------------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        scores_chosen = inputs.pop(SCORES_CHOSEN, None)
-        scores_rejected = inputs.pop(SCORES_REJECTED, None)
+        upo_batch = {k: inputs.pop(k) for k in UPO_BATCH_KEYS if k in inputs}
         if not self._upo_heads:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        if scores_chosen is None or scores_rejected is None:
+        if len(upo_batch) != len(UPO_BATCH_KEYS):
             raise ValueError(
                 "The batch has no UPO scores. A custom `data_collator` replaced the one UPOTrainer wraps after "
                 "construction; pass it to the constructor instead so that the scores are added to it."
@@ -316,7 +390,7 @@ class UPOTrainer(DPOTrainer):
         finally:
             capture.disarm()
         loss, outputs = result if return_outputs else (result, None)
-        loss = loss + self._upo_term(inputs, scores_chosen, scores_rejected, policy_logps, ref_logps)
+        loss = loss + self._upo_term(inputs, upo_batch, policy_logps, ref_logps)
         return (loss, outputs) if return_outputs else loss
 
     def _upo_gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -330,26 +404,37 @@ class UPOTrainer(DPOTrainer):
         width = padded.numel()
         return torch.cat([gathered[i * width : i * width + int(n)] for i, n in enumerate(sizes.tolist())])
 
-    def _upo_term(self, inputs, scores_chosen, scores_rejected, policy_logps, ref_logps) -> torch.Tensor | float:
+    def _upo_term(self, inputs, upo_batch, policy_logps, ref_logps) -> torch.Tensor | float:
         args: UPOConfig = self.args
         mode = "train" if self.model.training else "eval"
-        metrics = self._metrics[mode]
         gather = self._upo_gather
+        # Metrics stay tensors until the end of the step, then one host sync converts them all (one `.tolist()`
+        # instead of one `.item()` per metric; on a GPU each of those would wait for the device).
+        pending: dict[str, torch.Tensor] = {}
 
-        norm_c = normalize_scores(scores_chosen.to(torch.float64), self._upo_stats, self._upo_signs)
-        norm_r = normalize_scores(scores_rejected.to(torch.float64), self._upo_stats, self._upo_signs)
-        r_c = aux_reward(norm_c, self._upo_weights)
-        r_r = aux_reward(norm_r, self._upo_weights)
+        def log_mean(key: str, t: torch.Tensor) -> None:
+            pending[key] = gather(t).mean()
+
+        def flush() -> None:
+            values = torch.stack([v.detach().to(torch.float64) for v in pending.values()]).tolist()
+            metrics = self._metrics[mode]
+            for key, value in zip(pending, values, strict=True):
+                metrics[key].append(value)
+
+        scores_c, scores_r = upo_batch[SCORES_CHOSEN], upo_batch[SCORES_REJECTED]
+        norm_c, norm_r = upo_batch[NORMALIZED_CHOSEN], upo_batch[NORMALIZED_REJECTED]
+        r_c, r_r = upo_batch[REWARD_AUX_CHOSEN], upo_batch[REWARD_AUX_REJECTED]
         for k, spec in enumerate(self._upo_specs):
             prefix = f"upo/{spec.name}"
-            metrics[f"{prefix}/chosen"].append(gather(scores_chosen[:, k]).mean().item())
-            metrics[f"{prefix}/rejected"].append(gather(scores_rejected[:, k]).mean().item())
-            metrics[f"{prefix}/chosen_norm"].append(gather(norm_c[:, k]).mean().item())
-            metrics[f"{prefix}/rejected_norm"].append(gather(norm_r[:, k]).mean().item())
-        metrics["upo/reward_aux/chosen"].append(gather(r_c).mean().item())
-        metrics["upo/reward_aux/rejected"].append(gather(r_r).mean().item())
+            log_mean(f"{prefix}/chosen", scores_c[:, k])
+            log_mean(f"{prefix}/rejected", scores_r[:, k])
+            log_mean(f"{prefix}/chosen_norm", norm_c[:, k])
+            log_mean(f"{prefix}/rejected_norm", norm_r[:, k])
+        log_mean("upo/reward_aux/chosen", r_c)
+        log_mean("upo/reward_aux/rejected", r_r)
 
         if args.upo_alpha == 0:
+            flush()
             return 0.0
         if policy_logps is None:
             raise RuntimeError(
@@ -371,8 +456,9 @@ class UPOTrainer(DPOTrainer):
             delta = (logps_c - ref_c.to(logps_c)) - (logps_r - ref_r.to(logps_r))
             reward_margin = (r_c - r_r).to(delta)
             term = margin_correction(delta, reward_margin, beta=self.beta, alpha=args.upo_alpha) * self.loss_weights[0]
-            metrics["upo/reward_margin"].append(gather(reward_margin).mean().item())
-            metrics["upo/margin_correction"].append(gather(term.detach().reshape(1)).mean().item())
+            log_mean("upo/reward_margin", reward_margin)
+            log_mean("upo/margin_correction", term.detach().reshape(1))
+            flush()
             return term
 
         ll_c, ll_r = sequence_loglik(per_token, shift_mask, args.upo_loglik).chunk(2)
@@ -390,14 +476,13 @@ class UPOTrainer(DPOTrainer):
         ll = ll_c if args.upo_applies_to == "chosen" else torch.cat([ll_c, ll_r])
         aux = awr_loss(ws.weights, ll)
         all_adv = gather(adv.detach())
-        metrics["upo/loglik/chosen"].append(gather(ll_c.detach()).mean().item())
-        metrics["upo/loglik/rejected"].append(gather(ll_r.detach()).mean().item())
-        metrics["upo/aux_loss"].append(gather(aux.detach().reshape(1)).mean().item())
-        metrics["upo/advantage/mean"].append(all_adv.mean().item())
-        metrics["upo/advantage/max"].append(all_adv.max().item())
-        metrics["upo/weight/mean"].append(ws.mean)
-        metrics["upo/weight/max"].append(ws.max)
-        metrics["upo/weight/capped_frac"].append(ws.capped_fraction)
+        log_mean("upo/loglik/chosen", ll_c.detach())
+        log_mean("upo/loglik/rejected", ll_r.detach())
+        log_mean("upo/aux_loss", aux.detach().reshape(1))
+        pending["upo/advantage/mean"] = all_adv.mean()
+        pending["upo/advantage/max"] = all_adv.max()
+        pending["upo/weight/mean"], pending["upo/weight/max"], pending["upo/weight/capped_frac"] = ws.stats.unbind()
+        flush()
         return args.upo_alpha * aux
 
     # ------------------------------------------------------------------------------------------------------------
@@ -484,6 +569,13 @@ class UPOTrainer(DPOTrainer):
                 "(the data changed?); the checkpoint's are used so that the resumed run keeps its scale.",
                 checkpoint,
             )
+            self._upo_stats = state["statistics"]
+            # The normalised scores and r_aux columns were computed with the fitted statistics: recompute them.
+            self.train_dataset = self._upo_add_normalized(self.train_dataset)
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {k: self._upo_add_normalized(v) for k, v in self.eval_dataset.items()}
+            elif self.eval_dataset is not None:
+                self.eval_dataset = self._upo_add_normalized(self.eval_dataset)
         self._upo_stats = state["statistics"]
 
 
