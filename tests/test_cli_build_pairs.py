@@ -252,3 +252,24 @@ def test_remove_columns_gives_an_existing_preference_dataset_new_pairs(tiny_mode
     assert "remove_columns names ['rejectd']" in capsys.readouterr().err
     assert trl_upo([*common, "--remove_columns", "chosen", "rejected"]) == 0
     assert len(_read_jsonl(tmp_path / "c.jsonl")) == 2
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    import trl_upo.data.io as data_io
+
+    real = data_io.ShardStore.write
+
+    def write_then_interrupt(self, index, rows):
+        real(self, index, rows)
+        if index == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(data_io.ShardStore, "write", write_then_interrupt)
+    data = _write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"p{i}", "a": " x", "b": " x y"} for i in range(5)])
+    cmd = ["build-pairs", "rank", "--dataset", data, "--candidate_columns", "a", "b", "--reward_heads",
+           '[{"name": "length"}]', "--batch_size", "2", "--no-progress", "--output", str(tmp_path / "o.jsonl")]
+    assert trl_upo(cmd) == 130
+    assert f"2 finished batch(es) are saved in {tmp_path / 'o.jsonl.shards'}" in capsys.readouterr().err
+    monkeypatch.setattr(data_io.ShardStore, "write", real)
+    assert trl_upo(cmd) == 0
+    assert len(_read_jsonl(tmp_path / "o.jsonl")) == 5

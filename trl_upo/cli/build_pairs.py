@@ -281,6 +281,17 @@ def main(argv: list[str], prog: str = "trl-upo build-pairs") -> int:
     except ValueError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        import glob
+        import os
+
+        done = len(glob.glob(os.path.join(output.shard_dir, "shard-*.jsonl")))
+        print(
+            f"\nInterrupted. {done} finished batch(es) are saved in {output.shard_dir}; run the same command again "
+            f"to resume from there.",
+            file=sys.stderr,
+        )
+        return 130
     print(f"Wrote {len(result)} pairs from {len(dataset)} prompts to {output.path} ({output.format}).")
     if output.push_to_hub:
         print(f"Pushed to the Hub dataset {output.push_to_hub}.")
