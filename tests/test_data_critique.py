@@ -209,3 +209,22 @@ def test_interrupted_critique_resumes_to_the_same_dataset(tiny_model_path, full_
     build_critique_pairs(_prompts(4), _full_cfg(tiny_model_path), OutputSettings(str(part), progress=False))
     assert len(rec.calls) == 3  # one batch left: answer, critique, revision
     assert part.read_bytes() == full_run[0].read_bytes()
+
+
+def test_two_revision_rounds_revise_the_revision(tiny_model_path, monkeypatch):
+    rec = Recorder(monkeypatch)
+    cfg = _cfg(tiny_model_path, principles=TWO_PRINCIPLES, num_revisions=2, seed=1)
+    out = build_critique_pairs(_prompts(2), cfg)
+    assert len(rec.calls) == 5  # answers, then critique + revision per round
+    row = out[0]
+    rounds = row["revisions"]
+    assert len(rounds) == 2 and [r["principle"] for r in rounds] == [p.name for p in cfg.principles_for(0)[0]]
+    # Round 2 critiques round 1's revision; the pair's chosen is the last revision, its critique the last critique.
+    principle2 = next(p for p in TWO_PRINCIPLES if p["name"] == rounds[1]["principle"])
+    assert rec.calls[3][0][0] == DEFAULT_CRITIQUE_TEMPLATE.format(
+        prompt=row["prompt"], response=rounds[0]["revision"], critique_request=principle2["critique_request"]
+    )
+    assert row["chosen"].strip() == rounds[1]["revision"] and row["critique"] == rounds[1]["critique"]
+    assert row["principle"] == rounds[1]["principle"]
+    with pytest.raises(ValueError, match="num_revisions must be an integer >= 1"):
+        _cfg(tiny_model_path, num_revisions=0)

@@ -86,6 +86,7 @@ def build_parser(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse
     c.add_argument("--response_column", help="critique these existing answers instead of generating them")
     c.add_argument("--principles", help="JSON list of {name, critique_request, revision_request}")
     c.add_argument("--principle_selection", choices=["random", "all"], default="random")
+    c.add_argument("--num_revisions", type=int, default=1, help="critique-and-revise rounds (each revises the last)")
     c.add_argument("--critique_template", help="placeholders {prompt} {response} {critique_request}")
     c.add_argument("--revision_template",
                    help="placeholders {prompt} {response} {critique} {revision_request} [{critique_request}]")
@@ -246,6 +247,7 @@ def _critique_config(args: argparse.Namespace) -> Any:
         response_column=args.response_column,
         principles=args.principles,
         principle_selection=args.principle_selection,
+        num_revisions=args.num_revisions,
         batch_size=args.batch_size,
         seed=args.seed,
         **kwargs,

@@ -164,6 +164,10 @@ class CritiqueConfig:
         critique_template: placeholders ``{prompt}``, ``{response}``, ``{critique_request}``.
         revision_template: placeholders ``{prompt}``, ``{response}``, ``{critique}``, ``{revision_request}``, and
             optionally ``{critique_request}``.
+        num_revisions: critique-and-revise rounds (>= 1): each round critiques the previous round's revision. With
+            ``principle_selection="random"`` every round draws its own principle; with ``"all"`` each chain keeps
+            its principle. More than one round adds a ``revisions`` column: every round's principle, critique and
+            revision.
         batch_size: prompts per batch (and per shard: an interruption loses at most one batch).
         seed: the run's seed; each batch and stage samples with a seed derived from it.
 
@@ -178,6 +182,7 @@ class CritiqueConfig:
     principle_selection: str = "random"
     critique_template: str = DEFAULT_CRITIQUE_TEMPLATE
     revision_template: str = DEFAULT_REVISION_TEMPLATE
+    num_revisions: int = 1
     batch_size: int = 8
     seed: int = 0
     principle_list: list[Principle] = field(init=False, repr=False)
@@ -192,16 +197,20 @@ class CritiqueConfig:
             self.generation = GenerationSettings(**self.generation)
         if self.generation is None:
             raise ValueError("critique needs a model to critique and revise with: generation={'model': ...} (--model).")
+        if not isinstance(self.num_revisions, int) or isinstance(self.num_revisions, bool) or self.num_revisions < 1:
+            raise ValueError(f"num_revisions must be an integer >= 1, got {self.num_revisions!r}.")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}.")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}.")
 
-    def principles_for(self, row_index: int) -> list[Principle]:
-        """The principle(s) applied to the prompt of row ``row_index`` (a function of the seed and the row only)."""
+    def principles_for(self, row_index: int) -> list[list[Principle]]:
+        """The principle chains applied to the prompt of row ``row_index``: one chain per pair, one principle per
+        round (a function of the seed and the row only)."""
         if self.principle_selection == "all":
-            return list(self.principle_list)
-        return [random.Random(f"{self.seed}:{row_index}").choice(self.principle_list)]
+            return [[p] * self.num_revisions for p in self.principle_list]
+        rng = random.Random(f"{self.seed}:{row_index}")
+        return [[rng.choice(self.principle_list) for _ in range(self.num_revisions)]]
 
 
 def build_critique_pairs(
@@ -239,7 +248,7 @@ def build_critique_pairs(
                 )
     consumed = {config.prompt_column, config.response_column}
     passthrough = [c for c in dataset.column_names if c not in consumed]
-    clash = sorted(set(passthrough) & {"prompt", "chosen", "rejected", "critique", "principle"})
+    clash = sorted(set(passthrough) & {"prompt", "chosen", "rejected", "critique", "principle", "revisions"})
     if clash:
         raise ValueError(
             f"The input dataset has column(s) {clash}, which the output would overwrite. Rename or remove them first "
@@ -262,28 +271,49 @@ def build_critique_pairs(
             answers = [response_text(r[config.response_column]) for r in rows]
         else:
             answers = [t[0] for t in generator.generate(prompts, 1, batch_seed(config.seed, b, "answer"))]
-        jobs = [(i, p) for i in range(len(rows)) for p in config.principles_for(start + i)]
-        fields = [
-            {"prompt": prompt_text(prompts[i]), "response": answers[i].strip(), "critique_request": p.critique_request}
-            for i, p in jobs
-        ]
-        critique_inputs = ask([config.critique_template.format(**f) for f in fields])
-        critiques = [t[0].strip() for t in generator.generate(critique_inputs, 1, batch_seed(config.seed, b, "critique"))]
-        revision_inputs = ask(
-            [
-                config.revision_template.format(**f, critique=c, revision_request=p.revision_request)
-                for f, c, (_, p) in zip(fields, critiques, jobs, strict=True)
+        jobs = [(i, chain) for i in range(len(rows)) for chain in config.principles_for(start + i)]
+        current = [answers[i].strip() for i, _ in jobs]
+        history: list[list[dict[str, str]]] = [[] for _ in jobs]
+        for r in range(config.num_revisions):
+            suffix = "" if r == 0 else str(r)  # round 0 keeps the stage names of a one-round run
+            fields = [
+                {
+                    "prompt": prompt_text(prompts[i]),
+                    "response": current[k],
+                    "critique_request": chain[r].critique_request,
+                }
+                for k, (i, chain) in enumerate(jobs)
             ]
-        )
-        revisions = [t[0] for t in generator.generate(revision_inputs, 1, batch_seed(config.seed, b, "revision"))]
+            critique_inputs = ask([config.critique_template.format(**f) for f in fields])
+            seed = batch_seed(config.seed, b, "critique" + suffix)
+            critiques = [t[0].strip() for t in generator.generate(critique_inputs, 1, seed)]
+            revision_inputs = ask(
+                [
+                    config.revision_template.format(**f, critique=c, revision_request=chain[r].revision_request)
+                    for f, c, (_, chain) in zip(fields, critiques, jobs, strict=True)
+                ]
+            )
+            seed = batch_seed(config.seed, b, "revision" + suffix)
+            revisions = [t[0] for t in generator.generate(revision_inputs, 1, seed)]
+            for k, (critique, revision) in enumerate(zip(critiques, revisions, strict=True)):
+                history[k].append({"principle": jobs[k][1][r].name, "critique": critique, "revision": revision})
+            current = [t.strip() for t in revisions]
         out = []
-        for (i, p), critique, revision in zip(jobs, critiques, revisions, strict=True):
+        for (i, chain), rounds in zip(jobs, history, strict=True):
             original = rows[i][config.response_column] if config.response_column is not None else answers[i]
             if conversational and isinstance(original, str):
                 original = as_completion(original, True)
+            revision = rounds[-1]["revision"]
             chosen = as_completion(revision.strip(), True) if conversational else _like(original, revision)
-            row = {"prompt": prompts[i], "chosen": chosen, "rejected": original, "critique": critique,
-                   "principle": p.name}
+            row = {
+                "prompt": prompts[i],
+                "chosen": chosen,
+                "rejected": original,
+                "critique": rounds[-1]["critique"],
+                "principle": rounds[-1]["principle"],
+            }
+            if config.num_revisions > 1:
+                row["revisions"] = [{**h, "revision": h["revision"].strip()} for h in rounds]
             row.update({c: rows[i][c] for c in passthrough})
             out.append(row)
         unchanged.append(sum(response_text(r["chosen"]).strip() == response_text(r["rejected"]).strip() for r in out))
