@@ -229,8 +229,8 @@ def build_critique_pairs(
         on_batch: called with each batch's index once it is stored.
 
     Returns:
-        A ``Dataset`` with ``prompt``, ``chosen``, ``rejected``, ``critique``, ``principle`` and the other input
-        columns.
+        A ``Dataset`` with ``prompt``, ``chosen``, ``rejected``, ``critique``, ``principle`` (the last round's),
+        ``revisions`` (every round, when ``num_revisions > 1``) and the other input columns.
     """
     conversational = check_prompt_column(dataset, config.prompt_column)
     if config.response_column is not None:
