@@ -38,13 +38,13 @@ def build(out: Path, seed: int = 0, sft_steps: int = 150) -> None:
     """Build the packaged model and data under ``out`` (the same seeds as ``python -m trl_upo.quickstart``)."""
     import torch
 
-    from trl_upo.quickstart import _sft_warmup
+    from trl_upo.quickstart import sft_warmup
     from trl_upo.testing import preference_rows
 
     torch.manual_seed(seed)
     model_dir = out / "tiny-llama"
     with tempfile.TemporaryDirectory() as tmp:
-        sft = _sft_warmup(tmp, seed, sft_steps)
+        sft = sft_warmup(tmp, seed, sft_steps)
         if model_dir.exists():
             shutil.rmtree(model_dir)
         model_dir.mkdir(parents=True)

@@ -89,10 +89,27 @@ def test_dpo_vs_upo_comparison_default_run(tmp_path, capsys):
 @pytest.mark.slow
 def test_wheel_ships_the_package_data(tmp_path):
     """A non-editable install gets the embedded default: `pip wheel . --no-deps` contains every packaged asset."""
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
+    src = tmp_path / "src"  # a copy: building in place would leave build/ in the repository
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "trl_upo", src / "trl_upo", ignore=shutil.ignore_patterns("__pycache__"))
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
                            "-w", str(tmp_path), "-q"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = tmp_path.glob("trl_upo-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     missing = [rel for rel in PACKAGED if f"trl_upo/resources/{rel}" not in names]
     assert not missing, missing
+
+
+@pytest.mark.slow
+def test_build_script_reproduces_the_packaged_assets(tmp_path):
+    """scripts/build_quickstart_assets.py is deterministic: a rebuild gives the shipped files byte for byte (checked
+    here with torch 2.13 on CPU; a different torch version may change the weights' last bits)."""
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_quickstart_assets.py"), "--out", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rel in PACKAGED[1:]:
+        assert (tmp_path / rel).read_bytes() == (RESOURCES / rel).read_bytes(), rel

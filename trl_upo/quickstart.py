@@ -1,6 +1,10 @@
-"""CPU quickstart: what UPO does, in about a minute, on any machine, offline.
+"""UPO next to DPO on CPU, in about a minute, on any machine, offline.
 
     python -m trl_upo.quickstart [--output-dir outputs/quickstart] [--steps 150] [--seed 0]
+
+(The main quickstart is ``trl-upo train`` with no arguments: UPO alone, on the model and data packaged under
+``trl_upo/resources/``, which ``scripts/build_quickstart_assets.py`` builds with :func:`sft_warmup`. This module
+trains DPO and UPO from the same fresh start and compares them.)
 
 1. Builds a tiny Llama and a word-level tokenizer locally and warms it up with TRL's SFTTrainer on a synthetic task:
    a prompt names a topic; answers are on-topic or off-topic, and half of them contain the word "very".
@@ -29,7 +33,15 @@ CPU_RUN = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, report_to
 NOVERY_HEAD = {"name": "novery", "type": "function", "params": {"function": "trl_upo.testing:avoid_word_reward"}}
 
 
-def _sft_warmup(out_dir: str, seed: int, steps: int) -> str:
+def sft_warmup(out_dir: str, seed: int, steps: int) -> str:
+    """Build a tiny Llama (hidden size 64) and warm it up with TRL's SFTTrainer on both answers of 400 synthetic
+    pairs; save it with its tokenizer to ``<out_dir>/sft`` and return that path.
+
+    Args:
+        out_dir: Directory for the SFT run and the saved model.
+        seed: Seed of the initialisation, the data and the trainer.
+        steps: SFT steps (batch 32).
+    """
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -147,7 +159,7 @@ def run(output_dir: str = "outputs/quickstart", steps: int = 150, sft_steps: int
     t0 = time.time()
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     os.makedirs(output_dir, exist_ok=True)
-    base = _sft_warmup(output_dir, seed, sft_steps)
+    base = sft_warmup(output_dir, seed, sft_steps)
     dpo = _preference_run(base, output_dir, "dpo", [], seed, steps, alpha)
     upo = _preference_run(base, output_dir, "upo", [NOVERY_HEAD], seed, steps, alpha)
     results = {
@@ -162,6 +174,7 @@ def run(output_dir: str = "outputs/quickstart", steps: int = 150, sft_steps: int
 
 
 def format_table(results: dict) -> str:
+    """The comparison table of :func:`run`'s results."""
     lines = [
         f"{'policy':<20} {'very rate (lower=better)':>25} {'on-topic rate':>14} {'pref. accuracy':>15}",
     ]
@@ -175,6 +188,7 @@ def format_table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point of ``python -m trl_upo.quickstart``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="outputs/quickstart")
     parser.add_argument("--steps", type=int, default=150, help="preference-optimisation steps per run")
