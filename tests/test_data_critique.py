@@ -228,3 +228,22 @@ def test_two_revision_rounds_revise_the_revision(tiny_model_path, monkeypatch):
     assert row["principle"] == rounds[1]["principle"]
     with pytest.raises(ValueError, match="num_revisions must be an integer >= 1"):
         _cfg(tiny_model_path, num_revisions=0)
+
+
+def test_stop_strings_cut_responses(tiny_model_path):
+    """A base model prompted with the Human/Assistant templates would write the next turn: `stop` cuts it off."""
+    from trl_upo.data import make_generator
+
+    settings = GenerationSettings(model=tiny_model_path, max_new_tokens=12)
+    full = make_generator(settings).generate(["tell me about cats answer"] * 3, 2, seed=0)
+    words = [t.split()[1] for ts in full for t in ts if len(t.split()) > 2]
+    stop = " " + words[0]  # a word the model does write: cut before its first occurrence
+    cut = make_generator(GenerationSettings(model=tiny_model_path, max_new_tokens=12, stop=[stop])).generate(
+        ["tell me about cats answer"] * 3, 2, seed=0
+    )
+    for ts_full, ts_cut in zip(full, cut, strict=True):
+        for a, b in zip(ts_full, ts_cut, strict=True):
+            assert b == (a[: a.find(stop)] if stop in a else a)
+    assert any(stop in a for ts in full for a in ts) and not any(stop in b for ts in cut for b in ts)
+    with pytest.raises(ValueError, match="stop must be a list of non-empty strings"):
+        GenerationSettings(model=tiny_model_path, stop=[""])

@@ -18,7 +18,9 @@ import sys
 from typing import Any
 
 METHODS = ("rank", "critique")
-_GENERATION_KEYS = ("backend", "max_new_tokens", "do_sample", "temperature", "top_p", "dtype", "device", "model_revision")
+_GENERATION_KEYS = (
+    "backend", "max_new_tokens", "do_sample", "temperature", "top_p", "dtype", "device", "model_revision", "stop"
+)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -54,6 +56,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     gen.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], help="model dtype")
     gen.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: a GPU if there is one)")
     gen.add_argument("--model_revision", help="Hub revision of --model")
+    gen.add_argument("--stop", nargs="+", metavar="TEXT", help="strings that end a response (cut before them)")
 
 
 def build_parser(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:

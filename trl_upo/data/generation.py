@@ -32,6 +32,8 @@ class GenerationSettings:
             the model's dtype (vLLM).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; None: the first GPU when there is one, else the CPU.
         revision: the Hub revision (branch, tag or commit) of the model.
+        stop: strings that end a response: the text is cut before the first one (e.g. ``["\n\nHuman:"]`` for a base
+            model prompted with the default critique templates, which would otherwise write the next turn).
     """
 
     model: str
@@ -43,6 +45,7 @@ class GenerationSettings:
     dtype: str | None = None
     device: str | None = None
     revision: str | None = None
+    stop: list[str] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -74,6 +77,12 @@ class GenerationSettings:
                              f"to false.")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}.")
+        if self.stop is not None:
+            if isinstance(self.stop, str):
+                self.stop = [self.stop]
+            if not all(isinstance(x, str) and x for x in self.stop):
+                raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}.")
+            self.stop = list(self.stop)
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)} or null, got {self.dtype!r}.")
 
@@ -145,6 +154,14 @@ class Generator:
     def release(self) -> None:
         """Free the model."""
 
+    def cut(self, text: str) -> str:
+        """``text`` up to the first stop string (the whole text when there is none)."""
+        for stop in self.settings.stop or ():
+            at = text.find(stop)
+            if at >= 0:
+                text = text[:at]
+        return text
+
 
 class TransformersGenerator(Generator):
     """Batched ``AutoModelForCausalLM.generate`` with left padding."""
@@ -209,7 +226,7 @@ class TransformersGenerator(Generator):
             row = []
             for j in range(n):
                 new_ids = out[i * n + j, width:].tolist()
-                row.append(self._decode(prompt_ids, new_ids, conversational[i]))
+                row.append(self.cut(self._decode(prompt_ids, new_ids, conversational[i])))
             results.append(row)
         return results
 
@@ -260,13 +277,14 @@ class VLLMGenerator(Generator):
             temperature=float(self.settings.temperature) if self.settings.do_sample else 0.0,
             top_p=float(self.settings.top_p) if self.settings.do_sample else 1.0,
             seed=seed,
+            stop=self.settings.stop,
         )
         texts = [self.render(p) for p in prompts]
         outputs = self.llm.generate(texts, params, use_tqdm=False)
         results = []
         for prompt, request in zip(prompts, outputs, strict=True):
             conv = is_conversational(prompt)
-            results.append([o.text.strip() if conv else o.text for o in request.outputs])
+            results.append([self.cut(o.text).strip() if conv else self.cut(o.text) for o in request.outputs])
         return results
 
     def release(self) -> None:  # noqa: D102
