@@ -224,7 +224,14 @@ def _split_remaining(
 
 def resolve_accelerate_config(name: str) -> str:
     """Path of an accelerate config given as a file, or as the name of one in ``recipes/accelerate/`` (of the
-    current directory or of the source tree this package runs from) or in TRL's ``accelerate_configs``."""
+    current directory or of the source tree this package runs from) or in TRL's ``accelerate_configs``.
+
+    Args:
+        name: A file path, or a config name with or without ``.yaml``.
+
+    Raises:
+        _UsageError: neither a file nor a known name (the message lists the known names).
+    """
     import importlib.resources as resources
 
     if Path(name).is_file():
@@ -261,6 +268,14 @@ def build_launch_args(options: list[tuple[str, Any]], use_cpu: bool) -> list[str
     On CPU (``use_cpu: true``, or no CUDA device), several processes need the multi-GPU launcher (torchrun), with
     the training processes on CPU: ``accelerate launch --cpu --num_processes 2`` starts ONE process. So with
     ``num_processes > 1`` and no distributed mode given, ``--multi_gpu`` is added and ``--cpu`` dropped.
+
+    Args:
+        options: ``(key, value)`` launch options in order (recipe first, then flags); boolean options take a
+            boolean or a ``"true"``/``"false"`` string.
+        use_cpu: The run's ``use_cpu`` setting.
+
+    Returns:
+        The arguments of ``accelerate launch`` before the training module.
     """
     import torch
 
@@ -445,7 +460,14 @@ def _strip_launch_args(argv: list[str], launch_options: list[tuple[str, Any]]) -
 
 def relaunch(argv: list[str], launch_options: list[tuple[str, Any]], use_cpu: bool, prog: str | None = None) -> int:
     """Start this same entry point under ``accelerate launch`` with the recipe's launch options; return its exit
-    code. The launched processes see ``TRL_UPO_LAUNCHED=1`` and train."""
+    code. The launched processes see ``TRL_UPO_LAUNCHED=1`` and train.
+
+    Args:
+        argv: This command's arguments; the launch options are removed from them, the rest is passed on.
+        launch_options: The launch options found by :func:`parse`.
+        use_cpu: The run's ``use_cpu`` setting (see :func:`build_launch_args`).
+        prog: Program name for the printed command.
+    """
     launch_args = build_launch_args(launch_options, use_cpu)
     script_args = _strip_launch_args(argv, launch_options)
     from accelerate.commands.launch import launch_command_parser
@@ -465,7 +487,15 @@ def relaunch(argv: list[str], launch_options: list[tuple[str, Any]], use_cpu: bo
 
 def load_datasets(script_args, dataset_args):
     """The ``DatasetDict`` of a recipe: a mixture (``datasets:``) or ``dataset_name`` (a hub name, a local
-    directory or file, or ``upo://...``), as ``trl dpo`` loads them."""
+    directory or file, or ``upo://...``), as ``trl dpo`` loads them.
+
+    Args:
+        script_args: The parsed :class:`UPOScriptArguments`.
+        dataset_args: The parsed ``trl.DatasetMixtureConfig``.
+
+    Raises:
+        _UsageError: no dataset given, or a file of an unknown type.
+    """
     from datasets import DatasetDict, load_dataset
     from trl import get_dataset
 
@@ -508,7 +538,14 @@ def quiet_progress(training_args) -> None:
 
 def train(script_args, training_args, model_args, dataset_args):
     """Train with the parsed recipe, save the model (and ``upo_state.json``) to ``output_dir``; return the
-    trainer."""
+    trainer.
+
+    Args:
+        script_args: The parsed :class:`UPOScriptArguments`.
+        training_args: The parsed :class:`~trl_upo.UPOConfig`.
+        model_args: The parsed ``trl.ModelConfig`` (model, LoRA and 4-bit options).
+        dataset_args: The parsed ``trl.DatasetMixtureConfig``.
+    """
     from trl import get_peft_config, get_quantization_config
 
     from trl_upo import UPOTrainer
