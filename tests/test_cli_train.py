@@ -310,3 +310,12 @@ def test_launch_options_relaunch_through_accelerate(tmp_path, recipe, capsys, mo
     assert launch[launch.index("--main_process_port") + 1] == "29611"
     assert "launching: accelerate launch" in out
     assert not (tmp_path / "out").exists()  # nothing trained in this process
+
+
+def test_report_with_sharded_parameters_is_refused_before_loading(tmp_path, recipe, capsys, monkeypatch):
+    monkeypatch.setenv("TRL_UPO_LAUNCHED", "1")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    recipe["report_before_after"] = True
+    code, _, err = run_main(["--config", write_recipe(tmp_path / "r.yaml", **recipe)], capsys)
+    assert code == 2 and "report_before_after generates on the main process only" in err
+    assert not (tmp_path / "out").exists()

@@ -526,6 +526,16 @@ def _split(ds, name: str, what: str):
     return ds[name]
 
 
+def _sharded_parameters(training_args) -> bool:
+    """Whether the run shards parameters across processes (FSDP, or DeepSpeed ZeRO-3 as far as it is visible)."""
+    env = os.environ
+    return bool(
+        getattr(training_args, "fsdp", None)
+        or env.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        or (env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
+    )
+
+
 def quiet_progress(training_args) -> None:
     """With ``disable_tqdm``, also silence the progress bars of datasets and of weight loading."""
     if training_args.disable_tqdm:
@@ -551,6 +561,11 @@ def train(script_args, training_args, model_args, dataset_args):
     from trl_upo import UPOTrainer
 
     quiet_progress(training_args)
+    if script_args.report_before_after and _sharded_parameters(training_args):
+        raise _UsageError(
+            "report_before_after generates on the main process only, which sharded parameters (FSDP, DeepSpeed "
+            "ZeRO-3) do not allow. Set report_before_after: false and evaluate the saved model with `trl-upo eval`."
+        )
     if script_args.torch_num_threads:
         import torch
 
