@@ -319,3 +319,10 @@ def test_report_with_sharded_parameters_is_refused_before_loading(tmp_path, reci
     code, _, err = run_main(["--config", write_recipe(tmp_path / "r.yaml", **recipe)], capsys)
     assert code == 2 and "report_before_after generates on the main process only" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_config_key_inside_a_recipe_is_an_error(tmp_path, recipe, capsys):
+    """`config` is the command line's recipe path, not a recipe key (TrlParser would drop it silently)."""
+    recipe["config"] = "other.yaml"
+    code, _, err = run_main(["--config", write_recipe(tmp_path / "r.yaml", **recipe)], capsys)
+    assert code == 2 and "unknown key `config`" in err

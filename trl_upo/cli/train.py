@@ -181,7 +181,7 @@ def launch_keys() -> dict[str, bool]:
 
 
 def _dataclass_keys(parser) -> list[str]:
-    return sorted({a.dest for a in parser._actions if a.option_strings and a.dest != "help"} | {"config", "env"})
+    return sorted({a.dest for a in parser._actions if a.option_strings and a.dest != "help"} | {"env"})
 
 
 def _split_remaining(
