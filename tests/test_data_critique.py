@@ -22,6 +22,18 @@ from trl_upo.testing import TOPICS
 
 from tests.helpers import cpu_args
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models on shared, busy cores: one intra-op thread is far faster than two spinning ones (measured here:
+    0.007 s instead of 0.8 s per batched generate call). Restored after this module."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TWO_PRINCIPLES = [
     {"name": "short", "critique_request": "say what is long", "revision_request": "rewrite it short"},
     {"name": "kind", "critique_request": "say what is unkind", "revision_request": "rewrite it kind"},

@@ -29,6 +29,18 @@ NOVERY = {"name": "novery", "type": "lexicon", "params": {"avoid": ["very"]}}
 SHORT = {"name": "short", "type": "length", "weight": 0.5}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models on shared, busy cores: one intra-op thread is far faster than two spinning ones (measured here:
+    0.007 s instead of 0.8 s per batched generate call). Restored after this module."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _prompts(n: int, conversational: bool = False) -> Dataset:
     topics = list(TOPICS)
     rows = []
