@@ -170,11 +170,12 @@ def test_killed_process_resumes_to_the_same_file(tiny_model_path, tmp_path):
 
     def cmd(out):
         return [sys.executable, "-m", "trl_upo.cli", "build-pairs", "rank", "--dataset", prompts, "--model",
-                tiny_model_path, "--num_candidates", "3", "--max_new_tokens", "8", "--reward_heads",
+                tiny_model_path, "--num_candidates", "3", "--max_new_tokens", "24", "--reward_heads",
                 '[{"name": "length"}, {"name": "novery", "type": "lexicon", "params": {"avoid": ["very"]}}]',
                 "--batch_size", "2", "--seed", "7", "--keep_candidates", "--output", str(out), "--no-progress"]
 
-    env = os.environ | {"TQDM_DISABLE": "1"}
+    # One thread: a batch takes about as long on idle and on busy cores, so the kill lands mid-run either way.
+    env = os.environ | {"TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     full = tmp_path / "full.jsonl"
     subprocess.run(cmd(full), check=True, env=env, capture_output=True)
     part = tmp_path / "part.jsonl"
@@ -182,7 +183,7 @@ def test_killed_process_resumes_to_the_same_file(tiny_model_path, tmp_path):
     proc = subprocess.Popen(cmd(part), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(shards.glob("shard-*.jsonl"))) < 3:
-        time.sleep(0.05)
+        time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done = len(list(shards.glob("shard-*.jsonl")))
