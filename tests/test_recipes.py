@@ -620,3 +620,66 @@ def test_fsdp2_shards_the_recipes_4bit_weights_without_changing_forward_or_grads
     assert r["max_abs_logit_diff"] == 0.0, r
     assert r["lora_grads_present"] == r["lora_grads"] > 0 and r["max_abs_lora_grad_diff"] == 0.0, r
     assert "bfloat16" in r["mixed_precision_policy"]
+
+
+@pytest.mark.slow
+def test_zero3_recipe_trains_under_deepspeed_on_cpu_exactly_like_without_it(tmp_path, standins):
+    """The ZeRO-3 full fine-tuning recipe, relaunched by `trl-upo train` through `accelerate launch` with its own
+    accelerate config (DeepSpeed ZeRO-3, one CPU process: DeepSpeed's CPU accelerator), trains two steps with its
+    `readability` and toxicity `classifier` heads, and logs the same losses, log-probabilities and UPO terms as the
+    same run without DeepSpeed. (Two CPU processes under DeepSpeed fail HF's batch-size check on this machine.)"""
+    pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
+    path = ROOT / "recipes" / "zero3_full_qwen2.5-7b.yaml"
+    base, cache = standins
+    data, _ = cpu_recipe(load_recipe(path), base, cache)
+    data.update(eval_strategy="no", save_strategy="steps", save_steps=2, upo_score_cache_dir=str(tmp_path / "cache"))
+    runs = {}
+    for name, extra in {
+        "deepspeed": dict(use_cpu=False, accelerate_config=str(ROOT / load_recipe(path)["accelerate_config"]),
+                          num_processes=1, mixed_precision="no", main_process_port=29523),
+        "plain": {},
+    }.items():
+        out = tmp_path / name
+        recipe = write_recipe({**data, **extra, "output_dir": str(out)}, tmp_path / f"{name}.yaml")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "TRL_UPO_LAUNCHED"))}
+        proc = subprocess.run([sys.executable, "-m", "trl_upo.cli", "train", "--config", str(recipe)], cwd=tmp_path,
+                              env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        with open(out / "checkpoint-2" / "trainer_state.json") as f:
+            runs[name] = [h for h in json.load(f)["log_history"] if "loss" in h]
+        saved_args = torch.load(out / "training_args.bin", weights_only=False)
+        if name == "deepspeed":
+            assert "launching: accelerate launch" in proc.stdout
+            assert saved_args.deepspeed_plugin is not None and saved_args.deepspeed_plugin.zero_stage == 3
+        else:
+            assert saved_args.deepspeed_plugin is None
+    keys = ["loss", "logps/chosen", "logps/rejected", "upo/aux_loss", "upo/nontoxic/chosen", "upo/readability/chosen"]
+    assert len(runs["deepspeed"]) == len(runs["plain"]) == 2
+    for ds_log, plain_log in zip(runs["deepspeed"], runs["plain"]):
+        for key in keys:
+            assert ds_log[key] == pytest.approx(plain_log[key], rel=1e-4, abs=1e-6), (key, ds_log, plain_log)
+
+
+def test_model_heads_load_whole_models_while_zero3_is_configured(tiny_classifier_path):
+    """Under ZeRO-3 the trainer registers its DeepSpeed config with transformers, which then partitions every model
+    `from_pretrained` builds; a classifier head scores with plain forwards outside the DeepSpeed engine, so it must
+    load its model whole (it failed with "'weight' must be 2-D" before), and leave the registration in place."""
+    pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+
+    from trl_upo.heads import ClassifierHead
+
+    keep = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    try:
+        assert is_deepspeed_zero3_enabled()
+        head = ClassifierHead(model=tiny_classifier_path, labels="positive", device="cpu")
+        scores = head.score(["q", "q"], ["cats purr", "dogs bark"], role="chosen", columns={})
+        assert len(scores) == 2 and all(0.0 < x < 1.0 for x in scores)
+        model, _ = head.load()
+        assert all(p.dim() == 2 for n, p in model.named_parameters() if n.endswith("proj.weight"))
+        assert is_deepspeed_zero3_enabled(), "the trainer's ZeRO-3 registration must survive the head's loading"
+    finally:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        del keep

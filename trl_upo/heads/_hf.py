@@ -4,6 +4,7 @@ fingerprint that follows the model files."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Sequence
@@ -46,6 +47,26 @@ def check_model_path(model: str, kind: str) -> None:
             f"save_pretrained, or a Hugging Face Hub model id."
         )
 
+
+
+@contextlib.contextmanager
+def _whole_model_under_zero3():
+    """Load a head's model whole while DeepSpeed ZeRO-3 is configured. transformers partitions every model that
+    ``from_pretrained`` builds while a ZeRO-3 config is registered (the trainer registers it), but a head scores with
+    plain forward passes on each rank, outside the DeepSpeed engine: partitioned weights fail ("'weight' must be
+    2-D"). transformers has a public ``unset_hf_deepspeed_config`` but no public getter of the registered config,
+    hence the private weak reference, restored afterwards."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    if ref is None or not hf_deepspeed.is_deepspeed_zero3_enabled():
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = ref
 
 class LazyModelMixin:
     """Shared by the model-backed heads: what they load is freed by :meth:`release`, left out of pickles (loaded
@@ -128,7 +149,8 @@ class HFSequenceClassifierHead(LazyModelMixin, RewardHead):
                     kwargs["dtype"] = getattr(torch, self.dtype)
                 elif self.dtype == "auto":
                     kwargs["dtype"] = "auto"
-                model = AutoModelForSequenceClassification.from_pretrained(self.model_name, **kwargs)
+                with _whole_model_under_zero3():
+                    model = AutoModelForSequenceClassification.from_pretrained(self.model_name, **kwargs)
             except (OSError, ValueError) as e:
                 raise ValueError(
                     f"{self._kind} head: cannot load {self.model_name!r} as a sequence-classification model and "
