@@ -71,7 +71,7 @@ def test_no_argument_quickstart_moves_the_designer_metric(tmp_path):
 @pytest.mark.slow
 def test_dpo_vs_upo_comparison_default_run(tmp_path, capsys):
     """`python -m trl_upo.quickstart`: SFT warm-up, then DPO and UPO from the same start. Measured on this machine
-    (seed 0, about 12 s on 2 quiet cores): very rate SFT 0.461, DPO 0.375, UPO 0.066; on-topic rate DPO 0.941, UPO
+    (seed 0, about 12 s on 2 quiet cores, 28 s on busy ones): very rate SFT 0.461, DPO 0.375, UPO 0.066; on-topic rate DPO 0.941, UPO
     0.992; preference accuracy 1.000 for both."""
     quickstart.main(["--output-dir", str(tmp_path)])
     out = capsys.readouterr().out
