@@ -7,14 +7,13 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from tests.test_cli_train import CPU, write_data, write_recipe
 
-METRICS = ["loss", "upo/aux_loss", "upo/weight/max", "upo/advantage/max", "upo/novery/chosen", "upo/length/rejected_norm",
-           "rewards/margins", "logps/chosen"]
+METRICS = ["loss", "upo/aux_loss", "upo/weight/max", "upo/advantage/max", "upo/novery/chosen",
+           "upo/length/rejected_norm", "rewards/margins", "logps/chosen"]
 
 
 def _train(args, cwd):

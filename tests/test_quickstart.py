@@ -71,8 +71,8 @@ def test_no_argument_quickstart_moves_the_designer_metric(tmp_path):
 @pytest.mark.slow
 def test_dpo_vs_upo_comparison_default_run(tmp_path, capsys):
     """`python -m trl_upo.quickstart`: SFT warm-up, then DPO and UPO from the same start. Measured on this machine
-    (seed 0, about 12 s on 2 quiet cores, 28 s on busy ones): very rate SFT 0.461, DPO 0.375, UPO 0.066; on-topic rate DPO 0.941, UPO
-    0.992; preference accuracy 1.000 for both."""
+    (seed 0, about 12 s on 2 quiet cores, 28 s on busy ones): very rate SFT 0.461, DPO 0.375, UPO 0.066; on-topic
+    rate DPO 0.941, UPO 0.992; preference accuracy 1.000 for both."""
     quickstart.main(["--output-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "very rate" in out and "UPO (novery head)" in out
@@ -108,8 +108,9 @@ def test_build_script_reproduces_the_packaged_assets(tmp_path):
     """scripts/build_quickstart_assets.py is deterministic: a rebuild gives the shipped files byte for byte (checked
     here with torch 2.13 on CPU; a different torch version may change the weights' last bits)."""
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_quickstart_assets.py"), "--out", str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=600)
+    script = ROOT / "scripts" / "build_quickstart_assets.py"
+    proc = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rel in PACKAGED[1:]:
         assert (tmp_path / rel).read_bytes() == (RESOURCES / rel).read_bytes(), rel

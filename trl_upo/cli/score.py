@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None, prog: str | None = "trl-upo score") -> i
         # Mixed precision only concerns training; without this, a GPU recipe (bf16: true) fails to parse on a CPU.
         rest = [*rest, "--bf16", "false"]
     try:
-        script_args, training_args, model_args, dataset_args, launch = cli_train.parse(rest, prog, extra_keys=("output",))
+        parsed = cli_train.parse(rest, prog, extra_keys=("output",))
+        script_args, training_args, model_args, dataset_args, launch = parsed
         specs = training_args.head_specs
         if not specs:
             raise cli_train._UsageError("no reward heads: give `reward_heads` in the recipe or as a JSON flag.")

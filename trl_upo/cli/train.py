@@ -350,7 +350,9 @@ def _check_keys(argv: list[str], parser, extra_keys: tuple[str, ...] = ()) -> No
         except yaml.YAMLError as e:
             raise _UsageError(f"the recipe {path!r} is not valid YAML: {e}") from None
         if not isinstance(config, dict):
-            raise _UsageError(f"the recipe {path!r} must be a YAML mapping of `key: value`, got {type(config).__name__}.")
+            raise _UsageError(
+                f"the recipe {path!r} must be a YAML mapping of `key: value`, got {type(config).__name__}."
+            )
         if "env" in config and not isinstance(config["env"], dict):
             raise _UsageError(f"`env` in {path!r} must be a mapping of environment variables to values.")
         for key in config:
@@ -450,7 +452,8 @@ def _strip_launch_args(argv: list[str], launch_options: list[tuple[str, Any]]) -
         key = tok[2:].partition("=")[0].replace("-", "_") if tok.startswith("--") else None
         if key in keys:
             has_next = i + 1 < len(argv) and not argv[i + 1].startswith("--")
-            consumes = "=" not in tok and has_next and (takes_value.get(key, True) or argv[i + 1].lower() in ("true", "false"))
+            boolean_value = has_next and argv[i + 1].lower() in ("true", "false")
+            consumes = "=" not in tok and has_next and (takes_value.get(key, True) or boolean_value)
             i += 2 if consumes else 1
             continue
         out.append(tok)
@@ -504,7 +507,9 @@ def load_datasets(script_args, dataset_args):
             print("Both `datasets` and `dataset_name` are given: the `datasets` mixture is used.", file=sys.stderr)
         return get_dataset(dataset_args)
     if not script_args.dataset_name:
-        raise _UsageError("no dataset: give `dataset_name` (hub name, local path or upo://...) or a `datasets:` mixture.")
+        raise _UsageError(
+            "no dataset: give `dataset_name` (hub name, local path or upo://...) or a `datasets:` mixture."
+        )
     name = script_args.dataset_name
     path = Path(name)
     if path.is_file():
@@ -532,7 +537,10 @@ def _sharded_parameters(training_args) -> bool:
     return bool(
         getattr(training_args, "fsdp", None)
         or env.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-        or (env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
+        or (
+            env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+            and env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+        )
     )
 
 
@@ -679,7 +687,8 @@ def format_report(before: dict, after: dict) -> str:
     ]
     for name, r in (("before", before), ("after", after)):
         values = [r["designer"][h]["mean"] for h in heads]
-        values += [r["preference"].get("accuracy", float("nan")), r["preference"].get("policy_logp_accuracy", float("nan"))]
+        pref = r["preference"]
+        values += [pref.get("accuracy", float("nan")), pref.get("policy_logp_accuracy", float("nan"))]
         lines.append(f"{name:<8}" + "".join(f"{v:>{width + 2}.3f}" for v in values))
     for name, r in (("before", before), ("after", after)):
         if r.get("samples"):
