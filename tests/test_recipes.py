@@ -683,3 +683,46 @@ def test_model_heads_load_whole_models_while_zero3_is_configured(tiny_classifier
 
         unset_hf_deepspeed_config()
         del keep
+
+
+_FAKE_SRUN_PARALLEL = """#!/bin/bash
+# test double: start the task on every "node" at once (here: processes of this machine), as srun does
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NNODES; i++)); do SLURM_NODEID=$i SLURMD_NODENAME=node-$i "$@" & pids+=($!); done
+rc=0; for p in "${pids[@]}"; do wait "$p" || rc=$?; done; exit $rc
+"""
+
+
+@pytest.mark.slow
+def test_slurm_script_trains_on_two_simulated_nodes(tmp_path, standins):
+    """The sbatch script with the real `accelerate launch` on two "nodes" of this machine (srun and scontrol test
+    doubles; one process per node, gloo on CPU, DDP config): both launchers rendezvous at the first host with their
+    machine ranks, and the DDP recipe trains two steps across them."""
+    path = ROOT / "recipes" / "ddp_lora_llama3.1-8b.yaml"
+    base, cache = standins
+    data, _ = cpu_recipe(load_recipe(path), base, cache)
+    data.update(output_dir=str(tmp_path / "out"), upo_score_cache_dir=str(tmp_path / "cache"),
+                save_strategy="steps", save_steps=2)
+    recipe = write_recipe(data, tmp_path / "cpu.yaml")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = '#!/bin/bash\n[ "$1 $2" = "show hostnames" ] || exit 1\necho 127.0.0.1\necho 127.0.0.1\n'
+    for name, text in (("srun", _FAKE_SRUN_PARALLEL), ("scontrol", scontrol)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "TRL_UPO_LAUNCHED"))}
+    env.update(PATH=f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}", SLURM_NNODES="2",
+               SLURM_JOB_NODELIST="localhost-[0-1]", GPUS_PER_NODE="1", MAIN_PROCESS_PORT="29541",
+               ACCELERATE_CONFIG=str(ROOT / "recipes" / "accelerate" / "multi_gpu.yaml"), OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", str(sbatch_scripts()[0]), str(recipe)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "nodes=2 gpus/node=1 world=2 main=127.0.0.1:29541" in proc.stdout
+    # each node's local main process reports the save; only the global main process lists the files it wrote
+    saves = [line for line in proc.stdout.splitlines() if line.startswith("Model saved to")]
+    assert len(saves) == 2 and sum(line.endswith("().") for line in saves) == 1, saves
+    with open(tmp_path / "out" / "checkpoint-2" / "trainer_state.json") as f:
+        state = json.load(f)
+    assert state["global_step"] == 2
+    assert all(math.isfinite(h["loss"]) for h in state["log_history"] if "loss" in h)
