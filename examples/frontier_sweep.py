@@ -135,6 +135,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "margin-a1": {"upo_combine": "margin", "upo_alpha": 1.0},
     "margin-a3": {"upo_combine": "margin", "upo_alpha": 3.0},
     "upo-a0.25": {"upo_alpha": 0.25},
+    "upo-a0.5": {"upo_alpha": 0.5},
     "upo-a1": {"upo_alpha": 1.0},  # every other option at its default: tau 0.25, batch, chosen, mean
     "upo-a4": {"upo_alpha": 4.0},
     "upo-a1-tau1": {"upo_alpha": 1.0, "upo_temperature": 1.0},
@@ -323,7 +324,7 @@ def plot_frontier(summary: dict, heads: list[dict], out_dir: str, title: str) ->
     paths = []
     for head in heads:
         name = head["name"]
-        fig, ax = plt.subplots(figsize=(5.2, 3.8), dpi=80)
+        fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=80)
         for config, m in summary.items():
             if config == "start":  # its accuracy is 0.5 by construction (it is its own reference)
                 continue
