@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import shlex
 from pathlib import Path
@@ -65,7 +66,18 @@ def test_yaml_blocks(code, mode, tmp_path):
     data = yaml.safe_load(code)
     assert isinstance(data, dict)
     if "reward_heads" in data:
-        cfg = _cpu_upo_config(tmp_path, data)
+        # Through `trl-upo train`'s strict parser, so a block may be a whole recipe (model, dataset, LoRA keys).
+        from trl_upo.cli.train import parse
+
+        recipe = tmp_path / "block.yaml"
+        recipe.write_text(code)
+        env = dict(os.environ)
+        try:
+            _, cfg, *_ = parse(["--config", str(recipe), "--output_dir", str(tmp_path), "--use_cpu", "true",
+                                "--bf16", "false"])
+        finally:  # a recipe's env: block is exported by the parser; keep the test process clean
+            os.environ.clear()
+            os.environ.update(env)
         assert len(cfg.head_specs) == len(data["reward_heads"])
 
 
