@@ -169,6 +169,22 @@ def test_evaluate_policy_result_shape(policy_path, tiny_model_path):
     assert len(res["samples"]) == 2 and len(res["responses"]) == 4
 
 
+def test_model_mode_is_restored(tiny_model_path, tokenizer):
+    """A model in training mode is evaluated in eval mode (no dropout) and handed back in training mode."""
+    model = load_model(tiny_model_path)
+    model.config.attention_dropout = 0.5  # dropout would make the numbers differ if eval mode were not set
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    rows = preference_rows(4, seed=9)
+    expected = preference_metrics(model, tokenizer, rows, ref_model=tiny_model_path)
+    model.train()
+    got = preference_metrics(model, tokenizer, rows, ref_model=tiny_model_path)
+    assert model.training
+    assert got["margin_mean"] == pytest.approx(expected["margin_mean"], abs=1e-9)
+    generate_responses(model, tokenizer, ["a"], max_new_tokens=2)
+    assert model.training
+
+
 def test_bad_input(policy, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         load_model(str(tmp_path / "nowhere"))

@@ -19,8 +19,8 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -50,13 +50,13 @@ def load_model(model: Any, *, dtype: str | torch.dtype | None = None, device: st
         device: where to put a model loaded from a path (default: CUDA when available, else CPU).
 
     Returns:
-        The model, in eval mode.
+        The model; one loaded from a path is in eval mode, a loaded model is returned as it is.
 
     Raises:
         ValueError: a local path that does not exist, or a directory that holds neither a model nor an adapter.
     """
     if not isinstance(model, str):
-        return model.eval() if hasattr(model, "eval") else model
+        return model  # the caller's model keeps its mode; the functions below evaluate in eval mode and restore it
     from transformers import AutoModelForCausalLM
 
     path = os.path.expanduser(model)
@@ -136,6 +136,25 @@ def load_tokenizer(model: Any, tokenizer: Any = None) -> Any:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise ValueError(f"Could not load a tokenizer from {source!r} ({e}); pass tokenizer=... explicitly.") from e
+
+
+@contextmanager
+def eval_mode(model: Any) -> Iterator[Any]:
+    """Put ``model`` in eval mode (no dropout) for the block, then restore its training mode.
+
+    Args:
+        model: a ``torch.nn.Module``.
+
+    Yields:
+        The model.
+    """
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        yield model
+    finally:
+        if was_training:
+            model.train()
 
 
 def _device(model: Any) -> torch.device:
@@ -272,10 +291,8 @@ def generate_responses(
     encoded = [_ids(tokenizer, p, generation_prompt=True) for p in prompts]
     sampling = dict(temperature=temperature, top_p=top_p) if do_sample else {}
     torch.manual_seed(seed)
-    was_training = getattr(model, "training", False)
-    model.eval()
     out: list[list[str]] = []
-    try:
+    with eval_mode(model):
         for start in range(0, len(encoded), batch_size):
             ids, attn = _stack(encoded[start : start + batch_size], pad_id, left=True)
             gen = model.generate(
@@ -292,9 +309,6 @@ def generate_responses(
             texts = tokenizer.batch_decode(gen[:, ids.shape[1] :], skip_special_tokens=True)
             texts = [t.strip() for t in texts]
             out.extend(texts[k : k + num_samples] for k in range(0, len(texts), num_samples))
-    finally:
-        if was_training:
-            model.train()
     return out
 
 
@@ -470,18 +484,22 @@ def completion_logps(model: Any, sequences: Sequence[list[int]], starts: Sequenc
         ``(len(sequences),)`` float64 tensor.
     """
     device = _device(model)
-    out = []
-    for b in range(0, len(sequences), batch_size):
-        seqs = sequences[b : b + batch_size]
-        ids, attn = _stack(seqs, pad_id, left=False)
-        mask = torch.zeros_like(ids, dtype=torch.bool)
-        for i, (s, st) in enumerate(zip(seqs, starts[b : b + batch_size], strict=True)):
-            mask[i, st : len(s)] = True
-        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits[:, :-1].float()
-        target = ids[:, 1:].to(device)
-        token_logps = logits.gather(-1, target[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-        out.append((token_logps * mask[:, 1:].to(device)).sum(-1).double().cpu())
+    with eval_mode(model):
+        out = [_batch_logps(model, sequences[b : b + batch_size], starts[b : b + batch_size], pad_id, device)
+               for b in range(0, len(sequences), batch_size)]
     return torch.cat(out)
+
+
+def _batch_logps(model: Any, seqs: Sequence[list[int]], starts: Sequence[int], pad_id: int,
+                 device: torch.device) -> torch.Tensor:
+    ids, attn = _stack(seqs, pad_id, left=False)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    for i, (s, st) in enumerate(zip(seqs, starts, strict=True)):
+        mask[i, st : len(s)] = True
+    logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits[:, :-1].float()
+    target = ids[:, 1:].to(device)
+    token_logps = logits.gather(-1, target[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return (token_logps * mask[:, 1:].to(device)).sum(-1).double().cpu()
 
 
 def _is_peft(model: Any) -> bool:
