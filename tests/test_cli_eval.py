@@ -116,3 +116,24 @@ def test_eval_bad_input(policy_path, tiny_reward_model_path, data_file, tmp_path
     assert rc == 2
     assert message in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o" / "eval.json")
+
+
+def test_win_rate_by_hand(tiny_reward_model_path):
+    """Win rate = share of (prompt, sample) pairs where the reward model scores the policy's response higher."""
+    from trl_upo.cli.eval import win_rate
+    from trl_upo.heads.reward_model import RewardModelHead
+
+    prompts = ["tell me about cats answer", "tell me about rain answer"]
+    policy = [["cats purr", "very very"], ["rain clouds"]]
+    reference = [["the a", "cats purr"], ["rain clouds"]]
+    head = RewardModelHead(model=tiny_reward_model_path)
+    a = head.score([prompts[0], prompts[0], prompts[1]], ["cats purr", "very very", "rain clouds"], role="chosen",
+                   columns={})
+    b = head.score([prompts[0], prompts[0], prompts[1]], ["the a", "cats purr", "rain clouds"], role="chosen",
+                   columns={})
+    expected = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / 3
+    got = win_rate(tiny_reward_model_path, prompts, policy, reference)
+    assert got["n"] == 3 and got["win_rate"] == pytest.approx(expected)
+    assert a[2] == b[2]  # the identical third pair is a tie and counts half
+    same = win_rate(tiny_reward_model_path, prompts, policy, policy)
+    assert same["win_rate"] == 0.5
