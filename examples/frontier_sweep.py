@@ -175,7 +175,9 @@ def sft_warmup(task: Task, out_dir: str, seed: int, s: Settings) -> str:
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, seed=seed, hidden_size=64)
     rows = task.rows(s.n_train, seed + 1000)
-    data = Dataset.from_list([{"prompt": r["prompt"], "completion": r[k]} for r in rows for k in ("chosen", "rejected")])
+    data = Dataset.from_list(
+        [{"prompt": r["prompt"], "completion": r[k]} for r in rows for k in ("chosen", "rejected")]
+    )
     args = SFTConfig(
         output_dir=path + "-run", per_device_train_batch_size=32, max_steps=s.sft_steps, learning_rate=3e-3,
         lr_scheduler_type="constant", logging_steps=max(1, s.sft_steps // 4), seed=seed, **CPU_RUN,
@@ -299,7 +301,10 @@ def paired_differences(results: list[dict], baseline: str = "dpo") -> dict[str, 
         for k, v in metrics.items():
             out.setdefault(config, {}).setdefault(k, []).append(v - base[k])
     return {
-        c: {k: (float(torch.tensor(v).mean()), float(torch.tensor(v).std(unbiased=False)), len(v)) for k, v in m.items()}
+        c: {
+            k: (float(torch.tensor(v).mean()), float(torch.tensor(v).std(unbiased=False)), len(v))
+            for k, v in m.items()
+        }
         for c, m in out.items()
     }
 

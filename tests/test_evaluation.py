@@ -112,8 +112,11 @@ def test_implicit_reward_accuracy_by_hand(policy, ref, tokenizer):
     got = preference_metrics(policy, tokenizer, rows, ref_model=ref, beta=0.5, batch_size=4)
     margins, hits = [], 0.0
     for r in rows:
-        rc = 0.5 * (_logp_by_hand(policy, tokenizer, r["prompt"], r["chosen"]) - _logp_by_hand(ref, tokenizer, r["prompt"], r["chosen"]))
-        rr = 0.5 * (_logp_by_hand(policy, tokenizer, r["prompt"], r["rejected"]) - _logp_by_hand(ref, tokenizer, r["prompt"], r["rejected"]))
+        def reward(y: str) -> float:
+            by_hand = _logp_by_hand(policy, tokenizer, r["prompt"], y) - _logp_by_hand(ref, tokenizer, r["prompt"], y)
+            return 0.5 * by_hand
+
+        rc, rr = reward(r["chosen"]), reward(r["rejected"])
         margins.append(rc - rr)
         hits += 1.0 if rc > rr else 0.5 if rc == rr else 0.0
     assert got["reference"] == "ref_model" and got["n"] == 6

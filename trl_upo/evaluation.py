@@ -83,7 +83,9 @@ def load_model(model: Any, *, dtype: str | torch.dtype | None = None, device: st
                 f"directory that trainer.save_model() wrote."
             )
     elif os.path.exists(path) or not _is_hub_id(model):
-        raise ValueError(f"Model path {model!r} does not exist. Pass a model directory, an adapter directory or a Hub id.")
+        raise ValueError(
+            f"Model path {model!r} does not exist. Pass a model directory, an adapter directory or a Hub id."
+        )
     else:
         loaded = AutoModelForCausalLM.from_pretrained(model, **kwargs)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -279,7 +281,9 @@ def generate_responses(
             f"set do_sample=True or num_samples=1."
         )
     if do_sample and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r} (use do_sample=False for greedy).")
+        raise ValueError(
+            f"temperature must be > 0 when sampling, got {temperature!r} (use do_sample=False for greedy)."
+        )
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}.")
     for i, p in enumerate(prompts):

@@ -296,7 +296,8 @@ def markdown_report(result: dict, plots: list[str]) -> str:
         lines += [
             "## Preferences (held-out pairs)",
             "",
-            f"- {pref['metric']}: **{pref['accuracy']:.4f}** on {pref['n']} pairs (ties count half; {pref['ties']} ties)",
+            f"- {pref['metric']}: **{pref['accuracy']:.4f}** on {pref['n']} pairs "
+            f"(ties count half; {pref['ties']} ties)",
             f"- margin (beta {pref['beta']}): mean {pref['margin_mean']:.4f}, std {pref['margin_std']:.4f}",
             f"- policy log-prob accuracy: {pref['policy_logp_accuracy']:.4f}",
             "",
