@@ -64,7 +64,9 @@ CPU_OVERRIDES: dict[str, Any] = {
     "disable_tqdm": True,
 }
 #: ``attn_implementation`` values that need a CUDA kernel, replaced by ``sdpa``.
-CUDA_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn", "kernels-community/flash-attn3")
+CUDA_ATTENTION = (
+    "flash_attention_2", "flash_attention_3", "kernels-community/flash-attn", "kernels-community/flash-attn3",
+)
 #: Optimizers that need CUDA (bitsandbytes' paged optimizers page GPU memory to the host), replaced by AdamW.
 CUDA_OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "paged_lion_8bit", "paged_lion_32bit")
 

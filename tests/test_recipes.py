@@ -375,7 +375,9 @@ def _deepspeed_env(config: Path) -> dict[str, str]:
     return {k: v for k, v in env.items() if k.startswith("ACCELERATE_")}
 
 
-@pytest.mark.parametrize("recipe", ["recipes/zero3_full_qwen2.5-7b.yaml", "recipes/multinode_zero3_full_llama3.1-8b.yaml"])
+@pytest.mark.parametrize(
+    "recipe", ["recipes/zero3_full_qwen2.5-7b.yaml", "recipes/multinode_zero3_full_llama3.1-8b.yaml"]
+)
 def test_deepspeed_config_is_valid_for_deepspeed_with_the_recipes_values(recipe, monkeypatch):
     """As far as a CPU allows: the environment accelerate would launch with, the recipe's training arguments, the
     DeepSpeed plugin and the HF Trainer's resolution of the `auto` values, then DeepSpeed's own config parser."""
@@ -524,7 +526,8 @@ def test_fsdp2_qlora_matches_one_process(tmp_path):
     for name, extra in runs.items():
         out = tmp_path / name
         proc = subprocess.run(
-            [sys.executable, "-m", "trl_upo.cli", "train", "--config", recipe, *common, *extra, "--output_dir", str(out)],
+            [sys.executable, "-m", "trl_upo.cli", "train", "--config", recipe, *common, *extra,
+             "--output_dir", str(out)],
             cwd=ROOT, capture_output=True, text=True, timeout=3600,
         )
         assert proc.returncode == 0, proc.stderr[-5000:]
