@@ -48,7 +48,7 @@ def test_defaults(tmp_path):
     cfg = UPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False)
     assert cfg.reward_heads == []
     assert cfg.head_specs == []
-    assert cfg.upo_alpha == 1.0
+    assert cfg.upo_alpha == 0.5
     assert cfg.upo_temperature == 0.25
     assert cfg.upo_weight_cap == 100.0
     assert cfg.upo_normalize_weights is True

@@ -18,7 +18,7 @@ completion tokens (the answer and EOS, tokenised as TRL does) under the trained 
 on-topic vs off-topic pairs is DPO's implicit-reward accuracy (policy minus the starting model's log-ratio).
 
 Measured (CPU, torch 2 threads, trl 1.16, transformers 5.x; 200 pairs, batch 8, 2 epochs = 50 steps, beta 0.1, UPO
-defaults alpha 1, tau 0.25, batch baseline, chosen only):
+alpha 1 (the default until the frontier sweep set 0.5; pinned here), tau 0.25, batch baseline, chosen only):
   starting model: very_gap 2.34
   full fine-tuning, lr 1e-3, seeds 0-7:
     DPO very_gap 2.62 2.60 2.73 2.53 2.45 2.67 2.64 2.48   (implicit accuracy 0.95-1.00)
@@ -179,7 +179,7 @@ def _train(kind, model_path, output_dir, seed, score_cache, lora=False, heads=No
         trainer = DPOTrainer(model=model_path, args=args, train_dataset=train_dataset, peft_config=peft_config)
     else:
         args = cpu_args(
-            output_dir, reward_heads=heads or [NOVERY_HEAD], upo_score_cache_dir=score_cache, **kwargs
+            output_dir, reward_heads=heads or [NOVERY_HEAD], upo_score_cache_dir=score_cache, upo_alpha=1.0, **kwargs
         )
         trainer = UPOTrainer(model=model_path, args=args, train_dataset=train_dataset, peft_config=peft_config)
     trainer.train()

@@ -27,8 +27,9 @@ class UPOConfig(DPOConfig):
             dotted path; defaults to ``name``), ``weight`` (>= 0, default 1), ``normalize`` (``zscore``, ``rank``
             or ``none``; default ``upo_normalization``), ``higher_is_better`` (default true) and ``params`` (the
             head's own parameters). On the command line, a JSON string of the same list.
-        upo_alpha (`float`, *optional*, defaults to `1.0`):
-            Coefficient of the auxiliary term, relative to the preference loss (weight 1). 0 disables it.
+        upo_alpha (`float`, *optional*, defaults to `0.5`):
+            Coefficient of the auxiliary term, relative to the preference loss (weight 1). 0 disables it. The
+            default comes from the frontier sweep (``docs/evaluation.md``).
         upo_temperature (`float`, *optional*, defaults to `0.25`):
             Temperature tau of the advantage weights ``exp(A / tau)`` (on z-scored rewards).
         upo_weight_cap (`float`, *optional*, defaults to `100.0`):
@@ -63,7 +64,7 @@ class UPOConfig(DPOConfig):
         },
     )
     upo_alpha: float = field(
-        default=1.0,
+        default=0.5,
         metadata={"help": "Coefficient of the UPO auxiliary term, relative to the preference loss (weight 1)."},
     )
     upo_temperature: float = field(
