@@ -390,8 +390,14 @@ def test_deepspeed_config_is_valid_for_deepspeed_with_the_recipes_values(recipe,
     config = ROOT / (data.get("accelerate_config") or "recipes/accelerate/multi_node_zero3.yaml")
     for key, value in _deepspeed_env(config).items():
         monkeypatch.setenv(key, value)
-    # bf16 is refused without a GPU: the rest of the recipe is parsed as is
-    _, args, _, _, _ = _parse(["--config", str(path), "--bf16", "false"])
+    # bf16 is refused without a GPU: the rest of the recipe is parsed as is. Building the arguments registers their
+    # ZeRO-3 config with transformers (it would partition every model loaded later in this process): undo that.
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    try:
+        _, args, _, _, _ = _parse(["--config", str(path), "--bf16", "false"])
+    finally:
+        unset_hf_deepspeed_config()
     plugin = args.deepspeed_plugin
     assert plugin is not None and plugin.zero_stage == 3 and plugin.zero3_init_flag
     hf = HfTrainerDeepSpeedConfig(plugin.deepspeed_config)
