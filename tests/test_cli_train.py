@@ -326,3 +326,40 @@ def test_config_key_inside_a_recipe_is_an_error(tmp_path, recipe, capsys):
     recipe["config"] = "other.yaml"
     code, _, err = run_main(["--config", write_recipe(tmp_path / "r.yaml", **recipe)], capsys)
     assert code == 2 and "unknown key `config`" in err
+
+
+def test_report_leaves_out_column_heads_and_says_so(tmp_path, recipe, capsys):
+    """A column head scores the data, not generated answers: training uses it, the before/after report skips it."""
+    data = tmp_path / "data-cols"
+    data.mkdir()
+    for split in ("train", "test"):
+        rows = [json.loads(line) for line in (Path(recipe["dataset_name"]) / f"{split}.jsonl").read_text().splitlines()]
+        with open(data / f"{split}.jsonl", "w") as f:
+            for i, row in enumerate(rows):
+                f.write(json.dumps({**row, "tox_chosen": 0.1 * (i % 3), "tox_rejected": 0.2}) + "\n")
+    recipe.update(
+        dataset_name=str(data),
+        report_before_after=True,
+        report_num_prompts=4,
+        report_num_samples=1,
+        report_max_new_tokens=4,
+        reward_heads=[
+            *recipe["reward_heads"],
+            {"name": "tox", "type": "column", "higher_is_better": False,
+             "params": {"chosen": "tox_chosen", "rejected": "tox_rejected"}},
+        ],
+    )
+    code, out, err = run_main(["--config", write_recipe(tmp_path / "r.yaml", **recipe)], capsys)
+    assert code == 0, err
+    assert "left out of the report (training uses them): tox (reads tox_chosen, tox_rejected)" in out
+    report = json.loads((Path(recipe["output_dir"]) / "report.json").read_text())
+    assert set(report["before"]["designer"]) == set(report["after"]["designer"]) == {"novery"}
+    state = json.loads((Path(recipe["output_dir"]) / "upo_state.json").read_text())
+    assert "tox" in json.dumps(state)  # trained with both heads
+
+
+def test_report_with_4bit_on_cpu_is_refused_before_loading(tmp_path, recipe, capsys):
+    recipe.update(report_before_after=True, load_in_4bit=True, use_peft=True)
+    code, _, err = run_main(["--config", write_recipe(tmp_path / "r.yaml", **recipe)], capsys)
+    assert code == 2 and "report_before_after with a bitsandbytes-quantized model on CPU" in err
+    assert not (tmp_path / "out").exists()

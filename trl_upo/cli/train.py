@@ -574,6 +574,16 @@ def train(script_args, training_args, model_args, dataset_args):
             "report_before_after generates on the main process only, which sharded parameters (FSDP, DeepSpeed "
             "ZeRO-3) do not allow. Set report_before_after: false and evaluate the saved model with `trl-upo eval`."
         )
+    if script_args.report_before_after and (model_args.load_in_4bit or model_args.load_in_8bit):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise _UsageError(
+                "report_before_after with a bitsandbytes-quantized model on CPU: the 'before' report runs the model "
+                "in inference mode, after which bitsandbytes' CPU kernel keeps its inference layout and some LoRA "
+                "gradients are silently lost (measured with bitsandbytes 0.50). Set report_before_after: false and "
+                "evaluate the saved adapter with `trl-upo eval`."
+            )
     if script_args.torch_num_threads:
         import torch
 
@@ -659,7 +669,7 @@ def _report(trainer, script_args, model_id: str, report_ds, before: bool) -> dic
             model,
             trainer.processing_class,
             prompts=rows["prompt"],
-            heads=trainer.args.reward_heads,
+            heads=report_heads(trainer.args, announce=before),
             pairs=rows,
             ref_model=ref,
             beta=trainer.args.beta,
@@ -670,6 +680,27 @@ def _report(trainer, script_args, model_id: str, report_ds, before: bool) -> dic
     finally:
         model.train(was_training)
     return result
+
+
+def report_heads(training_args, announce: bool = False) -> list[dict]:
+    """The reward heads the before/after report can apply to generated text: every head except those that read
+    dataset columns (``column``), which have no value for a freshly generated answer.
+
+    Args:
+        training_args: The parsed :class:`~trl_upo.UPOConfig`.
+        announce: Print which heads are left out of the report, and why (training still uses them).
+    """
+    from trl_upo.heads.base import build_head
+
+    keep, left_out = [], []
+    for spec in training_args.head_specs:
+        columns = getattr(build_head(spec), "required_columns", lambda: [])()
+        (left_out if columns else keep).append((spec, columns))
+    if announce and left_out:
+        names = ", ".join(f"{s.name} (reads {', '.join(c)})" for s, c in left_out)
+        print(f"report_before_after: heads that read dataset columns cannot score generated answers and are left "
+              f"out of the report (training uses them): {names}.", flush=True)
+    return [spec.to_dict() for spec, _ in keep]
 
 
 def format_report(before: dict, after: dict) -> str:
