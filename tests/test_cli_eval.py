@@ -137,3 +137,12 @@ def test_win_rate_by_hand(tiny_reward_model_path):
     assert a[2] == b[2]  # the identical third pair is a tie and counts half
     same = win_rate(tiny_reward_model_path, prompts, policy, policy)
     assert same["win_rate"] == 0.5
+
+
+def test_flags_take_underscores_like_the_other_commands_and_dashes_too():
+    from trl_upo.cli.eval import make_parser
+
+    parser = make_parser("trl-upo eval")
+    a = parser.parse_args(["--model", "m", "--dataset", "d", "--output_dir", "o", "--num_samples", "3",
+                           "--ref-model", "r", "--max_new_tokens", "5"])
+    assert (a.output_dir, a.num_samples, a.ref_model, a.max_new_tokens) == ("o", 3, "r", 5)

@@ -1,28 +1,28 @@
 """``trl-upo eval``: evaluate a trained policy on designer objectives and held-out preferences.
 
-    trl-upo eval --model outputs/upo --ref-model outputs/sft --dataset data/test.jsonl \\
-        --heads '[{"name": "length", "params": {"direction": "shorter"}}]' --output-dir outputs/eval
+    trl-upo eval --model outputs/upo --ref_model outputs/sft --dataset data/test.jsonl \\
+        --heads '[{"name": "length", "params": {"direction": "shorter"}}]' --output_dir outputs/eval
     trl-upo eval --model outputs/upo-lora --dataset org/dataset --split test --config recipe.yaml \\
-        --reward-model org/reward-model --output-dir outputs/eval
+        --reward_model org/reward-model --output_dir outputs/eval
 
-What it measures, on the first ``--num-prompts`` rows of the split (``trl_upo.evaluation``):
+What it measures, on the first ``--num_prompts`` rows of the split (``trl_upo.evaluation``):
 
 - **designer**: the raw scores of every reward head on responses sampled from the policy (and from the reference,
   when there is one), mean and standard deviation;
 - **preference** (when the dataset has ``chosen`` and ``rejected``): DPO's implicit-reward accuracy and margins
   against the reference; with no reference, the policy log-prob accuracy, named as such;
-- **win rate** (``--reward-model``): the share of prompts (x samples) where the reward model scores the policy's
+- **win rate** (``--reward_model``): the share of prompts (x samples) where the reward model scores the policy's
   response above the reference's response to the same prompt, ties counting half.
 
-The reference is ``--ref-model``; else, for a PEFT adapter, the base model with the adapter disabled; else none.
-``--model`` / ``--ref-model`` take a model directory, a PEFT adapter directory (its base is loaded from the adapter
+The reference is ``--ref_model``; else, for a PEFT adapter, the base model with the adapter disabled; else none.
+``--model`` / ``--ref_model`` take a model directory, a PEFT adapter directory (its base is loaded from the adapter
 config) or a Hub id. ``--dataset`` takes a .json/.jsonl/.parquet/.csv file, a directory written by
 ``Dataset.save_to_disk``, or a name for ``datasets.load_dataset``. Heads come from ``--heads`` (JSON) or the
 ``reward_heads`` of a YAML ``--config`` (a ``trl-upo train`` recipe works: its ``beta`` is used too, its other keys
 are listed and not used).
 
 Writes ``eval.json`` (everything), ``report.md`` and the plots ``designer.png`` and ``margins.png`` to
-``--output-dir`` (plots need matplotlib: ``pip install 'trl-upo[eval]'``; ``--no-plots`` skips them).
+``--output_dir`` (plots need matplotlib: ``pip install 'trl-upo[eval]'``; ``--no_plots`` skips them).
 """
 
 from __future__ import annotations
@@ -47,25 +47,25 @@ def make_parser(prog: str) -> argparse.ArgumentParser:
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     p.add_argument("--model", required=True, help="policy: model dir, PEFT adapter dir or Hub id")
-    p.add_argument("--ref-model", default=None, help="reference model (default: adapter disabled, for an adapter)")
+    p.add_argument("--ref_model", "--ref-model", default=None, help="reference model (default: adapter disabled, for an adapter)")
     p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the policy's, or its base model's)")
     p.add_argument("--dataset", required=True, help="file (.json/.jsonl/.parquet/.csv), saved dataset dir, or hub name")
-    p.add_argument("--dataset-config", default=None, help="configuration name for datasets.load_dataset")
+    p.add_argument("--dataset_config", "--dataset-config", default=None, help="configuration name for datasets.load_dataset")
     p.add_argument("--split", default="test", help="split to evaluate on (default: test)")
     p.add_argument("--heads", default=None, help="reward heads as JSON, e.g. '[{\"name\": \"length\"}]'")
     p.add_argument("--config", default=None, help="YAML with reward_heads (e.g. a trl-upo train recipe)")
-    p.add_argument("--reward-model", default=None, help="reward model (dir or Hub id) for the win rate vs reference")
-    p.add_argument("--num-prompts", type=int, default=64, help="rows of the split to use (default 64)")
-    p.add_argument("--num-samples", type=int, default=1, help="sampled responses per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--reward_model", "--reward-model", default=None, help="reward model (dir or Hub id) for the win rate vs reference")
+    p.add_argument("--num_prompts", "--num-prompts", type=int, default=64, help="rows of the split to use (default 64)")
+    p.add_argument("--num_samples", "--num-samples", type=int, default=1, help="sampled responses per prompt")
+    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top_p", "--top-p", type=float, default=1.0)
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch_size", "--batch-size", type=int, default=16)
     p.add_argument("--beta", type=float, default=None, help="DPO beta for the implicit reward (default 0.1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", required=True, help="where eval.json, report.md and the plots go")
-    p.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots (no matplotlib needed)")
+    p.add_argument("--output_dir", "--output-dir", required=True, help="where eval.json, report.md and the plots go")
+    p.add_argument("--no_plots", "--no-plots", action="store_true", help="do not draw the PNG plots (no matplotlib needed)")
     return p
 
 
@@ -212,8 +212,8 @@ def run(args: argparse.Namespace, heads: list[dict], beta: float, log=print) -> 
     ref_kind = "ref_model" if ref is not None else "adapter_disabled" if peft else "none"
     if args.reward_model and ref_kind == "none":
         raise UsageError(
-            "--reward-model computes a win rate against the reference's responses, but there is no reference: give "
-            "--ref-model (or evaluate a PEFT adapter, whose reference is the adapter-disabled base)."
+            "--reward_model computes a win rate against the reference's responses, but there is no reference: give "
+            "--ref_model (or evaluate a PEFT adapter, whose reference is the adapter-disabled base)."
         )
     gen = dict(max_new_tokens=args.max_new_tokens, num_samples=args.num_samples, batch_size=args.batch_size,
                do_sample=not args.greedy, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
