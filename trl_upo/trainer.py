@@ -53,31 +53,32 @@ from .scoring import ROLES, fit_head_statistics, score_column, score_dataset
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "upo_state.json"
-# Batch keys the collator adds (popped before TRL sees the batch): raw scores (B, K), normalised scores (B, K) and
-# auxiliary rewards (B,) of the chosen and rejected responses.
-SCORES_CHOSEN = "upo_scores_chosen"
-SCORES_REJECTED = "upo_scores_rejected"
-NORMALIZED_CHOSEN = "upo_normalized_chosen"
-NORMALIZED_REJECTED = "upo_normalized_rejected"
-REWARD_AUX_CHOSEN = "upo_reward_aux_chosen"
-REWARD_AUX_REJECTED = "upo_reward_aux_rejected"
-UPO_BATCH_KEYS = (
-    SCORES_CHOSEN, SCORES_REJECTED, NORMALIZED_CHOSEN, NORMALIZED_REJECTED, REWARD_AUX_CHOSEN, REWARD_AUX_REJECTED
-)
+#: Dataset column UPOTrainer adds: per pair, the ``4K + 2`` values a step needs from the reward heads, in the order of
+#: :func:`step_value_layout` (raw scores, normalised scores, auxiliary rewards). Head names start with a letter, so the
+#: double underscore cannot collide with a head's score column ``upo_<head>_<role>``.
+VALUES_COLUMN = "upo__values"
+#: The batch key under which :class:`UPODataCollator` hands those values to the step, a ``(B, 4K + 2)`` float64 tensor
+#: (popped before TRL sees the batch).
+VALUES_KEY = "upo_values"
 
 
-def normalized_column(role: str) -> str:
-    """Dataset column with the (K,) normalised scores of the ``role`` responses. Head names start with a letter, so
-    the double underscore cannot collide with a head's score column ``upo_<head>_<role>``."""
-    return f"upo__normalized_{role}"
+def step_value_layout(head_names: list[str]) -> list[str]:
+    """The metric name of each of the ``4K + 2`` per-pair values, in column order: every head's raw score of the chosen
+    response, of the rejected one, then the normalised scores (eq. 2) of each, then r_aux (eq. 3) of each.
 
+    Example: heads ``["a", "b"]`` -> ``upo/a/chosen, upo/b/chosen, upo/a/rejected, upo/b/rejected,
+    upo/a/chosen_norm, upo/b/chosen_norm, upo/a/rejected_norm, upo/b/rejected_norm, upo/reward_aux/chosen,
+    upo/reward_aux/rejected``.
+    """
+    return [
+        *(f"upo/{n}/chosen" for n in head_names),
+        *(f"upo/{n}/rejected" for n in head_names),
+        *(f"upo/{n}/chosen_norm" for n in head_names),
+        *(f"upo/{n}/rejected_norm" for n in head_names),
+        "upo/reward_aux/chosen",
+        "upo/reward_aux/rejected",
+    ]
 
-def reward_aux_column(role: str) -> str:
-    """Dataset column with the auxiliary reward r_aux (eq. 3) of the ``role`` responses."""
-    return f"upo__reward_aux_{role}"
-
-
-UPO_DERIVED_COLUMNS = tuple(f(role) for role in ROLES for f in (normalized_column, reward_aux_column))
 
 _UPO_CITATION = textwrap.dedent("""\
     @article{badrinath2025unified,
@@ -100,14 +101,13 @@ def _is_peft_model(model: Any) -> bool:
 
 @dataclass
 class UPODataCollator:
-    """Wraps a preference collator and adds, for the chosen and the rejected responses, the heads' raw scores
-    (``(B, K)`` float32), their normalised scores (``(B, K)`` float64) and the auxiliary reward (``(B,)`` float64),
-    read from the columns ``UPOTrainer`` adds to the dataset (``upo_<head>_<role>``, ``upo__normalized_<role>``,
-    ``upo__reward_aux_<role>``).
+    """Wraps a preference collator and adds the reward heads' values of each pair as one ``(B, 4K + 2)`` float64
+    tensor under ``upo_values``: raw scores, normalised scores and r_aux of the chosen and rejected responses (layout:
+    :func:`step_value_layout`), read from the ``upo__values`` column that ``UPOTrainer`` adds to the dataset.
 
     Args:
         base: the preference collator to wrap (TRL's ``DataCollatorForPreference`` by default).
-        head_names: the reward heads' names, in the order of the ``K`` score columns.
+        head_names: the reward heads' names (``K`` of them), for the error message and the shape check.
     """
 
     base: Callable[[list[dict[str, Any]]], dict[str, Any]]
@@ -115,25 +115,20 @@ class UPODataCollator:
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.base(examples)
-        for role, raw_key, norm_key, aux_key in (
-            ("chosen", SCORES_CHOSEN, NORMALIZED_CHOSEN, REWARD_AUX_CHOSEN),
-            ("rejected", SCORES_REJECTED, NORMALIZED_REJECTED, REWARD_AUX_REJECTED),
-        ):
-            cols = [score_column(n, role) for n in self.head_names]
-            norm_col, aux_col = normalized_column(role), reward_aux_column(role)
-            try:
-                raw = [[float(ex[c]) for c in cols] for ex in examples]
-                norm = [ex[norm_col] for ex in examples]
-                aux = [ex[aux_col] for ex in examples]
-            except KeyError as e:
-                raise KeyError(
-                    f"A batch lacks the UPO column {e.args[0]!r}. The dataset was not prepared by this trainer, or a "
-                    f"custom data pipeline removed the column; keep the 'upo_<head>_chosen/rejected' and "
-                    f"'upo__normalized_*' / 'upo__reward_aux_*' columns."
-                ) from None
-            batch[raw_key] = torch.tensor(raw, dtype=torch.float32)
-            batch[norm_key] = torch.tensor(norm, dtype=torch.float64).reshape(len(examples), len(cols))
-            batch[aux_key] = torch.tensor(aux, dtype=torch.float64)
+        try:
+            rows = [ex[VALUES_COLUMN] for ex in examples]
+        except KeyError:
+            raise KeyError(
+                f"A batch lacks the UPO column {VALUES_COLUMN!r}. The dataset was not prepared by this trainer, or a "
+                f"custom data pipeline removed the column; keep the 'upo_*' columns UPOTrainer adds."
+            ) from None
+        values = torch.tensor(rows, dtype=torch.float64)
+        if values.shape != (len(examples), 4 * len(self.head_names) + 2):
+            raise ValueError(
+                f"The {VALUES_COLUMN!r} column has {tuple(values.shape)} values for heads {self.head_names}; it was "
+                f"prepared for other heads. Let UPOTrainer score the dataset (drop the 'upo_*' columns first)."
+            )
+        batch[VALUES_KEY] = values
         return batch
 
 
@@ -221,6 +216,11 @@ class UPOTrainer(DPOTrainer):
         self._upo_stats: list[dict] = []
         self._upo_weights = torch.tensor([s.weight for s in specs], dtype=torch.float64)
         self._upo_signs = torch.tensor([1.0 if s.higher_is_better else -1.0 for s in specs], dtype=torch.float64)
+        # (metric, column of the per-pair values), in the order the metrics are logged: head by head.
+        layout = step_value_layout([s.name for s in specs])
+        order = [f"upo/{s.name}/{m}" for s in specs for m in ("chosen", "rejected", "chosen_norm", "rejected_norm")]
+        order += ["upo/reward_aux/chosen", "upo/reward_aux/rejected"]
+        self._upo_value_metrics = [(key, layout.index(key)) for key in order]
         self._upo_score_report: dict[str, dict[str, str]] = {}
 
         if self._upo_heads:
@@ -317,37 +317,34 @@ class UPOTrainer(DPOTrainer):
         return self._upo_add_normalized(self._upo_score(dataset, split, args, tokenizer))
 
     def _upo_add_normalized(self, dataset: Dataset) -> Dataset:
-        """Eqs. (2)-(3) once per response for the whole dataset: add the normalised scores and r_aux as columns.
+        """Eqs. (2)-(3) once per response for the whole dataset: add the ``upo__values`` column (raw scores,
+        normalised scores and r_aux of both responses; :func:`step_value_layout`).
 
-        They depend only on the raw scores and the statistics, so no step recomputes them. Existing columns of these
-        names (from an earlier trainer, or from statistics replaced on resume) are replaced.
+        They depend only on the raw scores and the statistics, so no step recomputes them. A column of this name
+        (from an earlier trainer, or from statistics replaced on resume) is replaced.
         """
         names = [s.name for s in self._upo_specs]
-        # The fingerprint covers the statistics, weights and signs instead of hashing the new columns' values.
+        raw = {
+            role: torch.from_numpy(
+                np.stack([np.asarray(dataset[score_column(n, role)], dtype=np.float64) for n in names], axis=1)
+            )
+            for role in ROLES
+        }
+        norm = {role: normalize_scores(raw[role], self._upo_stats, self._upo_signs) for role in ROLES}
+        r_aux = [aux_reward(norm[role], self._upo_weights)[:, None] for role in ROLES]
+        values = torch.cat([raw["chosen"], raw["rejected"], norm["chosen"], norm["rejected"], *r_aux], dim=1)
+        if VALUES_COLUMN in dataset.column_names:
+            dataset = dataset.remove_columns(VALUES_COLUMN)
+        # The fingerprint covers the statistics, weights and signs instead of hashing the new column's values.
         fingerprint = Hasher.hash(
             (dataset._fingerprint, self._upo_stats, self._upo_weights.tolist(), self._upo_signs.tolist())
         )
-        stale = [c for c in UPO_DERIVED_COLUMNS if c in dataset.column_names]
-        if stale:
-            dataset = dataset.remove_columns(stale)
-        for role in ROLES:
-            # Raw scores rounded to float32 first: the precision the batch carries them in (and the logged raw
-            # metrics); normalised in float64.
-            raw = np.stack([np.asarray(dataset[score_column(n, role)], dtype=np.float32) for n in names], axis=1)
-            norm = normalize_scores(torch.from_numpy(raw).to(torch.float64), self._upo_stats, self._upo_signs)
-            r_aux = aux_reward(norm, self._upo_weights)
-            dataset = dataset.add_column(
-                normalized_column(role), norm.tolist(), new_fingerprint=Hasher.hash((fingerprint, role, "norm"))
-            )
-            dataset = dataset.add_column(
-                reward_aux_column(role), r_aux.tolist(), new_fingerprint=Hasher.hash((fingerprint, role, "aux"))
-            )
-        return dataset
+        return dataset.add_column(VALUES_COLUMN, values.tolist(), new_fingerprint=fingerprint)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         if self._upo_specs:
-            extra = [score_column(s.name, r) for s in self._upo_specs for r in ROLES] + list(UPO_DERIVED_COLUMNS)
+            extra = [score_column(s.name, r) for s in self._upo_specs for r in ROLES] + [VALUES_COLUMN]
             self._signature_columns = list(self._signature_columns) + [
                 c for c in extra if c not in self._signature_columns
             ]
@@ -360,7 +357,7 @@ class UPOTrainer(DPOTrainer):
         return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def compute_ref_log_probs(self, model, inputs):
-        inputs = {k: v for k, v in inputs.items() if k not in UPO_BATCH_KEYS}
+        inputs = {k: v for k, v in inputs.items() if k != VALUES_KEY}
         return super().compute_ref_log_probs(model, inputs)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -368,10 +365,10 @@ class UPOTrainer(DPOTrainer):
     # ------------------------------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        upo_batch = {k: inputs.pop(k) for k in UPO_BATCH_KEYS if k in inputs}
+        values = inputs.pop(VALUES_KEY, None)
         if not self._upo_heads:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        if len(upo_batch) != len(UPO_BATCH_KEYS):
+        if values is None:
             raise ValueError(
                 "The batch has no UPO scores. A custom `data_collator` replaced the one UPOTrainer wraps after "
                 "construction; pass it to the constructor instead so that the scores are added to it."
@@ -390,7 +387,7 @@ class UPOTrainer(DPOTrainer):
         finally:
             capture.disarm()
         loss, outputs = result if return_outputs else (result, None)
-        loss = loss + self._upo_term(inputs, upo_batch, policy_logps, ref_logps)
+        loss = loss + self._upo_term(inputs, values, policy_logps, ref_logps)
         return (loss, outputs) if return_outputs else loss
 
     def _upo_gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -404,46 +401,39 @@ class UPOTrainer(DPOTrainer):
         width = padded.numel()
         return torch.cat([gathered[i * width : i * width + int(n)] for i, n in enumerate(sizes.tolist())])
 
-    def _upo_term(self, inputs, upo_batch, policy_logps, ref_logps) -> torch.Tensor | float:
+    def _upo_gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate a ``(n, M)`` tensor's rows across processes."""
+        if self.accelerator.num_processes == 1:
+            return t
+        return self._upo_gather(t.reshape(-1)).view(-1, t.size(1))
+
+    def _upo_term(self, inputs, values, policy_logps, ref_logps) -> torch.Tensor | float:
+        """The auxiliary term of one batch, and its metrics.
+
+        ``values``: the ``(B, 4K + 2)`` per-pair values the collator hands over (raw and normalised scores, r_aux;
+        precomputed for the whole dataset). The metrics are reduced with as few tensor operations as possible and
+        converted to Python numbers with one host sync: on a small model, a step's fixed cost is per-operation
+        overhead, and on a GPU each ``.item()`` waits for the device.
+        """
         args: UPOConfig = self.args
         mode = "train" if self.model.training else "eval"
-        gather = self._upo_gather
-        # Metrics stay tensors until the end of the step, then one host sync converts them all (one `.tolist()`
-        # instead of one `.item()` per metric; on a GPU each of those would wait for the device).
-        pending: dict[str, torch.Tensor] = {}
-
-        def log_mean(key: str, t: torch.Tensor) -> None:
-            pending[key] = gather(t).mean()
-
-        def flush() -> None:
-            values = torch.stack([v.detach().to(torch.float64) for v in pending.values()]).tolist()
-            metrics = self._metrics[mode]
-            for key, value in zip(pending, values, strict=True):
-                metrics[key].append(value)
-
-        scores_c, scores_r = upo_batch[SCORES_CHOSEN], upo_batch[SCORES_REJECTED]
-        norm_c, norm_r = upo_batch[NORMALIZED_CHOSEN], upo_batch[NORMALIZED_REJECTED]
-        r_c, r_r = upo_batch[REWARD_AUX_CHOSEN], upo_batch[REWARD_AUX_REJECTED]
-        for k, spec in enumerate(self._upo_specs):
-            prefix = f"upo/{spec.name}"
-            log_mean(f"{prefix}/chosen", scores_c[:, k])
-            log_mean(f"{prefix}/rejected", scores_r[:, k])
-            log_mean(f"{prefix}/chosen_norm", norm_c[:, k])
-            log_mean(f"{prefix}/rejected_norm", norm_r[:, k])
-        log_mean("upo/reward_aux/chosen", r_c)
-        log_mean("upo/reward_aux/rejected", r_r)
+        k2 = 4 * len(self._upo_specs)
+        r_c, r_r = values[:, k2], values[:, k2 + 1]
 
         if args.upo_alpha == 0:
-            flush()
+            self._upo_log(mode, self._upo_gather_rows(values).mean(0), {})
             return 0.0
         if policy_logps is None:
             raise RuntimeError(
                 "UPOTrainer did not see the policy's log-probabilities in this step: TRL's forward no longer goes "
                 "through the hooked module. This TRL version is not supported; see the TRL range in pyproject.toml."
             )
+        gather = self._upo_gather
         shift_mask = inputs["completion_mask"][:, 1:]
         seq_len = shift_mask.size(1)
-        per_token = policy_logps[:, -seq_len:]
+        # TRL's log-probs are aligned with the shifted mask already; slicing only when not (a slice adds a node to
+        # the backward graph).
+        per_token = policy_logps if policy_logps.size(1) == seq_len else policy_logps[:, -seq_len:]
 
         if args.upo_combine == "margin":
             logps_c, logps_r = sequence_loglik(per_token, shift_mask, "sum").chunk(2)
@@ -456,14 +446,15 @@ class UPOTrainer(DPOTrainer):
             delta = (logps_c - ref_c.to(logps_c)) - (logps_r - ref_r.to(logps_r))
             reward_margin = (r_c - r_r).to(delta)
             term = margin_correction(delta, reward_margin, beta=self.beta, alpha=args.upo_alpha) * self.loss_weights[0]
-            log_mean("upo/reward_margin", reward_margin)
-            log_mean("upo/margin_correction", term.detach().reshape(1))
-            flush()
+            means = self._upo_gather_rows(values).mean(0)
+            # The mean reward margin is the difference of the two mean rewards: no reduction of its own.
+            extra = {"upo/reward_margin": None, "upo/margin_correction": gather(term.detach().reshape(1)).mean()}
+            self._upo_log(mode, means, extra)
             return term
 
-        ll_c, ll_r = sequence_loglik(per_token, shift_mask, args.upo_loglik).chunk(2)
+        ll = sequence_loglik(per_token, shift_mask, args.upo_loglik)  # (2B,): chosen, then rejected
         adv = advantages(
-            r_c.to(ll_c.dtype), r_r.to(ll_c.dtype), baseline=args.upo_baseline, applies_to=args.upo_applies_to,
+            r_c.to(ll.dtype), r_r.to(ll.dtype), baseline=args.upo_baseline, applies_to=args.upo_applies_to,
             gather=gather,
         )
         ws = awr_weights(
@@ -473,17 +464,54 @@ class UPOTrainer(DPOTrainer):
             normalize=args.upo_normalize_weights,
             gather=gather,
         )
-        ll = ll_c if args.upo_applies_to == "chosen" else torch.cat([ll_c, ll_r])
-        aux = awr_loss(ws.weights, ll)
+        aux = awr_loss(ws.weights, ll[: ll.numel() // 2] if args.upo_applies_to == "chosen" else ll)
+        # One reduction for the per-pair values, (B, 4K + 2) -> (4K + 2,), and one for the log-likelihoods, kept in
+        # their dtype so that they equal TRL's logged `logps/chosen|rejected` exactly under `upo_loglik="sum"`.
+        if self.accelerator.num_processes == 1:
+            ll_means = ll.detach().view(2, -1).mean(1)
+        else:
+            ll_means = torch.stack([gather(x).mean() for x in ll.detach().chunk(2)])
+        means = torch.cat([self._upo_gather_rows(values).mean(0), ll_means.to(values.dtype)])
         all_adv = gather(adv.detach())
-        log_mean("upo/loglik/chosen", ll_c.detach())
-        log_mean("upo/loglik/rejected", ll_r.detach())
-        log_mean("upo/aux_loss", aux.detach().reshape(1))
-        pending["upo/advantage/mean"] = all_adv.mean()
-        pending["upo/advantage/max"] = all_adv.max()
-        pending["upo/weight/mean"], pending["upo/weight/max"], pending["upo/weight/capped_frac"] = ws.stats.unbind()
-        flush()
+        extra = {
+            "upo/loglik/chosen": None,  # read from `means`
+            "upo/loglik/rejected": None,
+            "upo/aux_loss": gather(aux.detach().reshape(1)).mean(),
+            "upo/advantage/mean": all_adv.mean(),
+            "upo/advantage/max": all_adv.max(),
+            "upo/weight/mean": None,  # read from ws.stats
+            "upo/weight/max": None,
+            "upo/weight/capped_frac": None,
+        }
+        self._upo_log(mode, means, extra, ws.stats)
         return args.upo_alpha * aux
+
+    def _upo_log(self, mode: str, means: torch.Tensor, extra: dict, weight_stats: torch.Tensor | None = None) -> None:
+        """Append a step's metrics to ``self._metrics[mode]`` with one host sync (one ``.tolist()``).
+
+        ``means``: the column means of the per-pair values (then of the chosen and rejected log-likelihoods, when
+        present); ``extra``: further metrics, ``None`` for the ones derived here from ``means`` or ``weight_stats``.
+        """
+        scalars = [v for v in extra.values() if v is not None]
+        parts = [means] + ([weight_stats] if weight_stats is not None else [])
+        if scalars:
+            parts.append(torch.stack(scalars).to(means.dtype))
+        flat = torch.cat(parts).tolist() if len(parts) > 1 else means.tolist()
+        k2 = 4 * len(self._upo_specs)
+        n_means = means.numel()
+        metrics = self._metrics[mode]
+        for key, col in self._upo_value_metrics:
+            metrics[key].append(flat[col])
+        derived = {
+            "upo/reward_margin": flat[k2] - flat[k2 + 1],
+            "upo/loglik/chosen": flat[k2 + 2] if n_means > k2 + 2 else None,
+            "upo/loglik/rejected": flat[k2 + 3] if n_means > k2 + 3 else None,
+        }
+        if weight_stats is not None:
+            derived.update(zip(("upo/weight/mean", "upo/weight/max", "upo/weight/capped_frac"), flat[n_means:n_means + 3]))
+        rest = iter(flat[len(flat) - len(scalars):])
+        for key, value in extra.items():
+            metrics[key].append(derived[key] if value is None else next(rest))
 
     # ------------------------------------------------------------------------------------------------------------
     # Saving and resuming
