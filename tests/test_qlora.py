@@ -18,7 +18,7 @@ from tests.helpers import cpu_args  # noqa: E402
 
 def test_qlora_4bit_trains_with_the_upo_term(tiny_model_path, tmp_path, score_cache):
     """At step 1 the adapter is zero, so the policy equals the adapter-disabled reference and the sigmoid DPO loss is
-    exactly log 2; the logged loss is then log 2 + alpha * upo/aux_loss (alpha = 1)."""
+    exactly log 2; the logged loss is then log 2 + upo_alpha * upo/aux_loss."""
     args = cpu_args(
         tmp_path, reward_heads=[{"name": "length"}], max_steps=2, upo_score_cache_dir=score_cache,
         model_init_kwargs={"dtype": torch.float32},
@@ -34,5 +34,5 @@ def test_qlora_4bit_trains_with_the_upo_term(tiny_model_path, tmp_path, score_ca
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2
-    assert logs[0]["loss"] == pytest.approx(math.log(2) + logs[0]["upo/aux_loss"], rel=1e-5)
+    assert logs[0]["loss"] == pytest.approx(math.log(2) + args.upo_alpha * logs[0]["upo/aux_loss"], rel=1e-5)
     assert all(math.isfinite(h["loss"]) for h in logs)

@@ -282,3 +282,15 @@ def test_a_head_with_weight_zero_changes_nothing_in_training(head_type, request,
         trainer.train()
         losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
     assert losses[0] == losses[1]
+
+
+def test_evaluate_with_a_new_dataset_gives_heads_the_tokenizer(tiny_model_path, train_dataset, tmp_path, score_cache,
+                                                               tokenizer):
+    """A dataset handed to evaluate() is scored like the constructor's: token-counting heads get the tokenizer."""
+    head = {"name": "tokens", "type": "length", "params": {"unit": "tokens"}}
+    args = cpu_args(tmp_path, reward_heads=[head], upo_score_cache_dir=score_cache, max_steps=1)
+    trainer = UPOTrainer(model=tiny_model_path, args=args, train_dataset=train_dataset)
+    fresh = preference_dataset(8, seed=7)
+    metrics = trainer.evaluate(eval_dataset=fresh)
+    expected = sum(len(tokenizer(r["chosen"], add_special_tokens=False)["input_ids"]) for r in fresh) / 8
+    assert metrics["eval_upo/tokens/chosen"] == pytest.approx(-expected)  # the default direction: shorter

@@ -352,7 +352,8 @@ class UPOTrainer(DPOTrainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         # A dataset passed here directly is scored like the ones given at construction, with the train statistics.
         if self._upo_heads and eval_dataset is not None and not isinstance(eval_dataset, str):
-            tokenizer = getattr(self, "_tokenizer", None)
+            pc = self.processing_class
+            tokenizer = pc.tokenizer if isinstance(pc, ProcessorMixin) else pc
             eval_dataset = self._upo_prepare_eval(eval_dataset, metric_key_prefix, self.args, tokenizer)
         return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
