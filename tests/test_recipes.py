@@ -221,6 +221,8 @@ def test_recipe_trains_two_steps_on_cpu(path, tmp_path, standins):
     format and its head models for tiny local ones, and bf16/CUDA-only settings turned into CPU ones, trains two
     optimizer steps: finite losses, every head's metrics logged, PEFT/4-bit/full fine-tuning as the recipe says."""
     original = load_recipe(path)
+    if original.get("load_in_4bit") or original.get("load_in_8bit"):
+        pytest.importorskip("bitsandbytes", reason="the quantization extra is not installed")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer, data, changes = _run_two_steps(path, tmp_path, standins)
