@@ -25,3 +25,18 @@ def cpu_args(output_dir, **kwargs):
     )
     defaults.update(kwargs)
     return config_cls(**defaults)
+
+
+def prompt_dataset(n: int, conversational: bool = False):
+    """``n`` prompts about the synthetic topics (a string, or one user message), with an ``id`` column."""
+    from datasets import Dataset
+
+    from trl_upo.testing import TOPICS
+
+    topics = list(TOPICS)
+    rows = []
+    for i in range(n):
+        topic = topics[i % len(topics)]
+        prompt = [{"role": "user", "content": f"tell me about {topic}"}] if conversational else f"tell me about {topic} answer"
+        rows.append({"prompt": prompt, "id": i})
+    return Dataset.from_list(rows)

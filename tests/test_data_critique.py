@@ -18,20 +18,10 @@ from trl_upo.data import (
     check_template,
 )
 from trl_upo.data.generation import TransformersGenerator
-from trl_upo.testing import TOPICS
 
-from tests.helpers import cpu_args
+from tests.helpers import cpu_args, prompt_dataset as _prompts
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models on shared, busy cores: one intra-op thread is far faster than two spinning ones (measured here:
-    0.007 s instead of 0.8 s per batched generate call). Restored after this module."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TWO_PRINCIPLES = [
@@ -40,14 +30,6 @@ TWO_PRINCIPLES = [
 ]
 
 
-def _prompts(n: int, conversational: bool = False) -> Dataset:
-    topics = list(TOPICS)
-    rows = []
-    for i in range(n):
-        topic = topics[i % len(topics)]
-        prompt = [{"role": "user", "content": f"tell me about {topic}"}] if conversational else f"tell me about {topic} answer"
-        rows.append({"prompt": prompt, "id": i})
-    return Dataset.from_list(rows)
 
 
 def _cfg(model: str, **kw) -> CritiqueConfig:
