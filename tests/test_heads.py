@@ -13,7 +13,7 @@ import torch
 
 import trl_upo
 from tests.helpers import cpu_args
-from trl_upo.heads import base as heads_base
+from trl_upo.heads import registry as heads_registry
 from trl_upo.heads import (
     ColumnHead,
     FunctionHead,
@@ -24,7 +24,7 @@ from trl_upo.heads import (
     register_head,
     resolve_head_class,
 )
-from trl_upo.testing import avoid_word_reward
+from trl_upo.quickstart_task import avoid_word_reward
 
 # ------------------------------------------------------------------------------------------------------------------
 # Contract tests, one per registered head
@@ -36,7 +36,7 @@ from trl_upo.testing import avoid_word_reward
 HEAD_PARAMS = {
     "length": {},
     "column": {"chosen": "score_chosen", "rejected": "score_rejected"},
-    "function": {"function": "trl_upo.testing:avoid_word_reward"},
+    "function": {"function": "trl_upo.quickstart_task:avoid_word_reward"},
     "readability": {},
     "lexicon": {"avoid": ["very"]},
     "classifier": lambda request: {
@@ -284,7 +284,8 @@ def test_function_object_and_dotted_paths_agree():
     """avoid_word_reward: 1.0 without the word 'very', else 0.0.
     [' cats purr', ' dogs bark very loud', ' very wet rain drops today', ' soup'] -> [1, 0, 0, 1]."""
     expected = [1.0, 0.0, 0.0, 1.0]
-    for fn in (avoid_word_reward, "trl_upo.testing:avoid_word_reward", "trl_upo.testing.avoid_word_reward"):
+    for fn in (avoid_word_reward, "trl_upo.quickstart_task:avoid_word_reward",
+               "trl_upo.quickstart_task.avoid_word_reward"):
         head = build_head(HeadSpec("avoid", "function", params={"function": fn}))
         assert head.score(STRING_PROMPTS, STRING_COMPLETIONS, role="chosen", columns={}) == expected
     head = FunctionHead(function=avoid_word_reward)
@@ -365,11 +366,11 @@ def test_function_rejects_torch_module():
 
 def test_function_rejects_non_callables_and_bad_paths():
     with pytest.raises(ValueError, match="not callable"):
-        FunctionHead(function="trl_upo.testing:TOPICS")
+        FunctionHead(function="trl_upo.quickstart_task:TOPICS")
     with pytest.raises(ValueError, match="Cannot import module 'no_such_module_xyz'"):
         FunctionHead(function="no_such_module_xyz:f")
     with pytest.raises(ValueError, match="has no attribute 'nope'"):
-        FunctionHead(function="trl_upo.testing:nope")
+        FunctionHead(function="trl_upo.quickstart_task:nope")
 
 
 def same_name_reward(completions, **kwargs):
@@ -469,8 +470,8 @@ class EntryPointHead(RewardHead):
 @pytest.fixture
 def isolated_registry(monkeypatch):
     """A private copy of the registry, so heads registered by a test do not leak into others."""
-    monkeypatch.setattr(heads_base, "_REGISTRY", dict(heads_base._REGISTRY))
-    return heads_base._REGISTRY
+    monkeypatch.setattr(heads_registry, "_REGISTRY", dict(heads_registry._REGISTRY))
+    return heads_registry._REGISTRY
 
 
 def test_register_head_makes_name_resolvable_and_usable(isolated_registry, tmp_path):
@@ -525,7 +526,7 @@ def test_dotted_path_params_are_validated(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "path", ["trl_upo.testing:avoid_word_reward", "tests.test_heads:NotAHead", "collections:OrderedDict"]
+    "path", ["trl_upo.quickstart_task:avoid_word_reward", "tests.test_heads:NotAHead", "collections:OrderedDict"]
 )
 def test_non_head_dotted_path_rejected(tmp_path, path):
     with pytest.raises(ValueError) as e:
@@ -552,7 +553,7 @@ class FakeEntryPoint:
 
 def test_entry_point_head(monkeypatch, tmp_path):
     ep = FakeEntryPoint("upo-test-ep", "some_pkg.heads:EntryPointHead", EntryPointHead)
-    monkeypatch.setattr(heads_base, "_entry_points", lambda: [ep])
+    monkeypatch.setattr(heads_registry, "_entry_points", lambda: [ep])
     assert "upo-test-ep" in trl_upo.registered_heads()
     assert ep.loads == 0  # listed lazily, not imported
     assert resolve_head_class("upo-test-ep") is EntryPointHead
@@ -564,21 +565,21 @@ def test_entry_point_head(monkeypatch, tmp_path):
 
 def test_entry_point_listed_in_unknown_head_message(monkeypatch, tmp_path):
     ep = FakeEntryPoint("upo-test-ep", "some_pkg.heads:EntryPointHead", EntryPointHead)
-    monkeypatch.setattr(heads_base, "_entry_points", lambda: [ep])
+    monkeypatch.setattr(heads_registry, "_entry_points", lambda: [ep])
     with pytest.raises(ValueError, match=r"Did you mean 'upo-test-ep'\?.*'upo-test-ep'"):
         cpu_args(tmp_path / "out", reward_heads=[{"name": "upo-test-eq"}])
 
 
 def test_entry_point_to_non_head_rejected(monkeypatch, tmp_path):
     ep = FakeEntryPoint("upo-test-bad", "some_pkg.rewards:fn", avoid_word_reward)
-    monkeypatch.setattr(heads_base, "_entry_points", lambda: [ep])
+    monkeypatch.setattr(heads_registry, "_entry_points", lambda: [ep])
     with pytest.raises(ValueError, match=r"entry point 'some_pkg.rewards:fn'.*not a RewardHead subclass"):
         cpu_args(tmp_path / "out", reward_heads=[{"name": "upo-test-bad"}])
 
 
 def test_registry_names_win_over_entry_points(monkeypatch):
     ep = FakeEntryPoint("length", "evil:Length", EntryPointHead)
-    monkeypatch.setattr(heads_base, "_entry_points", lambda: [ep])
+    monkeypatch.setattr(heads_registry, "_entry_points", lambda: [ep])
     assert resolve_head_class("length") is LengthHead
     assert ep.loads == 0
 
@@ -599,5 +600,5 @@ def test_registered_head_without_contract_entry_fails(isolated_registry, request
 def test_simple_namespace_entry_point_shape(monkeypatch):
     """Only ``.name``, ``.value`` and ``.load()`` of an entry point are used."""
     ep = SimpleNamespace(name="upo-test-ns", value="pkg:EntryPointHead", load=lambda: EntryPointHead)
-    monkeypatch.setattr(heads_base, "_entry_points", lambda: [ep])
+    monkeypatch.setattr(heads_registry, "_entry_points", lambda: [ep])
     assert resolve_head_class("upo-test-ns") is EntryPointHead

@@ -225,24 +225,21 @@ def flaky_reward(completions, **kwargs):
     return out
 
 
-def test_none_score_raises_naming_head_split_and_row(score_cache):
-    ds = Dataset.from_dict({"prompt": ["p0", "p1", "p2"], "chosen": [" ok", " BAD", " ok"], "rejected": [" ok"] * 3})
+@pytest.mark.parametrize(
+    ("chosen", "rejected", "split", "expected"),
+    [
+        ([" ok", " BAD", " ok"], [" ok"] * 3, "train", "row 1 chosen=nan"),  # None is read as NaN
+        ([" ok"] * 3, [" ok", " ok", " INF"], "eval", "row 2 rejected=inf"),
+    ],
+)
+def test_non_finite_score_raises_naming_head_split_row_and_role(score_cache, chosen, rejected, split, expected):
+    ds = Dataset.from_dict({"prompt": ["p0", "p1", "p2"], "chosen": chosen, "rejected": rejected})
     heads, specs = heads_for({"name": "flaky", "type": "function", "params": {"function": flaky_reward}})
     with pytest.raises(ValueError) as e:
-        score(ds, heads, specs, score_cache, split="train")
+        score(ds, heads, specs, score_cache, split=split)
     msg = str(e.value)
-    assert "'flaky'" in msg and "train" in msg
-    assert "row 1 chosen=nan" in msg
-
-
-def test_inf_score_raises_naming_row_and_role(score_cache):
-    ds = Dataset.from_dict({"prompt": ["p0", "p1", "p2"], "chosen": [" ok"] * 3, "rejected": [" ok", " ok", " INF"]})
-    heads, specs = heads_for({"name": "flaky", "type": "function", "params": {"function": flaky_reward}})
-    with pytest.raises(ValueError) as e:
-        score(ds, heads, specs, score_cache, split="eval")
-    msg = str(e.value)
-    assert "'flaky'" in msg and "eval" in msg
-    assert "row 2 rejected=inf" in msg
+    assert "'flaky'" in msg and split in msg
+    assert expected in msg
 
 
 def test_non_finite_score_is_rejected_on_a_cache_hit_too(score_cache):
@@ -427,9 +424,9 @@ def test_trainer_scores_once_and_second_trainer_uses_cache(
 ])
 def test_text_heads_score_the_same_in_worker_processes(head, tmp_path):
     """num_proc > 1 scores shards in worker processes (datasets.map); the scores equal the serial ones."""
-    from trl_upo.heads.base import build_head, parse_head_specs
+    from trl_upo.heads import build_head, parse_head_specs
     from trl_upo.scoring import score_dataset
-    from trl_upo.testing import preference_dataset
+    from tests.tiny import preference_dataset
 
     ds = preference_dataset(300, seed=4)
     specs = parse_head_specs([head])
@@ -443,7 +440,7 @@ def test_text_heads_score_the_same_in_worker_processes(head, tmp_path):
 
 
 def test_parallel_scoring_reports_the_row_of_a_bad_score(tmp_path):
-    from trl_upo.heads.base import parse_head_specs
+    from trl_upo.heads import parse_head_specs
     from trl_upo.heads.length import LengthHead
     from trl_upo.scoring import score_dataset
     from datasets import Dataset

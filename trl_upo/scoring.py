@@ -18,7 +18,8 @@ import numpy as np
 from datasets import Dataset
 from datasets.fingerprint import Hasher
 
-from .heads.base import HeadSpec, RewardHead, short_hash
+from .fingerprints import short_hash
+from .heads import HeadSpec, RewardHead
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def score_dataset(
                 tmp = f"{cache_file}.{os.getpid()}.tmp.npy"
                 np.save(tmp, scores)
                 os.replace(tmp, cache_file)
-        _check_finite(scores, spec.name, split)
+        check_finite(scores, spec.name, f"the {split} dataset", lambda idx: f"row {idx[0]} {ROLES[idx[1]]}")
         new_columns[score_column(spec.name, "chosen")] = scores[:, 0].tolist()
         new_columns[score_column(spec.name, "rejected")] = scores[:, 1].tolist()
     for col, values in new_columns.items():
@@ -134,8 +135,7 @@ def _score_with_head(
     num_proc: int | None = None,
 ) -> np.ndarray:
     n = len(dataset)
-    required = getattr(head, "required_columns", lambda: [])()
-    missing = [c for c in required if c not in dataset.column_names]
+    missing = [c for c in head.required_columns() if c not in dataset.column_names]
     if missing:
         raise ValueError(
             f"Reward head {spec.name!r} ({spec.type}) reads column(s) {missing}, which the {split} dataset does not "
@@ -168,42 +168,93 @@ def _score_with_head(
     return out
 
 
+def call_head(
+    head: RewardHead,
+    name: str,
+    prompts: Sequence[Any],
+    completions: Sequence[Any],
+    *,
+    role: str = "chosen",
+    columns: dict[str, list[Any]] | None = None,
+    tokenizer: Any = None,
+    what: str = "responses",
+) -> np.ndarray:
+    """Score ``completions`` with ``head``: the one place where a head is called and its answer checked.
+
+    Every caller (training-time scoring, the data builders, evaluation) goes through here, so a head's errors read
+    the same everywhere.
+
+    Args:
+        head: the reward head.
+        name: the head's name in messages (its spec name).
+        prompts: the prompts, aligned with ``completions``.
+        completions: the responses to score.
+        role: passed to :meth:`~trl_upo.heads.RewardHead.score`.
+        columns: the other dataset columns of these rows, by name.
+        tokenizer: passed to the head.
+        what: what is being scored, for messages (``"chosen responses of the train dataset (rows 0..)"``).
+
+    Returns:
+        ``float64`` array of ``len(completions)`` scores; a ``None`` from the head is NaN (callers reject non-finite
+        scores with :func:`check_finite`, naming the rows).
+
+    Raises:
+        ValueError: the head raised ValueError (re-raised naming the head and ``what``), or returned a wrong number
+            of scores. Other exceptions get a note naming the head and ``what``.
+    """
+    try:
+        values = head.score(prompts, completions, role=role, columns=columns or {}, tokenizer=tokenizer)
+    except ValueError as e:
+        raise ValueError(f"Reward head {name!r} failed on the {what}: {e}") from e
+    except Exception as e:
+        e.add_note(f"(while reward head {name!r} scored the {what})")
+        raise
+    values = list(values)
+    if len(values) != len(completions):
+        raise ValueError(
+            f"Reward head {name!r} returned {len(values)} scores for {len(completions)} {what}; it must return one "
+            f"per response."
+        )
+    return np.array([float("nan") if v is None else float(v) for v in values], dtype=np.float64)
+
+
+def check_finite(scores: np.ndarray, name: str, where: str, label: Any = None) -> None:
+    """Reject non-finite scores, naming the head, where they came from and up to five of them.
+
+    Args:
+        scores: the scores, any shape.
+        name: the head's name.
+        where: where the scores came from (``"the train dataset"``).
+        label: ``label(index_tuple) -> str`` names one score in the message (default: its index).
+
+    Raises:
+        ValueError: some score is NaN or infinite. UPO never drops a response silently.
+    """
+    bad = ~np.isfinite(scores)
+    if not bad.any():
+        return
+    label = label or (lambda idx: f"index {idx[0] if len(idx) == 1 else idx}")
+    examples = ", ".join(f"{label(idx)}={scores[idx]}" for idx in list(zip(*np.nonzero(bad)))[:5])
+    raise ValueError(
+        f"Reward head {name!r} gave {int(bad.sum())} non-finite score(s) on {where} ({examples}). UPO never drops "
+        f"responses silently: fix the head or the data (a None from a reward function is read as NaN), or remove "
+        f"those rows from the data."
+    )
+
+
 def _score_batch(
     head: RewardHead, spec: HeadSpec, batch: dict[str, list], start: int, split: str, tokenizer: Any
 ) -> tuple[list[float], list[float]]:
     """Score the chosen and the rejected responses of one batch of rows (``start`` is the first row's index)."""
-    prompts = batch["prompt"]
     columns = {k: v for k, v in batch.items() if k not in ("prompt", "chosen", "rejected")}
     result = []
     for role in ROLES:
-        completions = batch[role]
-        try:
-            values = head.score(prompts, completions, role=role, columns=columns, tokenizer=tokenizer)
-        except ValueError as e:
-            raise ValueError(f"Reward head {spec.name!r} failed on the {split} dataset (rows {start}..): {e}") from e
-        except Exception as e:
-            e.add_note(f"(while reward head {spec.name!r} scored the {split} dataset, rows {start}..)")
-            raise
-        values = list(values)
-        if len(values) != len(completions):
-            raise ValueError(
-                f"Reward head {spec.name!r} returned {len(values)} scores for {len(completions)} {role} responses "
-                f"of the {split} dataset (rows {start}..); it must return one per response."
-            )
-        result.append([float("nan") if v is None else float(v) for v in values])
-    return result[0], result[1]
-
-
-def _check_finite(scores: np.ndarray, name: str, split: str) -> None:
-    bad = ~np.isfinite(scores)
-    if bad.any():
-        rows, cols = np.nonzero(bad)
-        examples = ", ".join(f"row {r} {ROLES[c]}={scores[r, c]}" for r, c in list(zip(rows, cols))[:5])
-        raise ValueError(
-            f"Reward head {name!r} gave {int(bad.sum())} non-finite score(s) on the {split} dataset ({examples}). "
-            f"UPO never drops responses silently: fix the head or the data (a None from a reward function is read "
-            f"as NaN), or filter those rows out of the dataset before training."
+        what = f"{role} responses of the {split} dataset (rows {start}..)"
+        scores = call_head(
+            head, spec.name, batch["prompt"], batch[role], role=role, columns=columns, tokenizer=tokenizer, what=what
         )
+        result.append(scores.tolist())
+    return result[0], result[1]
 
 
 def fit_head_statistics(dataset: Dataset, specs: Sequence[HeadSpec], default_mode: str) -> list[dict]:

@@ -1,15 +1,9 @@
-"""Reward heads: one file per head, one protocol, one registry (see :mod:`trl_upo.heads.base`)."""
+"""Reward heads: one file per head (registered under its file stem), one protocol (:mod:`.protocol`), one registry
+(:mod:`.registry`), and the specs users write (:mod:`.spec`)."""
 
-from .base import (
-    ENTRY_POINT_GROUP,
-    HeadSpec,
-    RewardHead,
-    build_head,
-    parse_head_specs,
-    register_head,
-    registered_heads,
-    resolve_head_class,
-)
+from .protocol import RewardHead
+from .registry import ENTRY_POINT_GROUP, register_head, registered_heads, resolve_head_class
+from .spec import HeadSpec, build_head, parse_head_specs
 from .classifier import ClassifierHead
 from .column import ColumnHead
 from .function import FunctionHead

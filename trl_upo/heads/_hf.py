@@ -10,16 +10,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from .base import RewardHead
-
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-
-
-def default_device() -> str:
-    """The process's current CUDA device (under accelerate or torchrun, each rank's own GPU), else the CPU."""
-    import torch
-
-    return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+from ..models import DTYPES, check_model_path, default_device, ensure_pad_token, load_tokenizer, pretrained_kwargs
+from .protocol import RewardHead
 
 
 def _local_files_digest(path: str) -> str:
@@ -33,20 +25,6 @@ def _local_files_digest(path: str) -> str:
             st = os.stat(full)
             h.update(f"{os.path.relpath(full, path)}:{st.st_size}:{st.st_mtime_ns};".encode())
     return h.hexdigest()[:16]
-
-
-def check_model_path(model: str, kind: str) -> None:
-    """Fail when the head is built (before any training) if ``model`` is written as a local path that does not exist.
-
-    A Hub id (``org/name``) is left to ``from_pretrained``; anything starting with ``/``, ``./``, ``../`` or ``~`` is a
-    path.
-    """
-    if model.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(model)):
-        raise ValueError(
-            f"{kind} head: the model path {model!r} does not exist. Give a local directory saved with "
-            f"save_pretrained, or a Hugging Face Hub model id."
-        )
-
 
 
 @contextlib.contextmanager
@@ -97,28 +75,29 @@ class HFSequenceClassifierHead(LazyModelMixin, RewardHead):
     """Base of heads that run an ``AutoModelForSequenceClassification``. The model is loaded on the first call of
     :meth:`logits` (building a config never loads it), dropped when pickled, and freed by :meth:`release`.
 
-    Subclasses call ``self._init_model(...)`` from ``__init__`` and :meth:`logits` from ``score``.
+    Subclasses call ``self._init_model(...)`` from ``__init__`` and :meth:`logits` from ``score``, and set
+    ``_truncation_side``: the end of a too-long input that is cut.
     """
 
     _kind = "model"
+    _truncation_side = "right"
     _lazy_attrs = ("_model", "_tokenizer")
 
     def _init_model(
         self,
         model: str,
-        *,
         batch_size: int,
         device: str | None,
         max_length: int | None,
         dtype: str | None,
         revision: str | None,
-        truncation_side: str,
+        /,
     ) -> None:
         if not isinstance(model, str) or not model:
             raise ValueError(
                 f"{self._kind} head: model must be a local path or a Hugging Face Hub model id, got {model!r}."
             )
-        check_model_path(model, self._kind)
+        check_model_path(model, f"{self._kind} head")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"{self._kind} head: batch_size must be an integer >= 1, got {batch_size!r}.")
         if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
@@ -127,7 +106,6 @@ class HFSequenceClassifierHead(LazyModelMixin, RewardHead):
             raise ValueError(f"{self._kind} head: dtype must be one of {list(DTYPES)} or null, got {dtype!r}.")
         self.model_name, self.batch_size, self.max_length = model, batch_size, max_length
         self.device, self.dtype, self.revision = device, dtype, revision
-        self.truncation_side = truncation_side
         self._model = None
         self._tokenizer = None
 
@@ -139,16 +117,11 @@ class HFSequenceClassifierHead(LazyModelMixin, RewardHead):
     def load(self) -> tuple[Any, Any]:
         """Load (once) and return ``(model, tokenizer)``."""
         if self._model is None:
-            import torch
-            from transformers import AutoModelForSequenceClassification, AutoTokenizer
+            from transformers import AutoModelForSequenceClassification
 
-            kwargs: dict[str, Any] = {"revision": self.revision} if self.revision else {}
             try:
-                tokenizer = AutoTokenizer.from_pretrained(self.model_name, **kwargs)
-                if self.dtype and self.dtype != "auto":
-                    kwargs["dtype"] = getattr(torch, self.dtype)
-                elif self.dtype == "auto":
-                    kwargs["dtype"] = "auto"
+                tokenizer = load_tokenizer(self.model_name, revision=self.revision, padding_side="right", hint="")
+                kwargs = pretrained_kwargs(dtype=self.dtype, revision=self.revision)
                 with _whole_model_under_zero3():
                     model = AutoModelForSequenceClassification.from_pretrained(self.model_name, **kwargs)
             except (OSError, ValueError) as e:
@@ -156,18 +129,11 @@ class HFSequenceClassifierHead(LazyModelMixin, RewardHead):
                     f"{self._kind} head: cannot load {self.model_name!r} as a sequence-classification model and "
                     f"tokenizer: {e}. params.model must be a local directory written by save_pretrained or a Hub id."
                 ) from e
-            if tokenizer.pad_token is None:
-                if tokenizer.eos_token is None:
-                    raise ValueError(
-                        f"{self._kind} head: the tokenizer of {self.model_name!r} has neither a pad nor an eos token, "
-                        f"so batches cannot be padded. Save the tokenizer with a pad token."
-                    )
-                tokenizer.pad_token = tokenizer.eos_token
+            ensure_pad_token(tokenizer, f"{self._kind} head: the tokenizer of {self.model_name!r}")
             if model.config.pad_token_id is None:
                 # Decoder classifiers (Llama, Qwen, ...) read the last non-pad token and need to know the pad id.
                 model.config.pad_token_id = tokenizer.pad_token_id
-            tokenizer.padding_side = "right"
-            tokenizer.truncation_side = self.truncation_side
+            tokenizer.truncation_side = self._truncation_side
             model.eval().to(self._device())
             self._on_load(model, tokenizer)
             self._model, self._tokenizer = model, tokenizer

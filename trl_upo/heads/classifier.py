@@ -5,14 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ..formats import completion_text
 from ._hf import HFSequenceClassifierHead
-from .base import completion_text, register_head
+from .registry import register_head
 
 OUTPUTS = ("probability", "logit")
-
-
-def _prompt_text(prompt: Any) -> str:
-    return prompt if isinstance(prompt, str) else completion_text(prompt)
 
 
 @register_head("classifier")
@@ -49,15 +46,7 @@ class ClassifierHead(HFSequenceClassifierHead):
         dtype: str | None = None,
         revision: str | None = None,
     ) -> None:
-        self._init_model(
-            model,
-            batch_size=batch_size,
-            device=device,
-            max_length=max_length,
-            dtype=dtype,
-            revision=revision,
-            truncation_side="right",
-        )
+        self._init_model(model, batch_size, device, max_length, dtype, revision)
         label_list = labels if isinstance(labels, (list, tuple)) else [labels]
         if not label_list or not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in label_list):
             raise ValueError(
@@ -120,7 +109,7 @@ class ClassifierHead(HFSequenceClassifierHead):
 
         texts = [completion_text(c) for c in completions]
         if self.include_prompt:
-            logits = self.logits(pairs=[(_prompt_text(p), t) for p, t in zip(prompts, texts, strict=True)])
+            logits = self.logits(pairs=[(completion_text(p), t) for p, t in zip(prompts, texts, strict=True)])
         else:
             logits = self.logits(texts)
         if self.output == "probability":

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .base import RewardHead, register_head
+from .protocol import RewardHead
+from .registry import register_head
 
 
 @register_head("column")

@@ -13,22 +13,25 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .base import RewardHead, _import_dotted, _stable_repr, completion_text, register_head
+from ..fingerprints import stable_repr
+from ..formats import completion_text
+from .protocol import RewardHead
+from .registry import import_dotted, register_head
 
 
 def _code_digest(fn: Any) -> str:
     """A digest of a function's code and captured state (closure cells, defaults, partial arguments, a callable
     object's attributes), so that editing or re-configuring the function invalidates cached scores."""
     if isinstance(fn, functools.partial):
-        text = f"{_code_digest(fn.func)}|{_stable_repr(list(fn.args))}|{_stable_repr(fn.keywords)}"
+        text = f"{_code_digest(fn.func)}|{stable_repr(list(fn.args))}|{stable_repr(fn.keywords)}"
         return hashlib.sha256(text.encode()).hexdigest()[:16]
     state = ""
     t = getattr(fn, "__func__", fn)
     if inspect.isfunction(t):
         cells = [c.cell_contents for c in (t.__closure__ or ())]
-        state = _stable_repr([cells, list(t.__defaults__ or ()), t.__kwdefaults__ or {}])
+        state = stable_repr([cells, list(t.__defaults__ or ()), t.__kwdefaults__ or {}])
     elif hasattr(fn, "__dict__"):
-        state = _stable_repr(vars(fn))
+        state = stable_repr(vars(fn))
     return hashlib.sha256((_code_digest_only(fn) + state).encode()).hexdigest()[:16]
 
 
@@ -66,7 +69,7 @@ class FunctionHead(RewardHead):
 
     def __init__(self, function: Callable[..., Any] | str, batch_size: int | None = None) -> None:
         self._path = function if isinstance(function, str) else None
-        fn = _import_dotted(function) if isinstance(function, str) else function
+        fn = import_dotted(function) if isinstance(function, str) else function
         if not callable(fn):
             raise ValueError(f"function head: {function!r} is not callable.")
         try:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .base import RewardHead, completion_text, register_head
+from ..formats import completion_text
+from .protocol import RewardHead
+from .registry import register_head
 
 UNITS = ("words", "chars", "tokens")
 DIRECTIONS = ("shorter", "longer")

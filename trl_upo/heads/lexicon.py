@@ -6,7 +6,9 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from .base import RewardHead, completion_text, register_head
+from ..formats import completion_text
+from .protocol import RewardHead
+from .registry import register_head
 
 MODES = ("presence", "count", "rate")
 

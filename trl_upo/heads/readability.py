@@ -7,7 +7,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from .base import RewardHead, completion_text, register_head
+from ..formats import completion_text
+from .protocol import RewardHead
+from .registry import register_head
 
 #: textstat metric -> True when a higher value means easier text (reading-ease indices), False for grade-like
 #: metrics (a higher value means harder text). The head negates the latter so that "easier" always scores higher.

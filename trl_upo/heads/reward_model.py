@@ -6,12 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ..formats import completion_text, is_conversational
 from ._hf import HFSequenceClassifierHead
-from .base import completion_text, register_head
-
-
-def _is_conversational(x: Any) -> bool:
-    return isinstance(x, (list, tuple)) and all(isinstance(m, dict) and "role" in m for m in x)
+from .registry import register_head
 
 
 @register_head("reward_model")
@@ -35,6 +32,7 @@ class RewardModelHead(HFSequenceClassifierHead):
     """
 
     _kind = "reward_model"
+    _truncation_side = "left"  # keep the response, drop the start of the prompt
 
     def __init__(
         self,
@@ -45,15 +43,7 @@ class RewardModelHead(HFSequenceClassifierHead):
         dtype: str | None = None,
         revision: str | None = None,
     ) -> None:
-        self._init_model(
-            model,
-            batch_size=batch_size,
-            device=device,
-            max_length=max_length,
-            dtype=dtype,
-            revision=revision,
-            truncation_side="left",
-        )
+        self._init_model(model, batch_size, device, max_length, dtype, revision)
 
     def _on_load(self, model: Any, tokenizer: Any) -> None:
         if model.config.num_labels != 1:
@@ -68,7 +58,7 @@ class RewardModelHead(HFSequenceClassifierHead):
         chat = (
             getattr(tokenizer, "chat_template", None) is not None
             and len(completions) > 0
-            and all(_is_conversational(p) and _is_conversational(c) for p, c in zip(prompts, completions, strict=True))
+            and all(is_conversational(p) and is_conversational(c) for p, c in zip(prompts, completions, strict=True))
         )
         if chat:
             texts = [

@@ -6,8 +6,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ._hf import LazyModelMixin, check_model_path, default_device
-from .base import RewardHead, completion_text, register_head
+from ..models import check_model_path, default_device
+from ._hf import LazyModelMixin
+from ..formats import completion_text
+from .protocol import RewardHead
+from .registry import register_head
 
 AGGREGATES = ("max", "mean")
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -49,7 +52,7 @@ class SimilarityHead(LazyModelMixin, RewardHead):
             raise ValueError(f"similarity head: batch_size must be an integer >= 1, got {batch_size!r}.")
         if not isinstance(model, str) or not model:
             raise ValueError(f"similarity head: model must be a local path or a Hub model id, got {model!r}.")
-        check_model_path(model, "similarity")
+        check_model_path(model, "similarity head")
         self.exemplars, self.model_name, self.aggregate = list(items), model, aggregate
         self.batch_size, self.device = batch_size, device
         self._model = None

@@ -1,5 +1,8 @@
 """Prompt and completion formats, as TRL reads them: *standard* rows hold strings, *conversational* rows hold lists
-of ``{"role", "content"}`` messages (the prompt ends with a user turn; a completion is an assistant turn)."""
+of ``{"role", "content"}`` messages (the prompt ends with a user turn; a completion is an assistant turn).
+
+The one home of these helpers: heads, scoring, the data builders, evaluation and the commands all read prompts and
+completions through this module."""
 
 from __future__ import annotations
 
@@ -74,10 +77,13 @@ def prompt_text(prompt: Any) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
-def response_text(response: Any) -> str:
-    """Plain text of a response: a string as is, or the contents of its messages joined by newlines."""
-    if isinstance(response, str):
-        return response
-    if isinstance(response, dict):
-        return str(response.get("content", ""))
-    return "\n".join(str(m.get("content", "")) for m in response)
+def completion_text(completion: Any) -> str:
+    """Plain text of a completion (or of any message list): a string as is, one message as its content, several as
+    their contents joined by newlines."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict):
+        return str(completion.get("content", ""))
+    if isinstance(completion, (list, tuple)):
+        return "\n".join(completion_text(m) for m in completion)
+    raise TypeError(f"Cannot read text from a completion of type {type(completion).__name__}")

@@ -1,0 +1,134 @@
+"""Head specifications: the entries of ``UPOConfig.reward_heads`` (YAML, JSON or Python), parsed and validated
+before any model loads, and turned into heads by :func:`build_head`."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..fingerprints import jsonable
+from .protocol import RewardHead
+from .registry import NAME_RE, resolve_head_class
+
+
+SPEC_KEYS = ("name", "type", "weight", "normalize", "higher_is_better", "params")
+
+
+@dataclass
+class HeadSpec:
+    """One entry of ``UPOConfig.reward_heads``.
+
+    Attributes:
+        name: the head's id: its score columns (``upo_<name>_chosen``), metrics (``upo/<name>/...``) and saved
+            statistics use it. Defaults to ``type``.
+        type: registry name, entry-point name or dotted path of the head class. Defaults to ``name``.
+        weight: w_i >= 0 in Eq. (3).
+        normalize: ``"zscore"``, ``"rank"`` or ``"none"``; None uses ``UPOConfig.upo_normalization``.
+        higher_is_better: False negates the normalised score (for costs such as toxicity).
+        params: keyword arguments of the head class.
+    """
+
+    name: str
+    type: str
+    weight: float = 1.0
+    normalize: str | None = None
+    higher_is_better: bool = True
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as a plain mapping (the form ``reward_heads`` takes in YAML or JSON)."""
+        return {
+            "name": self.name,
+            "type": self.type,
+            "weight": self.weight,
+            "normalize": self.normalize,
+            "higher_is_better": self.higher_is_better,
+            "params": {k: jsonable(v) for k, v in self.params.items()},
+        }
+
+
+def parse_head_specs(value: Any) -> list[HeadSpec]:
+    """Parse and validate ``reward_heads``: a list of mappings, or a JSON string of one (command line)."""
+    from ..objective import NORMALIZATIONS
+
+    if value is None:
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return []
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"reward_heads must be a list of mappings, or a JSON string of one on the command line, e.g. "
+                f"'[{{\"name\": \"length\", \"weight\": 1.0}}]'. Could not parse {value!r}: {e}"
+            ) from None
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"reward_heads must be a list of mappings, got {type(value).__name__}.")
+    specs: list[HeadSpec] = []
+    for i, item in enumerate(value):
+        if isinstance(item, HeadSpec):
+            item = item.to_dict() | {"params": item.params}
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict):
+            raise ValueError(f"reward_heads[{i}] must be a mapping with a 'name' or 'type', got {item!r}.")
+        unknown = set(item) - set(SPEC_KEYS)
+        if unknown:
+            hints = []
+            for key in sorted(unknown):
+                close = difflib.get_close_matches(key, SPEC_KEYS, n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ValueError(
+                f"reward_heads[{i}] has unknown key(s) {', '.join(hints)}. Valid keys: {list(SPEC_KEYS)}; head "
+                f"parameters go under 'params'."
+            )
+        type_name = item.get("type") or item.get("name")
+        if not type_name:
+            raise ValueError(f"reward_heads[{i}] needs a 'name' or a 'type'.")
+        name = item.get("name") or (type_name if NAME_RE.match(str(type_name)) else None)
+        if not name or not NAME_RE.match(str(name)):
+            raise ValueError(
+                f"reward_heads[{i}]: head name {name!r} is not valid. Give a 'name' that starts with a letter and "
+                f"contains only letters, digits, '_' or '-' (it names the score columns and metrics)."
+            )
+        weight = item.get("weight", 1.0)
+        try:
+            weight = float(weight)
+        except (TypeError, ValueError):
+            raise ValueError(f"reward_heads[{i}] ({name}): weight must be a number, got {weight!r}.") from None
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"reward_heads[{i}] ({name}): weight must be finite and >= 0, got {weight}.")
+        normalize = item.get("normalize")
+        if normalize is not None and normalize not in NORMALIZATIONS:
+            raise ValueError(
+                f"reward_heads[{i}] ({name}): normalize must be one of {list(NORMALIZATIONS)}, got {normalize!r}."
+            )
+        hib = item.get("higher_is_better", True)
+        if not isinstance(hib, bool):
+            raise ValueError(f"reward_heads[{i}] ({name}): higher_is_better must be true or false, got {hib!r}.")
+        params = item.get("params") or {}
+        if not isinstance(params, dict):
+            raise ValueError(f"reward_heads[{i}] ({name}): params must be a mapping, got {params!r}.")
+        cls = resolve_head_class(str(type_name))
+        cls.validate_params(params)
+        specs.append(HeadSpec(str(name), str(type_name), weight, normalize, hib, dict(params)))
+    names = [s.name for s in specs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(
+            f"Reward head names must be unique, found {dupes} more than once. Give each head its own 'name' "
+            f"(the 'type' can repeat)."
+        )
+    return specs
+
+
+def build_head(spec: HeadSpec) -> RewardHead:
+    """Instantiate the head described by ``spec``."""
+    return resolve_head_class(spec.type)(**spec.params)
