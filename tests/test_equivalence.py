@@ -1,8 +1,8 @@
 """UPO without an auxiliary term is DPO, bit for bit.
 
-The spec (UPO_SPEC.md, "The objective"): "With K = 0 heads or alpha = 0, L_UPO must equal TRL's DPO loss to
-floating-point precision." UPOTrainer hooks into DPOTrainer (column pruning, collator, ``compute_loss``, a forward
-hook on the policy); when a TRL upgrade moves any of those, these tests are the ones that ring.
+docs/objective.md: "With no heads, or `upo_alpha: 0`, `L` equals TRL's DPO loss to floating-point precision."
+UPOTrainer hooks into DPOTrainer (column pruning, collator, ``compute_loss``, a forward hook on the policy); when a
+TRL upgrade moves any of those, these tests are the ones that ring.
 
 Each case trains ``trl.DPOTrainer`` and ``UPOTrainer`` from the same saved weights, on the same data and seed, for
 10 optimizer steps at a learning rate high enough that the policy moves away from the reference, and compares every
@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.helpers import cpu_args
 from trl_upo import UPOTrainer
-from trl_upo.testing import avoid_word_reward
+from trl_upo.quickstart_task import avoid_word_reward
 
 MAX_STEPS = 10
 

@@ -1,8 +1,8 @@
 """The auxiliary term reads the log-likelihoods of the forward TRL already runs, and runs nothing else.
 
-UPO_SPEC.md: the per-response log-likelihood comes "from the **same** forward pass that DPO already runs"; UPO must
-never "run a second forward pass, or load a second copy of the model, for the auxiliary term"; and
-``L_UPO = L_pref + alpha * L_aux``.
+docs/objective.md (step 6): the per-response log-likelihood is "taken from the **same forward pass** DPO already
+runs"; UPO never runs a second forward pass, or loads a second copy of the model, for the auxiliary term; and
+``L = L_pref + alpha * L_aux`` (step 8).
 
 (a) With ``upo_loglik="sum"`` the logged ``upo/loglik/*`` equal TRL's logged ``logps/*`` at every step (full
     fine-tuning, LoRA, an explicit ``ref_model``, precomputed reference log-probs); with ``"mean"`` they equal the
@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from tests.helpers import cpu_args
 from trl_upo import UPOTrainer
-from trl_upo.testing import avoid_word_reward
+from trl_upo.quickstart_task import avoid_word_reward
 
 HEADS = [
     {"name": "length", "weight": 1.0, "params": {"direction": "shorter"}},

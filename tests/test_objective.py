@@ -1,7 +1,7 @@
 """Math tests of :mod:`trl_upo.objective`, on tensors small enough to check by hand.
 
-Every test states in its docstring the numbers it expects and how they are obtained (equation numbers refer to
-``shared/UPO_SPEC.md``).
+Every test states in its docstring the numbers it expects and how they are obtained (equation numbers are the steps
+of ``docs/objective.md``, "What trl-upo makes precise").
 """
 
 from __future__ import annotations

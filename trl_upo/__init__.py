@@ -4,7 +4,9 @@ __version__ = "0.1.0.dev0"
 
 from .config import UPOConfig  # noqa: E402
 from .heads import HeadSpec, RewardHead, register_head, registered_heads  # noqa: E402
-from .trainer import UPODataCollator, UPOTrainer, load_upo_state  # noqa: E402
+from .collator import UPODataCollator  # noqa: E402
+from .state import load_upo_state  # noqa: E402
+from .trainer import UPOTrainer  # noqa: E402
 
 __all__ = [
     "HeadSpec",

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from trl import DPOConfig
 
-from .heads.base import HeadSpec, parse_head_specs
+from .heads import HeadSpec, parse_head_specs
 from .objective import APPLIES_TO, BASELINES, COMBINE_MODES, LOGLIK_REDUCTIONS, NORMALIZATIONS
+
+
+def _choice_field(default: str, help_: str, choices: tuple[str, ...]) -> Any:
+    """A string field limited to ``choices``: the help lists them, the parser and ``__post_init__`` check them."""
+    return field(default=default, metadata={"help": f"{help_}: {', '.join(choices)}.", "choices": list(choices)})
 
 
 @dataclass
@@ -74,25 +79,11 @@ class UPOConfig(DPOConfig):
     upo_normalize_weights: bool = field(
         default=True, metadata={"help": "Normalise the weights to mean 1 over the global batch."}
     )
-    upo_baseline: str = field(
-        default="batch", metadata={"help": "Advantage baseline: batch, pair or none.", "choices": list(BASELINES)}
-    )
-    upo_applies_to: str = field(
-        default="chosen",
-        metadata={"help": "Responses the auxiliary term trains on: chosen or both.", "choices": list(APPLIES_TO)},
-    )
-    upo_loglik: str = field(
-        default="mean",
-        metadata={"help": "Per-response log-likelihood: mean or sum.", "choices": list(LOGLIK_REDUCTIONS)},
-    )
-    upo_normalization: str = field(
-        default="zscore",
-        metadata={"help": "Default per-head normalisation: zscore, rank or none.", "choices": list(NORMALIZATIONS)},
-    )
-    upo_combine: str = field(
-        default="awr",
-        metadata={"help": "How designer rewards enter: awr (UPO) or margin (MODPO-style).", "choices": list(COMBINE_MODES)},
-    )
+    upo_baseline: str = _choice_field("batch", "Advantage baseline", BASELINES)
+    upo_applies_to: str = _choice_field("chosen", "Responses the auxiliary term trains on", APPLIES_TO)
+    upo_loglik: str = _choice_field("mean", "Per-response log-likelihood", LOGLIK_REDUCTIONS)
+    upo_normalization: str = _choice_field("zscore", "Default per-head normalisation", NORMALIZATIONS)
+    upo_combine: str = _choice_field("awr", "How designer rewards enter (awr: UPO; margin: MODPO-style)", COMBINE_MODES)
     upo_score_batch_size: int = field(default=256, metadata={"help": "Responses per head call when scoring."})
     upo_score_cache_dir: str | None = field(default=None, metadata={"help": "Directory of the score cache."})
     upo_use_score_cache: bool = field(default=True, metadata={"help": "Reuse cached scores."})
@@ -114,13 +105,7 @@ class UPOConfig(DPOConfig):
             raise ValueError(f"upo_temperature must be > 0, got {self.upo_temperature}.")
         if self.upo_weight_cap <= 0:
             raise ValueError(f"upo_weight_cap must be > 0, got {self.upo_weight_cap}.")
-        for name, choices in (
-            ("upo_baseline", BASELINES),
-            ("upo_applies_to", APPLIES_TO),
-            ("upo_loglik", LOGLIK_REDUCTIONS),
-            ("upo_normalization", NORMALIZATIONS),
-            ("upo_combine", COMBINE_MODES),
-        ):
+        for name, choices in _UPO_CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}.")
         if self.upo_score_batch_size < 1:
@@ -153,3 +138,9 @@ class UPOConfig(DPOConfig):
         d = super().to_dict()
         d["reward_heads"] = [spec.to_dict() for spec in self._head_specs]
         return d
+
+
+#: The UPO fields that take one of a fixed set of values, and the values (declared once, by ``_choice_field``).
+_UPO_CHOICES = {
+    f.name: tuple(f.metadata["choices"]) for f in fields(UPOConfig) if f.name.startswith("upo_") and "choices" in f.metadata
+}

@@ -1,6 +1,6 @@
 """The UPO objective as pure functions: tensors in, tensors out, no model and no trainer.
 
-Equation numbers refer to ``shared/UPO_SPEC.md`` ("The objective (trl-upo's precise form)"):
+Equation numbers are the steps of ``docs/objective.md`` ("What trl-upo makes precise"):
 
     (2) r~_i = sign_i * (r_i - mean_i) / std_i            :func:`normalize_scores`
     (3) r_aux = sum_i w_i * r~_i                          :func:`aux_reward`

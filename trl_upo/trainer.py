@@ -5,80 +5,49 @@ What it adds, top to bottom:
 1. ``__init__``: scores the train and eval sets with every reward head (cached), fits the normalisation statistics
    on the train split, then hands everything to ``DPOTrainer.__init__`` unchanged.
 2. The normalised scores and auxiliary reward of every response depend only on the fitted statistics, so they are
-   computed once for the whole dataset (vectorised) and stored next to the raw scores. These columns survive TRL's
-   column pruning (``_set_signature_columns_if_needed``) and are stacked into the batch by a wrapping collator; they
-   are popped in ``compute_loss`` before TRL forwards the inputs to the model. A step only computes what depends on
-   the batch: advantages, weights and the weighted log-likelihood.
+   computed once for the whole dataset (vectorised, ``trl_upo.collator``) and stored next to the raw scores. These
+   columns survive TRL's column pruning (``_set_signature_columns_if_needed``) and are stacked into the batch by a
+   wrapping collator; they are popped in ``compute_loss`` before TRL forwards the inputs to the model. A step only
+   computes what depends on the batch: advantages, weights and the weighted log-likelihood.
 3. A forward hook on the policy module captures the per-token log-probabilities of the forward TRL already runs
    (no second forward, no second model copy); the auxiliary term is computed from them (``trl_upo.objective``)
    and added to TRL's loss.
-4. ``save_model`` writes ``upo_state.json`` (resolved heads and statistics) to the output dir and every checkpoint;
-   ``train(resume_from_checkpoint=...)`` reads it back so a resumed run uses the same scale (and recomputes the
-   normalised columns with it).
+4. ``save_model`` writes ``upo_state.json`` (resolved heads and statistics; ``trl_upo.state``) to the output dir and
+   every checkpoint; ``train(resume_from_checkpoint=...)`` reads it back so a resumed run uses the same scale (and
+   recomputes the normalised columns with it).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import textwrap
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from datasets import Dataset, IterableDataset
-from datasets.fingerprint import Hasher
 from transformers import AutoProcessor, ProcessorMixin
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOTrainer
 from trl.trainer.utils import get_config_model_id
 
-from . import __version__
-from .config import UPOConfig
-from .heads.base import HeadSpec, build_head
-from .objective import (
-    advantages,
-    aux_reward,
-    awr_loss,
-    awr_weights,
-    margin_correction,
-    normalize_scores,
-    sequence_loglik,
+from .collator import (
+    VALUES_COLUMN,
+    VALUES_KEY,
+    UPODataCollator,
+    add_values_column,
+    head_signs_and_weights,
+    step_value_layout,
 )
+from .config import UPOConfig
+from .heads import HeadSpec, build_head
+from .objective import advantages, awr_loss, awr_weights, margin_correction, sequence_loglik
 from .scoring import ROLES, fit_head_statistics, score_column, score_dataset
+from .state import STATE_FILE, build_state, load_upo_state, resume_statistics, save_state
+
+__all__ = ["STATE_FILE", "VALUES_COLUMN", "VALUES_KEY", "UPODataCollator", "UPOTrainer", "load_upo_state",
+           "step_value_layout"]
 
 logger = logging.getLogger(__name__)
-
-STATE_FILE = "upo_state.json"
-#: Dataset column UPOTrainer adds: per pair, the ``4K + 2`` values a step needs from the reward heads, in the order of
-#: :func:`step_value_layout` (raw scores, normalised scores, auxiliary rewards). Head names start with a letter, so the
-#: double underscore cannot collide with a head's score column ``upo_<head>_<role>``.
-VALUES_COLUMN = "upo__values"
-#: The batch key under which :class:`UPODataCollator` hands those values to the step, a ``(B, 4K + 2)`` float64 tensor
-#: (popped before TRL sees the batch).
-VALUES_KEY = "upo_values"
-
-
-def step_value_layout(head_names: list[str]) -> list[str]:
-    """The metric name of each of the ``4K + 2`` per-pair values, in column order: every head's raw score of the chosen
-    response, of the rejected one, then the normalised scores (eq. 2) of each, then r_aux (eq. 3) of each.
-
-    Example: heads ``["a", "b"]`` -> ``upo/a/chosen, upo/b/chosen, upo/a/rejected, upo/b/rejected,
-    upo/a/chosen_norm, upo/b/chosen_norm, upo/a/rejected_norm, upo/b/rejected_norm, upo/reward_aux/chosen,
-    upo/reward_aux/rejected``.
-    """
-    return [
-        *(f"upo/{n}/chosen" for n in head_names),
-        *(f"upo/{n}/rejected" for n in head_names),
-        *(f"upo/{n}/chosen_norm" for n in head_names),
-        *(f"upo/{n}/rejected_norm" for n in head_names),
-        "upo/reward_aux/chosen",
-        "upo/reward_aux/rejected",
-    ]
-
 
 _UPO_CITATION = textwrap.dedent("""\
     @article{badrinath2025unified,
@@ -99,39 +68,6 @@ def _is_peft_model(model: Any) -> bool:
     return isinstance(model, PeftModel)
 
 
-@dataclass
-class UPODataCollator:
-    """Wraps a preference collator and adds the reward heads' values of each pair as one ``(B, 4K + 2)`` float64
-    tensor under ``upo_values``: raw scores, normalised scores and r_aux of the chosen and rejected responses (layout:
-    :func:`step_value_layout`), read from the ``upo__values`` column that ``UPOTrainer`` adds to the dataset.
-
-    Args:
-        base: the preference collator to wrap (TRL's ``DataCollatorForPreference`` by default).
-        head_names: the reward heads' names (``K`` of them), for the error message and the shape check.
-    """
-
-    base: Callable[[list[dict[str, Any]]], dict[str, Any]]
-    head_names: list[str]
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = self.base(examples)
-        try:
-            rows = [ex[VALUES_COLUMN] for ex in examples]
-        except KeyError:
-            raise KeyError(
-                f"A batch lacks the UPO column {VALUES_COLUMN!r}. The dataset was not prepared by this trainer, or a "
-                f"custom data pipeline removed the column; keep the 'upo_*' columns UPOTrainer adds."
-            ) from None
-        values = torch.tensor(rows, dtype=torch.float64)
-        if values.shape != (len(examples), 4 * len(self.head_names) + 2):
-            raise ValueError(
-                f"The {VALUES_COLUMN!r} column has {tuple(values.shape)} values for heads {self.head_names}; it was "
-                f"prepared for other heads. Let UPOTrainer score the dataset (drop the 'upo_*' columns first)."
-            )
-        batch[VALUES_KEY] = values
-        return batch
-
-
 class _LogProbCapture:
     """Forward hooks that keep the per-token log-probs of the fused-LM-head forwards TRL runs in one loss call."""
 
@@ -140,13 +76,15 @@ class _LogProbCapture:
         self.policy: list[torch.Tensor] = []
         self.ref: list[torch.Tensor] = []
 
-    def _policy_hook(self, module, args, kwargs, output):
-        if self.armed and kwargs.get("fused_lm_head"):
-            self.policy.append(output.log_probs)
+    def attach(self, module: torch.nn.Module, into: list[torch.Tensor]) -> Any:
+        """Hook ``module``'s fused-LM-head forwards, appending their log-probs to ``into`` (``self.policy`` or
+        ``self.ref``) while armed; returns the hook handle."""
 
-    def _ref_hook(self, module, args, kwargs, output):
-        if self.armed and kwargs.get("fused_lm_head"):
-            self.ref.append(output.log_probs)
+        def hook(module, args, kwargs, output):
+            if self.armed and kwargs.get("fused_lm_head"):
+                into.append(output.log_probs)
+
+        return module.register_forward_hook(hook, with_kwargs=True)
 
     def arm(self) -> None:
         self.policy.clear()
@@ -208,37 +146,16 @@ class UPOTrainer(DPOTrainer):
         if args is None:
             model_name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = UPOConfig(f"{model_name.split('/')[-1]}-UPO")
-        specs: list[HeadSpec] = args.head_specs if isinstance(args, UPOConfig) else []
-        if not isinstance(args, UPOConfig):
-            logger.info("UPOTrainer got a %s, not a UPOConfig: no reward heads, training as DPO.", type(args).__name__)
-        self._upo_specs = specs
-        self._upo_heads = [build_head(s) for s in specs]
-        self._upo_stats: list[dict] = []
-        self._upo_weights = torch.tensor([s.weight for s in specs], dtype=torch.float64)
-        self._upo_signs = torch.tensor([1.0 if s.higher_is_better else -1.0 for s in specs], dtype=torch.float64)
-        # (metric, column of the per-pair values), in the order the metrics are logged: head by head.
-        layout = step_value_layout([s.name for s in specs])
-        order = [f"upo/{s.name}/{m}" for s in specs for m in ("chosen", "rejected", "chosen_norm", "rejected_norm")]
-        order += ["upo/reward_aux/chosen", "upo/reward_aux/rejected"]
-        self._upo_value_metrics = [(key, layout.index(key)) for key in order]
-        self._upo_score_report: dict[str, dict[str, str]] = {}
-
+        self._upo_setup_heads(args)
         if self._upo_heads:
             if processing_class is None:
                 # The processor DPOTrainer would load (and then does not load again); loaded here because heads may
                 # need the tokenizer.
                 model_id = model if isinstance(model, str) else get_config_model_id(model.config)
                 processing_class = AutoProcessor.from_pretrained(model_id, trust_remote_code=args.trust_remote_code)
-            tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
-            if train_dataset is None:
-                raise ValueError("`train_dataset` is required")
-            train_dataset = self._upo_score(train_dataset, "train", args, tokenizer)
-            self._upo_stats = fit_head_statistics(train_dataset, specs, args.upo_normalization)
-            train_dataset = self._upo_add_normalized(train_dataset)
-            if eval_dataset is not None:
-                eval_dataset = self._upo_prepare_eval(eval_dataset, "eval", args, tokenizer)
-            for head in self._upo_heads:  # model heads free their model before training starts
-                head.release()
+            train_dataset, eval_dataset = self._upo_prepare_datasets(
+                args, train_dataset, eval_dataset, _tokenizer_of(processing_class)
+            )
 
         super().__init__(
             model=model,
@@ -258,23 +175,52 @@ class UPOTrainer(DPOTrainer):
         self._upo_capture = _LogProbCapture()
         self._upo_hook_handles: list[Any] = []
         if self._upo_heads:
-            pc = self.accelerator.parallelism_config
-            if pc is not None and ((pc.cp_size or 1) > 1 or (getattr(pc, "sp_size", None) or 1) > 1):
-                raise NotImplementedError(
-                    "UPOTrainer with reward heads does not support context or sequence parallelism yet: the "
-                    "per-response log-likelihoods are sharded across ranks. Use data parallelism (DDP, ZeRO, FSDP)."
-                )
-            self.data_collator = UPODataCollator(self.data_collator, [s.name for s in specs])
+            self._upo_check_parallelism()
+            self.data_collator = UPODataCollator(self.data_collator, [s.name for s in self._upo_specs])
             if self.args.upo_alpha > 0:
                 policy = self.model.get_base_model() if _is_peft_model(self.model) else self.model
-                self._upo_hook_handles.append(
-                    policy.register_forward_hook(self._upo_capture._policy_hook, with_kwargs=True)
-                )
+                self._upo_hook_handles.append(self._upo_capture.attach(policy, self._upo_capture.policy))
                 if self.ref_model is not None:
                     ref = self.accelerator.unwrap_model(self.ref_model)
-                    self._upo_hook_handles.append(
-                        ref.register_forward_hook(self._upo_capture._ref_hook, with_kwargs=True)
-                    )
+                    self._upo_hook_handles.append(self._upo_capture.attach(ref, self._upo_capture.ref))
+
+    def _upo_setup_heads(self, args) -> None:
+        """Build the heads of ``args`` (none for a plain ``DPOConfig``) and the metric layout of a step."""
+        specs: list[HeadSpec] = args.head_specs if isinstance(args, UPOConfig) else []
+        if not isinstance(args, UPOConfig):
+            logger.info("UPOTrainer got a %s, not a UPOConfig: no reward heads, training as DPO.", type(args).__name__)
+        self._upo_specs = specs
+        self._upo_heads = [build_head(s) for s in specs]
+        self._upo_stats: list[dict] = []
+        self._upo_signs, self._upo_weights = head_signs_and_weights(specs)
+        # (metric, column of the per-pair values), in the order the metrics are logged: head by head.
+        layout = step_value_layout([s.name for s in specs])
+        order = [f"upo/{s.name}/{m}" for s in specs for m in ("chosen", "rejected", "chosen_norm", "rejected_norm")]
+        order += ["upo/reward_aux/chosen", "upo/reward_aux/rejected"]
+        self._upo_value_metrics = [(key, layout.index(key)) for key in order]
+        self._upo_score_report: dict[str, dict[str, str]] = {}
+
+    def _upo_prepare_datasets(self, args: UPOConfig, train_dataset, eval_dataset, tokenizer) -> tuple[Any, Any]:
+        """Score the train and eval sets (cached), fit the statistics on the train split, add the per-pair values,
+        then free the heads' models before training starts."""
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required")
+        train_dataset = self._upo_score(train_dataset, "train", args, tokenizer)
+        self._upo_stats = fit_head_statistics(train_dataset, self._upo_specs, args.upo_normalization)
+        train_dataset = self._upo_add_normalized(train_dataset)
+        if eval_dataset is not None:
+            eval_dataset = self._upo_prepare_eval(eval_dataset, "eval", args, tokenizer)
+        for head in self._upo_heads:
+            head.release()
+        return train_dataset, eval_dataset
+
+    def _upo_check_parallelism(self) -> None:
+        pc = self.accelerator.parallelism_config
+        if pc is not None and ((pc.cp_size or 1) > 1 or (getattr(pc, "sp_size", None) or 1) > 1):
+            raise NotImplementedError(
+                "UPOTrainer with reward heads does not support context or sequence parallelism yet: the "
+                "per-response log-likelihoods are sharded across ranks. Use data parallelism (DDP, ZeRO, FSDP)."
+            )
 
     # ------------------------------------------------------------------------------------------------------------
     # Scoring (before training)
@@ -317,29 +263,8 @@ class UPOTrainer(DPOTrainer):
         return self._upo_add_normalized(self._upo_score(dataset, split, args, tokenizer))
 
     def _upo_add_normalized(self, dataset: Dataset) -> Dataset:
-        """Eqs. (2)-(3) once per response for the whole dataset: add the ``upo__values`` column (raw scores,
-        normalised scores and r_aux of both responses; :func:`step_value_layout`).
-
-        They depend only on the raw scores and the statistics, so no step recomputes them. A column of this name
-        (from an earlier trainer, or from statistics replaced on resume) is replaced.
-        """
-        names = [s.name for s in self._upo_specs]
-        raw = {
-            role: torch.from_numpy(
-                np.stack([np.asarray(dataset[score_column(n, role)], dtype=np.float64) for n in names], axis=1)
-            )
-            for role in ROLES
-        }
-        norm = {role: normalize_scores(raw[role], self._upo_stats, self._upo_signs) for role in ROLES}
-        r_aux = [aux_reward(norm[role], self._upo_weights)[:, None] for role in ROLES]
-        values = torch.cat([raw["chosen"], raw["rejected"], norm["chosen"], norm["rejected"], *r_aux], dim=1)
-        if VALUES_COLUMN in dataset.column_names:
-            dataset = dataset.remove_columns(VALUES_COLUMN)
-        # The fingerprint covers the statistics, weights and signs instead of hashing the new column's values.
-        fingerprint = Hasher.hash(
-            (dataset._fingerprint, self._upo_stats, self._upo_weights.tolist(), self._upo_signs.tolist())
-        )
-        return dataset.add_column(VALUES_COLUMN, values.tolist(), new_fingerprint=fingerprint)
+        """Add the per-pair values computed with the current statistics (``trl_upo.collator.add_values_column``)."""
+        return add_values_column(dataset, self._upo_specs, self._upo_stats)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -352,8 +277,7 @@ class UPOTrainer(DPOTrainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         # A dataset passed here directly is scored like the ones given at construction, with the train statistics.
         if self._upo_heads and eval_dataset is not None and not isinstance(eval_dataset, str):
-            pc = self.processing_class
-            tokenizer = pc.tokenizer if isinstance(pc, ProcessorMixin) else pc
+            tokenizer = _tokenizer_of(self.processing_class)
             eval_dataset = self._upo_prepare_eval(eval_dataset, metric_key_prefix, self.args, tokenizer)
         return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
@@ -520,36 +444,12 @@ class UPOTrainer(DPOTrainer):
 
     def upo_state(self) -> dict[str, Any]:
         """The resolved heads, their fingerprints and normalisation statistics, and the UPO settings."""
-        args = self.args
-        return {
-            "format": 1,
-            "trl_upo_version": __version__,
-            "heads": [s.to_dict() for s in self._upo_specs],
-            "head_fingerprints": [h.fingerprint() for h in self._upo_heads],
-            "statistics": self._upo_stats,
-            "settings": {
-                k: getattr(args, k, None)
-                for k in (
-                    "upo_alpha",
-                    "upo_temperature",
-                    "upo_weight_cap",
-                    "upo_normalize_weights",
-                    "upo_baseline",
-                    "upo_applies_to",
-                    "upo_loglik",
-                    "upo_normalization",
-                    "upo_combine",
-                )
-            },
-        }
+        return build_state(self._upo_specs, self._upo_heads, self._upo_stats, self.args)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)
         if self._upo_specs and self.args.should_save:
-            out = output_dir or self.args.output_dir
-            os.makedirs(out, exist_ok=True)
-            with open(os.path.join(out, STATE_FILE), "w") as f:
-                json.dump(self.upo_state(), f, indent=2)
+            save_state(output_dir or self.args.output_dir, self.upo_state())
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         checkpoint = resume_from_checkpoint
@@ -563,52 +463,19 @@ class UPOTrainer(DPOTrainer):
         )
 
     def _upo_load_state(self, checkpoint: str) -> None:
-        path = os.path.join(checkpoint, STATE_FILE)
-        if not os.path.exists(path):
-            logger.warning(
-                "Checkpoint %s has no %s (it was not written by UPOTrainer with reward heads); the normalisation "
-                "statistics fitted on this run's train split are used.",
-                checkpoint,
-                STATE_FILE,
-            )
+        """Adopt the checkpoint's statistics (after checking its heads); recompute the per-pair values if they
+        differ from the ones fitted on this run's train split."""
+        stats = resume_statistics(checkpoint, self.upo_state())
+        if stats is None or stats == self._upo_stats:
             return
-        with open(path) as f:
-            state = json.load(f)
-        saved = state["heads"]
-        # Compared in their JSON form: names, types, weights, signs, normalisation and parameters must all match.
-        current = json.loads(json.dumps([s.to_dict() for s in self._upo_specs]))
-        if saved != current or state.get("head_fingerprints") != [h.fingerprint() for h in self._upo_heads]:
-            raise ValueError(
-                f"Checkpoint {checkpoint} was trained with reward heads {state['heads']}, but this run has "
-                f"{[s.to_dict() for s in self._upo_specs]}. Resuming would change the objective mid-run: use the "
-                f"same reward_heads, or start a new run (without resume_from_checkpoint)."
-            )
-        now = self.upo_state()["settings"]
-        changed = {k: (v, now.get(k)) for k, v in state.get("settings", {}).items() if now.get(k) != v}
-        if changed:
-            logger.warning(
-                "Resuming from %s with UPO settings that differ from the checkpoint's (saved, now): %s. The run "
-                "continues with the new settings.",
-                checkpoint,
-                changed,
-            )
-        if state["statistics"] != self._upo_stats:
-            logger.warning(
-                "The normalisation statistics saved in %s differ from the ones fitted on this run's train split "
-                "(the data changed?); the checkpoint's are used so that the resumed run keeps its scale.",
-                checkpoint,
-            )
-            self._upo_stats = state["statistics"]
-            # The normalised scores and r_aux columns were computed with the fitted statistics: recompute them.
-            self.train_dataset = self._upo_add_normalized(self.train_dataset)
-            if isinstance(self.eval_dataset, dict):
-                self.eval_dataset = {k: self._upo_add_normalized(v) for k, v in self.eval_dataset.items()}
-            elif self.eval_dataset is not None:
-                self.eval_dataset = self._upo_add_normalized(self.eval_dataset)
-        self._upo_stats = state["statistics"]
+        self._upo_stats = stats
+        self.train_dataset = self._upo_add_normalized(self.train_dataset)
+        if isinstance(self.eval_dataset, dict):
+            self.eval_dataset = {k: self._upo_add_normalized(v) for k, v in self.eval_dataset.items()}
+        elif self.eval_dataset is not None:
+            self.eval_dataset = self._upo_add_normalized(self.eval_dataset)
 
 
-def load_upo_state(path: str) -> dict[str, Any]:
-    """Read ``upo_state.json`` from an output directory or checkpoint."""
-    with open(os.path.join(path, STATE_FILE)) as f:
-        return json.load(f)
+def _tokenizer_of(processing_class: Any) -> Any:
+    """The tokenizer of a processing class (a processor's ``.tokenizer``, or the tokenizer itself)."""
+    return processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
