@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from trl_upo.heads import ClassifierHead, HeadSpec, build_head
-from trl_upo.testing import save_tiny_classifier
+from tests.tiny import save_tiny_classifier
 
 TEXTS = ["cats purr", "dogs bark very loud", "rain", "the soup is very good and they like bread"]
 PROMPTS = ["tell me about cats", "tell me about dogs", "tell me about rain", "tell me about food"]
@@ -150,12 +150,12 @@ def test_bad_params(params, pattern):
 
 def test_default_device_is_the_process_gpu(monkeypatch):
     """Without ``device``, each process uses its current CUDA device (set per rank by accelerate), not cuda:0."""
-    from trl_upo.heads import _hf
+    from trl_upo import models
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert _hf.default_device() == "cpu"
+    assert models.default_device() == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
-    assert _hf.default_device() == "cuda:3"
+    assert models.default_device() == "cuda:3"
     assert ClassifierHead(model="m", labels="x")._device() == "cuda:3"
     assert ClassifierHead(model="m", labels="x", device="cpu")._device() == "cpu"

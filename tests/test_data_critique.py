@@ -89,14 +89,6 @@ def test_critique_needs_a_model():
         CritiqueConfig()
 
 
-@pytest.fixture
-def no_generation(monkeypatch):
-    def forbidden(*a, **k):
-        raise AssertionError("generation ran before the input was checked")
-
-    monkeypatch.setattr(TransformersGenerator, "generate", forbidden)
-
-
 @pytest.mark.parametrize(
     "rows, kwargs, match",
     [

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from datasets import Dataset
 
 from trl_upo import UPOTrainer
@@ -49,6 +50,19 @@ def test_within_prompt_scales():
     np.testing.assert_allclose(within_prompt(x, "zscore"), (x - 3) / np.sqrt(2))
     np.testing.assert_allclose(within_prompt(x, "rank"), [0.0, 0.5, 0.5, 1.0])
     assert within_prompt(np.array([2.0, 2.0]), "zscore").tolist() == [0.0, 0.0]
+
+
+def test_candidate_rank_is_not_the_training_rank():
+    """The builder's "rank" (candidate_ranks: an order among one prompt's candidates, in [0, 1]) and training's "rank"
+    (a quantile over the split, scaled to mean 0 and variance 1) share a name, not the maths."""
+    from trl_upo.data.rank import candidate_ranks
+    from trl_upo.objective import fit_normalization, normalize_scores
+
+    x = np.array([1.0, 3.0, 3.0, 5.0])
+    np.testing.assert_allclose(candidate_ranks(x), within_prompt(x, "rank"))
+    stats = fit_normalization(x, "rank")
+    training = normalize_scores(torch.tensor(x)[:, None], [stats])[:, 0].numpy()
+    assert training.min() < 0 < training.max() and not np.allclose(training, candidate_ranks(x))
 
 
 def test_select_pairs_hand_values():
@@ -155,8 +169,12 @@ def test_rank_generated_with_reward_model_trains_upo(tiny_model_path, tiny_rewar
 
 
 def test_rank_conversational_generated(tiny_model_path, tmp_path, score_cache):
-    cfg = RankConfig(reward_heads=[{"name": "length"}], generation=_gen(tiny_model_path), num_candidates=4, batch_size=4)
-    out = build_rank_pairs(_prompts(4, conversational=True), cfg, OutputSettings(str(tmp_path / "conv"), progress=False))
+    cfg = RankConfig(
+        reward_heads=[{"name": "length"}], generation=_gen(tiny_model_path), num_candidates=4, batch_size=4
+    )
+    out = build_rank_pairs(
+        _prompts(4, conversational=True), cfg, OutputSettings(str(tmp_path / "conv"), progress=False)
+    )
     assert len(out) >= 1
     for row in out:
         assert row["prompt"][0]["role"] == "user"
@@ -250,14 +268,6 @@ def test_resume_refuses_other_settings_unless_overwrite(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def no_generation(monkeypatch):
-    def forbidden(*a, **k):
-        raise AssertionError("generation ran before the input was checked")
-
-    monkeypatch.setattr(TransformersGenerator, "generate", forbidden)
-
-
 def test_no_prompt_column(tiny_model_path, no_generation):
     ds = Dataset.from_list([{"question": "tell me about cats"}])
     cfg = RankConfig(reward_heads=[{"name": "length"}], generation=_gen(tiny_model_path), num_candidates=2)
@@ -275,7 +285,8 @@ def test_no_prompt_column(tiny_model_path, no_generation):
         (dict(num_candidates=2, reward_heads=[{"name": "lenght"}]), "Did you mean 'length'"),
         (dict(num_candidates=2, reward_heads=[]), "at least one reward head"),
         (dict(num_candidates=2, reward_heads=[{"name": "c", "type": "column",
-                                               "params": {"chosen": "a", "rejected": "b"}}]), "reads scores of existing"),
+                                               "params": {"chosen": "a", "rejected": "b"}}]),
+         "reads scores of existing"),
         (dict(num_candidates=2, pairing="best"), "pairing must be one of"),
         (dict(num_candidates=2, margin=-1), "margin must be"),
         (dict(num_candidates=2, candidates_column="c"), "exactly one source"),
@@ -338,6 +349,7 @@ def test_token_length_head_uses_the_given_tokenizer(tiny_model_path):
     heads = [{"name": "tokens", "type": "length", "params": {"unit": "tokens"}}]
     with pytest.raises(ValueError, match="needs the trainer's tokenizer"):
         build_rank_pairs(ds, RankConfig(reward_heads=heads, candidate_columns=["a", "b"]))
-    row = build_rank_pairs(ds, RankConfig(reward_heads=heads, candidate_columns=["a", "b"], tokenizer=tiny_model_path))[0]
+    cfg = RankConfig(reward_heads=heads, candidate_columns=["a", "b"], tokenizer=tiny_model_path)
+    row = build_rank_pairs(ds, cfg)[0]
     # word-level tokenizer: "much" is unknown but still one token -> 2 vs 4 tokens
     assert (row["chosen"], row["score_tokens_chosen"], row["score_tokens_rejected"]) == (" cats purr", -2.0, -4.0)

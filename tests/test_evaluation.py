@@ -17,9 +17,10 @@ from trl_upo.evaluation import (
     load_model,
     preference_metrics,
 )
-from trl_upo.testing import build_tokenizer, preference_rows, save_tiny_model
+from tests.tiny import save_tiny_model
+from trl_upo.quickstart import NOVERY_HEAD
+from trl_upo.quickstart_task import build_tokenizer, preference_rows
 
-NOVERY = {"name": "novery", "type": "function", "params": {"function": "trl_upo.testing:avoid_word_reward"}}
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +76,13 @@ def test_conversational_prompt_uses_chat_template_and_pad_fallback(policy):
 def test_designer_metrics_raw_scores_by_hand():
     prompts = ["p1", "p2"]
     responses = [["a b c", "a very b"], ["x"]]
-    heads = [NOVERY, {"name": "words", "type": "length", "params": {"direction": "longer"}}]
+    heads = [NOVERY_HEAD, {"name": "words", "type": "length", "params": {"direction": "longer"}}]
     m = designer_metrics(prompts, responses, heads)
     # novery: 1, 0, 1 -> mean 2/3, population std sqrt(2/9); length: 3, 3, 1 -> mean 7/3, std sqrt(8/9)
     assert m["novery"]["n"] == 3 and m["novery"]["mean"] == pytest.approx(2 / 3)
     assert m["novery"]["std"] == pytest.approx(math.sqrt(2 / 9))
     assert m["words"]["mean"] == pytest.approx(7 / 3) and m["words"]["std"] == pytest.approx(math.sqrt(8 / 9))
-    chat = designer_metrics([[{"role": "user", "content": "hi"}]], [["very good"]], [NOVERY])
+    chat = designer_metrics([[{"role": "user", "content": "hi"}]], [["very good"]], [NOVERY_HEAD])
     assert chat["novery"]["mean"] == 0.0  # conversational: scored as an assistant message
 
 
@@ -94,7 +95,7 @@ def test_designer_metrics_bad_heads():
     with pytest.raises(ValueError, match="non-finite"):
         designer_metrics(["p"], [["r"]], [nan_head])
     with pytest.raises(ValueError, match="2 prompts but 1"):
-        designer_metrics(["p", "q"], [["r"]], [NOVERY])
+        designer_metrics(["p", "q"], [["r"]], [NOVERY_HEAD])
 
 
 def _logp_by_hand(model, tok, prompt: str, completion: str) -> float:
@@ -162,7 +163,7 @@ def test_peft_reference_is_the_adapter_disabled_model(tiny_model_path, tokenizer
 def test_evaluate_policy_result_shape(policy_path, tiny_model_path):
     rows = preference_rows(4, seed=8, conversational=True)
     res = evaluate_policy(
-        policy_path, prompts=[r["prompt"] for r in rows], heads=[NOVERY], pairs=rows, ref_model=tiny_model_path,
+        policy_path, prompts=[r["prompt"] for r in rows], heads=[NOVERY_HEAD], pairs=rows, ref_model=tiny_model_path,
         max_new_tokens=4, num_samples=2, num_examples=2, return_responses=True, temperature=0.7,
     )
     assert set(res) == {"designer", "preference", "generation", "samples", "responses"}
@@ -201,3 +202,19 @@ def test_bad_input(policy, tokenizer, tmp_path):
         preference_metrics(policy, tokenizer, [{"prompt": "a", "chosen": "b"}])
     with pytest.raises(ValueError, match="Unknown reward head 'lenght'"):  # before any generation
         evaluate_policy(policy, tokenizer, prompts=["a"], heads=[{"name": "lenght"}])
+
+
+def test_one_loader_for_dtypes_and_the_data_generator(tiny_model_path):
+    """trl_upo.models is the one loader: dtype strings, and the data builders' generator loading through it."""
+    from trl_upo.data.generation import GenerationSettings, TransformersGenerator
+    from trl_upo.models import pretrained_kwargs, resolve_dtype
+
+    assert resolve_dtype("bfloat16") is torch.bfloat16 and resolve_dtype("auto") == "auto"
+    assert resolve_dtype(None) is None
+    assert pretrained_kwargs(dtype="float16", revision="main") == {"revision": "main", "dtype": torch.float16}
+    assert pretrained_kwargs() == {}
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        resolve_dtype("fp16")
+    generator = TransformersGenerator(GenerationSettings(model=tiny_model_path, dtype="bfloat16", device="cpu"))
+    assert generator.model.dtype == torch.bfloat16 and not generator.model.training
+    assert generator.tokenizer.padding_side == "left" and generator.tokenizer.pad_token is not None

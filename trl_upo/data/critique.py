@@ -10,16 +10,16 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import math
 import random
 import string
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .formats import as_completion, check_prompt_column, is_conversational, prompt_text, response_text
-from .generation import GenerationSettings, batch_seed, make_generator
-from .io import OutputSettings, dataset_digest, finish, open_store, run_in_shards
+from ..formats import as_completion, check_prompt_column, completion_text, is_conversational, prompt_text
+from .builder import check_column, check_output, run_builder, run_fingerprint
+from .generation import Generator, GenerationSettings, batch_seed, make_generator
+from .io import OutputSettings
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,8 @@ TEMPLATE_FIELDS = {
     "revision_template": ({"prompt", "response", "critique", "revision_request"}, {"critique_request"}),
 }
 SELECTIONS = ("random", "all")
+#: The columns a critique run writes (``revisions`` only with more than one round).
+OUTPUT_COLUMNS = ("prompt", "chosen", "rejected", "critique", "principle", "revisions")
 
 
 def check_template(name: str, template: str) -> None:
@@ -87,7 +89,9 @@ def check_template(name: str, template: str) -> None:
     try:
         found = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
     except ValueError as e:
-        raise ValueError(f"{name} is not a valid format string ({e}); write a literal brace as '{{{{' or '}}}}'.") from e
+        raise ValueError(
+            f"{name} is not a valid format string ({e}); write a literal brace as '{{{{' or '}}}}'."
+        ) from e
     bad = [f for f in found if not f.isidentifier()]
     if bad:
         raise ValueError(f"{name} has placeholders {bad} that are not plain names; write literal braces as '{{{{'.")
@@ -192,7 +196,9 @@ class CritiqueConfig:
         check_template("revision_template", self.revision_template)
         self.principle_list = _parse_principles(self.principles)
         if self.principle_selection not in SELECTIONS:
-            raise ValueError(f"principle_selection must be one of {list(SELECTIONS)}, got {self.principle_selection!r}.")
+            raise ValueError(
+                f"principle_selection must be one of {list(SELECTIONS)}, got {self.principle_selection!r}."
+            )
         if isinstance(self.generation, dict):
             self.generation = GenerationSettings(**self.generation)
         if self.generation is None:
@@ -234,115 +240,131 @@ def build_critique_pairs(
     """
     conversational = check_prompt_column(dataset, config.prompt_column)
     if config.response_column is not None:
-        if config.response_column not in dataset.column_names:
-            close = difflib.get_close_matches(config.response_column, dataset.column_names, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(
-                f"The dataset has no response column {config.response_column!r}.{hint} Columns: "
-                f"{dataset.column_names}."
-            )
+        check_column(dataset, config.response_column, "response")
         for i, value in enumerate(dataset[config.response_column]):
             if not (isinstance(value, str) or is_conversational(value)):
                 raise ValueError(
                     f"Row {i}: {config.response_column!r} must hold a string or a list of messages, got {value!r}."
                 )
-    consumed = {config.prompt_column, config.response_column}
-    passthrough = [c for c in dataset.column_names if c not in consumed]
-    clash = sorted(set(passthrough) & {"prompt", "chosen", "rejected", "critique", "principle", "revisions"})
-    if clash:
-        raise ValueError(
-            f"The input dataset has column(s) {clash}, which the output would overwrite. Rename or remove them first "
-            f"(Dataset.rename_column / remove_columns); existing answers go in response_column."
-        )
-    if output is not None:
-        output.check_writable()
-
+    passthrough = check_output(
+        dataset,
+        output,
+        consumed={config.prompt_column, config.response_column},
+        produced=OUTPUT_COLUMNS,
+        hint="; existing answers go in response_column",
+    )
     generator = make_generator(config.generation)
-    num_batches = math.ceil(len(dataset) / config.batch_size)
-    store, tmp = open_store(output, _fingerprint(dataset, config), num_batches)
-
-    def ask(texts: list[str]) -> list[Any]:
-        # A filled template is plain text for a standard model input, one user message for a chat model.
-        return [[{"role": "user", "content": t}] for t in texts] if conversational else texts
+    unchanged: list[int] = []  # per batch of this run: revisions identical to their original answer
 
     def process(rows: list[dict[str, Any]], b: int, start: int) -> list[dict[str, Any]]:
-        prompts = [r[config.prompt_column] for r in rows]
-        if config.response_column is not None:
-            answers = [response_text(r[config.response_column]) for r in rows]
-        else:
-            answers = [t[0] for t in generator.generate(prompts, 1, batch_seed(config.seed, b, "answer"))]
-        jobs = [(i, chain) for i in range(len(rows)) for chain in config.principles_for(start + i)]
-        current = [answers[i].strip() for i, _ in jobs]
-        history: list[list[dict[str, str]]] = [[] for _ in jobs]
-        for r in range(config.num_revisions):
-            suffix = "" if r == 0 else str(r)  # round 0 keeps the stage names of a one-round run
-            fields = [
-                {
-                    "prompt": prompt_text(prompts[i]),
-                    "response": current[k],
-                    "critique_request": chain[r].critique_request,
-                }
-                for k, (i, chain) in enumerate(jobs)
-            ]
-            critique_inputs = ask([config.critique_template.format(**f) for f in fields])
-            seed = batch_seed(config.seed, b, "critique" + suffix)
-            critiques = [t[0].strip() for t in generator.generate(critique_inputs, 1, seed)]
-            revision_inputs = ask(
-                [
-                    config.revision_template.format(**f, critique=c, revision_request=chain[r].revision_request)
-                    for f, c, (_, chain) in zip(fields, critiques, jobs, strict=True)
-                ]
-            )
-            seed = batch_seed(config.seed, b, "revision" + suffix)
-            revisions = [t[0] for t in generator.generate(revision_inputs, 1, seed)]
-            for k, (critique, revision) in enumerate(zip(critiques, revisions, strict=True)):
-                history[k].append({"principle": jobs[k][1][r].name, "critique": critique, "revision": revision})
-            current = [t.strip() for t in revisions]
-        out = []
-        for (i, chain), rounds in zip(jobs, history, strict=True):
-            original = rows[i][config.response_column] if config.response_column is not None else answers[i]
-            if conversational and isinstance(original, str):
-                original = as_completion(original, True)
-            revision = rounds[-1]["revision"]
-            chosen = as_completion(revision.strip(), True) if conversational else _like(original, revision)
-            row = {
-                "prompt": prompts[i],
-                "chosen": chosen,
-                "rejected": original,
-                "critique": rounds[-1]["critique"],
-                "principle": rounds[-1]["principle"],
-            }
-            if config.num_revisions > 1:
-                row["revisions"] = [{**h, "revision": h["revision"].strip()} for h in rounds]
-            row.update({c: rows[i][c] for c in passthrough})
-            out.append(row)
-        unchanged.append(sum(response_text(r["chosen"]).strip() == response_text(r["rejected"]).strip() for r in out))
+        out = _critique_batch(config, generator, rows, b, start, conversational, passthrough)
+        unchanged.append(sum(_same_text(r["chosen"], r["rejected"]) for r in out))
         return out
 
-    unchanged: list[int] = []
-
-    try:
-        run_in_shards(
-            dataset,
-            process,
-            batch_size=config.batch_size,
-            store=store,
-            desc="Critique and revision",
-            progress=output.progress if output is not None else True,
-            on_batch=on_batch,
-        )
+    def summary() -> None:
         if sum(unchanged):
             logger.warning(
                 "%d revision(s) built in this run are identical to the original answer: those pairs carry no "
                 "preference signal (they are kept; chosen == rejected marks them).",
                 sum(unchanged),
             )
-        result = finish(store, output, "pairs")
-    finally:
-        generator.release()
-        if tmp is not None:
-            tmp.cleanup()
-    return result
+
+    return run_builder(
+        dataset,
+        output,
+        fingerprint=_fingerprint(dataset, config),
+        batch_size=config.batch_size,
+        process=process,
+        desc="Critique and revision",
+        on_batch=on_batch,
+        release=[generator],
+        summary=summary,
+    )
+
+
+def _critique_batch(
+    config: CritiqueConfig,
+    generator: Generator,
+    rows: list[dict[str, Any]],
+    b: int,
+    start: int,
+    conversational: bool,
+    passthrough: list[str],
+) -> list[dict[str, Any]]:
+    """The output rows of one batch: answer (or read the answers), then critique and revise, round after round."""
+    prompts = [r[config.prompt_column] for r in rows]
+    if config.response_column is not None:
+        answers = [completion_text(r[config.response_column]) for r in rows]
+    else:
+        answers = [t[0] for t in generator.generate(prompts, 1, batch_seed(config.seed, b, "answer"))]
+    jobs = [(i, chain) for i in range(len(rows)) for chain in config.principles_for(start + i)]
+    history = _revise(config, generator, [prompts[i] for i, _ in jobs], [answers[i] for i, _ in jobs],
+                      [chain for _, chain in jobs], b, conversational)
+    out = []
+    for (i, _), rounds in zip(jobs, history, strict=True):
+        original = rows[i][config.response_column] if config.response_column is not None else answers[i]
+        if conversational and isinstance(original, str):
+            original = as_completion(original, True)
+        revision = rounds[-1]["revision"]
+        chosen = as_completion(revision.strip(), True) if conversational else _like(original, revision)
+        row = {
+            "prompt": prompts[i],
+            "chosen": chosen,
+            "rejected": original,
+            "critique": rounds[-1]["critique"],
+            "principle": rounds[-1]["principle"],
+        }
+        if config.num_revisions > 1:
+            row["revisions"] = [{**h, "revision": h["revision"].strip()} for h in rounds]
+        row.update({c: rows[i][c] for c in passthrough})
+        out.append(row)
+    return out
+
+
+def _revise(
+    config: CritiqueConfig,
+    generator: Generator,
+    prompts: list[Any],
+    answers: list[str],
+    chains: list[list[Principle]],
+    b: int,
+    conversational: bool,
+) -> list[list[dict[str, str]]]:
+    """Every job's rounds (``{principle, critique, revision}``): each round critiques the previous round's text under
+    its principle and revises it; each stage is one ``generate`` call with batch ``b``'s seed for that stage."""
+
+    def ask(texts: list[str]) -> list[Any]:
+        # A filled template is plain text for a standard model input, one user message for a chat model.
+        return [[{"role": "user", "content": t}] for t in texts] if conversational else texts
+
+    current = [a.strip() for a in answers]
+    history: list[list[dict[str, str]]] = [[] for _ in chains]
+    for r in range(config.num_revisions):
+        suffix = "" if r == 0 else str(r)  # round 0 keeps the stage names of a one-round run
+        fields = [
+            {"prompt": prompt_text(p), "response": current[k], "critique_request": chain[r].critique_request}
+            for k, (p, chain) in enumerate(zip(prompts, chains, strict=True))
+        ]
+        critique_inputs = ask([config.critique_template.format(**f) for f in fields])
+        seed = batch_seed(config.seed, b, "critique" + suffix)
+        critiques = [t[0].strip() for t in generator.generate(critique_inputs, 1, seed)]
+        revision_inputs = ask(
+            [
+                config.revision_template.format(**f, critique=c, revision_request=chain[r].revision_request)
+                for f, c, chain in zip(fields, critiques, chains, strict=True)
+            ]
+        )
+        seed = batch_seed(config.seed, b, "revision" + suffix)
+        revisions = [t[0] for t in generator.generate(revision_inputs, 1, seed)]
+        for k, (critique, revision) in enumerate(zip(critiques, revisions, strict=True)):
+            history[k].append({"principle": chains[k][r].name, "critique": critique, "revision": revision})
+        current = [t.strip() for t in revisions]
+    return history
+
+
+def _same_text(a: Any, b: Any) -> bool:
+    """Whether two responses (strings or message lists) have the same text, surrounding whitespace aside."""
+    return completion_text(a).strip() == completion_text(b).strip()
 
 
 def _like(original: Any, revision: str) -> str:
@@ -354,9 +376,7 @@ def _like(original: Any, revision: str) -> str:
 
 
 def _fingerprint(dataset: Any, config: CritiqueConfig) -> str:
-    from ..heads.base import short_hash
-
     settings = {k: v for k, v in asdict(config).items() if k not in ("generation", "principles", "principle_list")}
     settings["generation"] = config.generation.to_dict()
     settings["principles"] = [asdict(p) for p in config.principle_list]
-    return short_hash(f"critique|{json.dumps(settings, sort_keys=True, default=repr)}|{dataset_digest(dataset)}")
+    return run_fingerprint("critique", settings, dataset)

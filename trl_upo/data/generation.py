@@ -10,10 +10,10 @@ import importlib.util
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .formats import is_conversational
+from ..formats import is_conversational
+from ..models import DTYPES, check_model_path, load_model, load_tokenizer
 
 BACKENDS = ("transformers", "vllm")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 @dataclass
@@ -50,14 +50,7 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"model must be a local path or a Hugging Face Hub model id, got {self.model!r}.")
-        if self.model.startswith(("/", "./", "../", "~")):
-            import os
-
-            if not os.path.exists(os.path.expanduser(self.model)):
-                raise ValueError(
-                    f"The generation model path {self.model!r} does not exist. Give a directory saved with "
-                    f"save_pretrained, or a Hugging Face Hub model id."
-                )
+        check_model_path(self.model, "GenerationSettings.model (--model)")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}.")
         if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
@@ -107,22 +100,13 @@ class Generator:
     def tokenizer(self) -> Any:
         """The model's tokenizer (loaded on first use)."""
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            kwargs = {"revision": self.settings.revision} if self.settings.revision else {}
-            try:
-                tok = AutoTokenizer.from_pretrained(self.settings.model, **kwargs)
-            except (OSError, ValueError) as e:
-                raise ValueError(f"Cannot load the tokenizer of {self.settings.model!r}: {e}") from e
-            if tok.pad_token is None:
-                if tok.eos_token is None:
-                    raise ValueError(
-                        f"The tokenizer of {self.settings.model!r} has neither a pad nor an eos token, so prompts "
-                        f"cannot be batched. Save the tokenizer with a pad token."
-                    )
-                tok.pad_token = tok.eos_token
-            tok.padding_side = "left"
-            self._tokenizer = tok
+            self._tokenizer = load_tokenizer(
+                self.settings.model,
+                revision=self.settings.revision,
+                padding_side="left",
+                pad_token=True,
+                hint="Check GenerationSettings.model (--model).",
+            )
         return self._tokenizer
 
     def render(self, prompt: Any) -> str:
@@ -170,28 +154,15 @@ class TransformersGenerator(Generator):
         super().__init__(settings)
         self._model = None
 
-    def _device(self) -> str:
-        import torch
-
-        return self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-
     @property
     def model(self) -> Any:
-        """The causal language model (loaded on first use)."""
+        """The causal language model, in eval mode on ``settings.device`` (loaded on first use)."""
         if self._model is None:
-            import torch
-            from transformers import AutoModelForCausalLM
-
-            kwargs: dict[str, Any] = {"revision": self.settings.revision} if self.settings.revision else {}
-            if self.settings.dtype == "auto":
-                kwargs["dtype"] = "auto"
-            elif self.settings.dtype:
-                kwargs["dtype"] = getattr(torch, self.settings.dtype)
+            s = self.settings
             try:
-                model = AutoModelForCausalLM.from_pretrained(self.settings.model, **kwargs)
+                self._model = load_model(s.model, dtype=s.dtype, device=s.device, revision=s.revision)
             except (OSError, ValueError) as e:
-                raise ValueError(f"Cannot load {self.settings.model!r} as a causal language model: {e}") from e
-            self._model = model.eval().to(self._device())
+                raise ValueError(f"Cannot load {s.model!r} as a causal language model: {e}") from e
         return self._model
 
     def generate(self, prompts: list[Any], n: int, seed: int) -> list[list[str]]:  # noqa: D102 (documented on base)

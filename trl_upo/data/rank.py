@@ -7,7 +7,6 @@ The scores stay in the output as ``score_<head>_chosen`` / ``score_<head>_reject
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -16,14 +15,19 @@ from typing import Any
 
 import numpy as np
 
-from ..heads.base import HeadSpec, build_head, parse_head_specs
-from .formats import as_completion, check_prompt_column, is_conversational
-from .generation import GenerationSettings, batch_seed, make_generator
-from .io import OutputSettings, dataset_digest, finish, open_store, run_in_shards
+from ..formats import as_completion, check_prompt_column, is_conversational
+from ..heads import HeadSpec, RewardHead, build_head, parse_head_specs, resolve_head_class
+from ..models import load_tokenizer
+from ..scoring import call_head, check_finite
+from .builder import check_column, check_output, run_builder, run_fingerprint
+from .generation import Generator, GenerationSettings, batch_seed, make_generator
+from .io import OutputSettings
 
 logger = logging.getLogger(__name__)
 
 PAIRINGS = ("best_vs_worst", "all_above_margin")
+#: The values of ``RankConfig.normalization`` (and of a head spec's ``normalize``, read here): the same names as
+#: ``UPOConfig.upo_normalization``, but computed over one prompt's candidates (see :func:`within_prompt`).
 RANK_NORMALIZATIONS = ("none", "zscore", "rank")
 
 
@@ -76,7 +80,10 @@ class RankConfig:
         margin: the ranking-score difference a pair must exceed (>= 0); prompts with no such pair give no pair.
         normalization: how each head's scores are put on one scale across a prompt's candidates before the weighted
             sum that ranks them, when the head's spec sets no ``normalize``: ``"none"`` (raw scores; ``margin`` is
-            in the head's units), ``"zscore"`` or ``"rank"`` (in [0, 1]).
+            in the head's units), ``"zscore"`` or ``"rank"`` (the candidate's rank among the prompt's candidates,
+            in [0, 1]: :func:`candidate_ranks`). These are computed per prompt, not over a dataset: ``"rank"`` here
+            is not the training-time rank normalisation of ``UPOConfig.upo_normalization`` (a quantile over the
+            training split, scaled to unit variance; :func:`trl_upo.objective.fit_normalization`).
         batch_size: prompts per batch (and per shard: an interruption loses at most one batch).
         seed: the run's seed; each batch samples with a seed derived from it and the batch's index.
         keep_candidates: also store every candidate (``candidates``) and its ranking score (``candidate_scores``).
@@ -107,13 +114,27 @@ class RankConfig:
                 "reward model, {'name': 'rm', 'type': 'reward_model', 'params': {'model': PATH}} (--reward_model PATH)."
             )
         for spec in self.head_specs:
-            if spec.type == "column" or not getattr(build_head_class(spec), "needs_text", True):
+            if not resolve_head_class(spec.type).needs_text:
                 raise ValueError(
                     f"Reward head {spec.name!r} ({spec.type}) reads scores of existing chosen/rejected columns; rank "
                     f"scores candidate texts, so use heads that read text (length, lexicon, reward_model, ...)."
                 )
         if isinstance(self.generation, dict):
             self.generation = GenerationSettings(**self.generation)
+        self._check_candidate_source()
+        if self.pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {list(PAIRINGS)}, got {self.pairing!r}.")
+        if not (isinstance(self.margin, (int, float)) and math.isfinite(self.margin) and self.margin >= 0):
+            raise ValueError(f"margin must be a finite number >= 0, got {self.margin!r}.")
+        if self.normalization not in RANK_NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {list(RANK_NORMALIZATIONS)}, got {self.normalization!r}.")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}.")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}.")
+
+    def _check_candidate_source(self) -> None:
+        """Exactly one source of N >= 2 candidates, consistent with ``num_candidates``."""
         sources = [
             name
             for name, value in (
@@ -155,16 +176,6 @@ class RankConfig:
                     "Generating several candidates per prompt needs sampling (do_sample=True): greedy decoding gives "
                     "the same response N times."
                 )
-        if self.pairing not in PAIRINGS:
-            raise ValueError(f"pairing must be one of {list(PAIRINGS)}, got {self.pairing!r}.")
-        if not (isinstance(self.margin, (int, float)) and math.isfinite(self.margin) and self.margin >= 0):
-            raise ValueError(f"margin must be a finite number >= 0, got {self.margin!r}.")
-        if self.normalization not in RANK_NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {list(RANK_NORMALIZATIONS)}, got {self.normalization!r}.")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}.")
-        if not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}.")
 
     def output_columns(self) -> list[str]:
         """The columns a rank run adds to the passed-through input columns."""
@@ -180,21 +191,21 @@ class RankConfig:
         return column_head_specs([s.to_dict() | {"params": s.params} for s in self.head_specs])
 
 
-def build_head_class(spec: HeadSpec) -> type:
-    """The head class of ``spec`` (without building the head)."""
-    from ..heads.base import resolve_head_class
+def candidate_ranks(scores: np.ndarray) -> np.ndarray:
+    """The ranks of one prompt's candidates, scaled to [0, 1] (lowest score 0, highest 1; ties share their mean rank).
 
-    return resolve_head_class(spec.type)
+    This is what ``"rank"`` means in a rank run (``RankConfig.normalization``, or a head spec's ``normalize`` read
+    by the rank builder): an order among the N candidates of one prompt. It is not the training-time ``"rank"``
+    normalisation of ``UPOConfig.upo_normalization`` (:func:`trl_upo.objective.fit_normalization`), which maps a
+    score to its quantile over the whole training split and scales it to mean 0, variance 1; the two share the user
+    value ``"rank"`` and nothing else.
 
+    Args:
+        scores: one head's scores of N >= 2 candidates.
 
-def within_prompt(scores: np.ndarray, mode: str) -> np.ndarray:
-    """One head's scores of one prompt's candidates on the ranking scale: raw (``none``), z-scored (a constant
-    head gives 0) or average ranks scaled to [0, 1] (``rank``; ties share their mean rank)."""
-    if mode == "none":
-        return scores
-    if mode == "zscore":
-        std = scores.std()
-        return np.zeros_like(scores) if std == 0 else (scores - scores.mean()) / std
+    Returns:
+        ``(N,)`` float64 array in [0, 1].
+    """
     order = scores.argsort(kind="stable")
     ranks = np.empty(len(scores))
     ranks[order] = np.arange(len(scores), dtype=np.float64)
@@ -202,6 +213,26 @@ def within_prompt(scores: np.ndarray, mode: str) -> np.ndarray:
         tied = scores == value
         ranks[tied] = ranks[tied].mean()
     return ranks / (len(scores) - 1)
+
+
+def within_prompt(scores: np.ndarray, mode: str) -> np.ndarray:
+    """One head's scores of one prompt's candidates on the ranking scale.
+
+    Args:
+        scores: the head's raw scores of the prompt's N candidates.
+        mode: ``"none"`` (raw), ``"zscore"`` (standardised over these candidates; a constant head gives 0) or
+            ``"rank"`` (:func:`candidate_ranks`, in [0, 1]). Computed over the prompt's candidates only: the same
+            names as ``UPOConfig.upo_normalization`` (dataset-level statistics, for training), not the same maths.
+
+    Returns:
+        ``(N,)`` array.
+    """
+    if mode == "none":
+        return scores
+    if mode == "zscore":
+        std = scores.std()
+        return np.zeros_like(scores) if std == 0 else (scores - scores.mean()) / std
+    return candidate_ranks(scores)
 
 
 def select_pairs(agg: np.ndarray, pairing: str, margin: float) -> list[tuple[int, int]]:
@@ -225,15 +256,9 @@ def select_pairs(agg: np.ndarray, pairing: str, margin: float) -> list[tuple[int
 
 
 def _check_candidates(dataset: Any, config: RankConfig, conversational: bool) -> None:
-    names = dataset.column_names
     wanted = [config.candidates_column] if config.candidates_column else list(config.candidate_columns or [])
     for col in wanted:
-        if col not in names:
-            import difflib
-
-            close = difflib.get_close_matches(col, names, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"The dataset has no candidate column {col!r}.{hint} Columns: {names}.")
+        check_column(dataset, col, "candidate")
 
     def check_one(value: Any, row: int, col: str) -> None:
         if isinstance(value, str):
@@ -301,117 +326,27 @@ def build_rank_pairs(
     conversational = check_prompt_column(dataset, config.prompt_column)
     if config.candidates_column or config.candidate_columns:
         _check_candidates(dataset, config, conversational)
-    consumed = {config.prompt_column, config.candidates_column, *(config.candidate_columns or [])}
-    passthrough = [c for c in dataset.column_names if c not in consumed]
-    clash = sorted(set(passthrough) & set(config.output_columns()))
-    if clash:
-        raise ValueError(
-            f"The input dataset has column(s) {clash}, which the output would overwrite. Rename or remove them first "
-            f"(Dataset.rename_column / remove_columns), or rank them as candidate_columns."
-        )
-    if output is not None:
-        output.check_writable()
-
-    heads = [build_head(spec) for spec in config.head_specs]
-    for head, spec in zip(heads, config.head_specs, strict=True):
-        missing = [c for c in getattr(head, "required_columns", lambda: [])() if c not in passthrough]
-        if missing:
-            raise ValueError(
-                f"Reward head {spec.name!r} ({spec.type}) reads column(s) {missing}, which the dataset does not have "
-                f"(besides the prompt and candidates). Columns: {dataset.column_names}."
-            )
-    for head in heads:
-        # A model head loads now, so that a wrong model id fails before anything is generated.
-        if callable(getattr(head, "load", None)):
-            head.load()
+    passthrough = check_output(
+        dataset,
+        output,
+        consumed={config.prompt_column, config.candidates_column, *(config.candidate_columns or [])},
+        produced=config.output_columns(),
+        hint=", or rank them as candidate_columns",
+    )
+    heads = _load_heads(config, passthrough, dataset.column_names)
     generator = make_generator(config.generation) if config.generation is not None else None
-    tokenizer = None
-    if config.tokenizer is not None:
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"Cannot load the tokenizer {config.tokenizer!r} (RankConfig.tokenizer): {e}") from e
-    elif generator is not None:
-        tokenizer = generator.tokenizer
-    num_batches = math.ceil(len(dataset) / config.batch_size)
-    fingerprint = _fingerprint(dataset, config, heads)
-    store, tmp = open_store(output, fingerprint, num_batches)
+    tokenizer = _heads_tokenizer(config, generator)
+    no_pair: list[int] = []  # per batch of this run: prompts whose candidates all tie within the margin
 
     def process(rows: list[dict[str, Any]], b: int, start: int) -> list[dict[str, Any]]:
         prompts = [r[config.prompt_column] for r in rows]
-        if generator is not None:
-            texts = generator.generate(prompts, config.num_candidates, batch_seed(config.seed, b, "candidates"))
-            cands = [[as_completion(t, conversational) for t in ts] for ts in texts]
-        elif config.candidates_column:
-            cands = [list(r[config.candidates_column]) for r in rows]
-        else:
-            cands = [[r[c] for c in config.candidate_columns] for r in rows]
-        if conversational:
-            cands = [[as_completion(c, True) if isinstance(c, str) else c for c in cs] for cs in cands]
-        owner = [i for i, cs in enumerate(cands) for _ in cs]
-        flat = [c for cs in cands for c in cs]
-        flat_prompts = [prompts[i] for i in owner]
-        columns = {c: [rows[i][c] for i in owner] for c in passthrough}
-        raw = np.empty((len(heads), len(flat)), dtype=np.float64)
-        for h, (head, spec) in enumerate(zip(heads, config.head_specs, strict=True)):
-            try:
-                values = head.score(flat_prompts, flat, role="chosen", columns=columns, tokenizer=tokenizer)
-            except ValueError as e:
-                raise ValueError(f"Reward head {spec.name!r} failed on rows {start}..{start + len(rows) - 1}: {e}") from e
-            values = [float("nan") if v is None else float(v) for v in values]
-            if len(values) != len(flat):
-                raise ValueError(
-                    f"Reward head {spec.name!r} returned {len(values)} scores for {len(flat)} candidates; it must "
-                    f"return one per response."
-                )
-            raw[h] = values
-            bad = [k for k, v in enumerate(values) if not math.isfinite(v)]
-            if bad:
-                k = bad[0]
-                raise ValueError(
-                    f"Reward head {spec.name!r} gave a non-finite score ({values[k]}) to candidate "
-                    f"{k - owner.index(owner[k])} of row {start + owner[k]}; candidates are never dropped silently: "
-                    f"fix the head or the data."
-                )
-        out_rows = []
-        skipped = 0
-        offset = 0
-        for i, (row, cs) in enumerate(zip(rows, cands, strict=True)):
-            block = raw[:, offset : offset + len(cs)]
-            offset += len(cs)
-            agg = np.zeros(len(cs))
-            for h, spec in enumerate(config.head_specs):
-                sign = 1.0 if spec.higher_is_better else -1.0
-                agg += spec.weight * sign * within_prompt(block[h], spec.normalize or config.normalization)
-            pairs = select_pairs(agg, config.pairing, config.margin)
-            skipped += not pairs
-            for ci, ri in pairs:
-                out = {"prompt": prompts[i], "chosen": cs[ci], "rejected": cs[ri]}
-                out["score_chosen"], out["score_rejected"] = float(agg[ci]), float(agg[ri])
-                for h, spec in enumerate(config.head_specs):
-                    col_c, col_r = score_columns(spec.name)
-                    out[col_c], out[col_r] = float(block[h, ci]), float(block[h, ri])
-                if config.keep_candidates:
-                    out["candidates"], out["candidate_scores"] = cs, [float(x) for x in agg]
-                out.update({c: row[c] for c in passthrough})
-                out_rows.append(out)
+        cands = _candidates(config, generator, rows, prompts, b, conversational)
+        raw = _score(config, heads, tokenizer, rows, prompts, cands, passthrough, start)
+        out, skipped = _pairs(config, rows, prompts, cands, raw, passthrough)
         no_pair.append(skipped)
-        return out_rows
+        return out
 
-    no_pair: list[int] = []
-
-    try:
-        run_in_shards(
-            dataset,
-            process,
-            batch_size=config.batch_size,
-            store=store,
-            desc="Ranking candidates",
-            progress=output.progress if output is not None else True,
-            on_batch=on_batch,
-        )
+    def summary() -> None:
         if sum(no_pair):
             logger.warning(
                 "%d of the %d prompts ranked in this run gave no pair: all their candidates' ranking scores were "
@@ -420,21 +355,126 @@ def build_rank_pairs(
                 min(len(dataset), len(no_pair) * config.batch_size),
                 config.margin,
             )
-        result = finish(store, output, "pairs")
-    finally:
-        for head in heads:
-            head.release()
-        if generator is not None:
-            generator.release()
-        if tmp is not None:
-            tmp.cleanup()
-    return result
+
+    return run_builder(
+        dataset,
+        output,
+        fingerprint=_fingerprint(dataset, config, heads),
+        batch_size=config.batch_size,
+        process=process,
+        desc="Ranking candidates",
+        on_batch=on_batch,
+        release=[*heads, generator],
+        summary=summary,
+    )
 
 
-def _fingerprint(dataset: Any, config: RankConfig, heads: list[Any]) -> str:
-    from ..heads.base import short_hash
+def _load_heads(config: RankConfig, passthrough: list[str], columns: list[str]) -> list[RewardHead]:
+    """Build the heads, check the columns they read, and load model heads now, so that a wrong model id fails before
+    anything is generated."""
+    heads = [build_head(spec) for spec in config.head_specs]
+    for head, spec in zip(heads, config.head_specs, strict=True):
+        missing = [c for c in head.required_columns() if c not in passthrough]
+        if missing:
+            raise ValueError(
+                f"Reward head {spec.name!r} ({spec.type}) reads column(s) {missing}, which the dataset does not have "
+                f"(besides the prompt and candidates). Columns: {columns}."
+            )
+    for head in heads:
+        head.load()
+    return heads
 
+
+def _heads_tokenizer(config: RankConfig, generator: Generator | None) -> Any:
+    """The tokenizer handed to the heads: ``config.tokenizer``, else the generation model's, else None."""
+    if config.tokenizer is not None:
+        return load_tokenizer(config.tokenizer, hint="Check RankConfig.tokenizer (--tokenizer).")
+    return generator.tokenizer if generator is not None else None
+
+
+def _candidates(
+    config: RankConfig, generator: Generator | None, rows: list[dict], prompts: list[Any], b: int, conversational: bool
+) -> list[list[Any]]:
+    """Every prompt's candidates, generated (with batch ``b``'s seed) or read; strings become assistant messages in
+    conversational data."""
+    if generator is not None:
+        texts = generator.generate(prompts, config.num_candidates, batch_seed(config.seed, b, "candidates"))
+        cands = [[as_completion(t, conversational) for t in ts] for ts in texts]
+    elif config.candidates_column:
+        cands = [list(r[config.candidates_column]) for r in rows]
+    else:
+        cands = [[r[c] for c in config.candidate_columns] for r in rows]
+    if conversational:
+        cands = [[as_completion(c, True) if isinstance(c, str) else c for c in cs] for cs in cands]
+    return cands
+
+
+def _score(
+    config: RankConfig,
+    heads: list[RewardHead],
+    tokenizer: Any,
+    rows: list[dict],
+    prompts: list[Any],
+    cands: list[list[Any]],
+    passthrough: list[str],
+    start: int,
+) -> np.ndarray:
+    """``(heads, candidates)`` raw scores of one batch's candidates (flattened in row order), all finite."""
+    owner = [i for i, cs in enumerate(cands) for _ in cs]
+    first = {i: owner.index(i) for i in set(owner)}
+    flat = [c for cs in cands for c in cs]
+    columns = {c: [rows[i][c] for i in owner] for c in passthrough}
+    what = f"candidates of rows {start}..{start + len(rows) - 1}"
+
+    def label(idx: tuple[int, ...]) -> str:
+        k = idx[0]
+        return f"candidate {k - first[owner[k]]} of row {start + owner[k]}"
+
+    raw = np.empty((len(heads), len(flat)), dtype=np.float64)
+    for h, (head, spec) in enumerate(zip(heads, config.head_specs, strict=True)):
+        raw[h] = call_head(
+            head, spec.name, [prompts[i] for i in owner], flat, columns=columns, tokenizer=tokenizer, what=what
+        )
+        check_finite(raw[h], spec.name, f"the {what}", label)
+    return raw
+
+
+def _pairs(
+    config: RankConfig,
+    rows: list[dict],
+    prompts: list[Any],
+    cands: list[list[Any]],
+    raw: np.ndarray,
+    passthrough: list[str],
+) -> tuple[list[dict[str, Any]], int]:
+    """The output rows of one batch, and how many of its prompts gave no pair."""
+    out_rows = []
+    skipped = 0
+    offset = 0
+    for i, (row, cs) in enumerate(zip(rows, cands, strict=True)):
+        block = raw[:, offset : offset + len(cs)]
+        offset += len(cs)
+        agg = np.zeros(len(cs))
+        for h, spec in enumerate(config.head_specs):
+            sign = 1.0 if spec.higher_is_better else -1.0
+            agg += spec.weight * sign * within_prompt(block[h], spec.normalize or config.normalization)
+        pairs = select_pairs(agg, config.pairing, config.margin)
+        skipped += not pairs
+        for ci, ri in pairs:
+            out = {"prompt": prompts[i], "chosen": cs[ci], "rejected": cs[ri]}
+            out["score_chosen"], out["score_rejected"] = float(agg[ci]), float(agg[ri])
+            for h, spec in enumerate(config.head_specs):
+                col_c, col_r = score_columns(spec.name)
+                out[col_c], out[col_r] = float(block[h, ci]), float(block[h, ri])
+            if config.keep_candidates:
+                out["candidates"], out["candidate_scores"] = cs, [float(x) for x in agg]
+            out.update({c: row[c] for c in passthrough})
+            out_rows.append(out)
+    return out_rows, skipped
+
+
+def _fingerprint(dataset: Any, config: RankConfig, heads: list[RewardHead]) -> str:
     settings = {k: v for k, v in asdict(config).items() if k not in ("reward_heads", "head_specs", "generation")}
     settings["generation"] = config.generation.to_dict() if config.generation is not None else None
     settings["heads"] = [[s.to_dict(), h.fingerprint()] for s, h in zip(config.head_specs, heads, strict=True)]
-    return short_hash(f"rank|{json.dumps(settings, sort_keys=True, default=repr)}|{dataset_digest(dataset)}")
+    return run_fingerprint("rank", settings, dataset)
