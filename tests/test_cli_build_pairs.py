@@ -15,8 +15,7 @@ import pytest
 import yaml
 
 from trl_upo.cli import main as trl_upo
-from trl_upo.data.generation import TransformersGenerator
-from trl_upo.testing import TOPICS
+from trl_upo.quickstart_task import TOPICS
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -98,14 +97,6 @@ def test_critique_cli_with_principles_in_yaml(tiny_model_path, tmp_path):
     rows = _read_jsonl(tmp_path / "c.jsonl")
     assert len(rows) == 2 and {r["principle"] for r in rows} == {"brief"}
     assert set(rows[0]) == {"prompt", "chosen", "rejected", "critique", "principle"}
-
-
-@pytest.fixture
-def no_generation(monkeypatch):
-    def forbidden(*a, **k):
-        raise AssertionError("generation ran before the input was checked")
-
-    monkeypatch.setattr(TransformersGenerator, "generate", forbidden)
 
 
 HEADS = '[{"name": "length"}]'
@@ -224,7 +215,7 @@ def test_push_to_hub_is_called_with_the_built_dataset(tmp_path, monkeypatch, cap
 def test_rerank_packaged_quickstart_data_with_upo_paths(tmp_path, caplog):
     """`upo://` names packaged assets; re-ranking an existing dataset's two responses keeps the pairs a head
     separates (with its winner as chosen) and reports the prompts it cannot rank."""
-    from trl_upo.cli.train import resolve_resource
+    from trl_upo.resources import resolve_resource
 
     source = _read_jsonl(resolve_resource("upo://quickstart-data/train.jsonl"))[:16]
     out = tmp_path / "reranked.jsonl"

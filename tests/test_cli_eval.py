@@ -11,11 +11,13 @@ import pytest
 import yaml
 
 from trl_upo.cli import main as cli
-from trl_upo.testing import preference_dataset, preference_rows, save_tiny_model
+from tests.tiny import preference_dataset, save_tiny_model
+from trl_upo.quickstart import NOVERY_HEAD
+from trl_upo.quickstart_task import preference_rows
 
 PNG = b"\x89PNG\r\n\x1a\n"
 HEADS = json.dumps([
-    {"name": "novery", "type": "function", "params": {"function": "trl_upo.testing:avoid_word_reward"}},
+    NOVERY_HEAD,
     {"name": "length", "params": {"direction": "shorter"}},
 ])
 

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from trl_upo import resources
+from trl_upo.cli import launch as cli_launch
 from trl_upo.cli import train as cli_train
-from trl_upo.testing import preference_rows
+from trl_upo.quickstart_task import preference_rows
 
 CPU = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no",
            disable_tqdm=True, dataloader_num_workers=0)
@@ -126,41 +128,41 @@ def test_launch_options_from_yaml_and_flags(tmp_path, recipe):
     assert launch == [("num_processes", "2"), ("main_process_port", "29600"), ("num_machines", "1"),
                       ("same_network", True)]
     argv = ["--config", path, "--num_machines", "1", "--same_network", "--max_steps", "3"]
-    assert cli_train._strip_launch_args(argv, launch) == ["--config", path, "--max_steps", "3"]
+    assert cli_launch.strip_launch_args(argv, launch) == ["--config", path, "--max_steps", "3"]
 
 
 def test_cpu_multi_process_uses_the_multi_gpu_launcher():
     """`accelerate launch --cpu --num_processes 2` starts one process: two CPU processes need --multi_gpu."""
-    args = cli_train.build_launch_args([("num_processes", "2"), ("cpu", "True")], use_cpu=True)
+    args = cli_launch.build_launch_args([("num_processes", "2"), ("cpu", "True")], use_cpu=True)
     assert "--multi_gpu" in args and "--cpu" not in args
     assert args[args.index("--num_processes") + 1] == "2"
-    assert cli_train.build_launch_args([("num_processes", "1")], use_cpu=True) == ["--num_processes", "1"]
+    assert cli_launch.build_launch_args([("num_processes", "1")], use_cpu=True) == ["--num_processes", "1"]
 
 
 def test_accelerate_config_names_and_files(tmp_path):
-    trl_zero3 = cli_train.resolve_accelerate_config("zero3")
+    trl_zero3 = cli_launch.resolve_accelerate_config("zero3")
     assert trl_zero3.endswith("zero3.yaml") and Path(trl_zero3).is_file()
     own = tmp_path / "mine.yaml"
     own.write_text("compute_environment: LOCAL_MACHINE\n")
-    args = cli_train.build_launch_args([("accelerate_config", str(own)), ("num_processes", "2")], use_cpu=False)
+    args = cli_launch.build_launch_args([("accelerate_config", str(own)), ("num_processes", "2")], use_cpu=False)
     assert args[:2] == ["--config_file", str(own)]
     with pytest.raises(ValueError, match="did you mean 'zero3'|Did you mean 'zero3'"):
-        cli_train.resolve_accelerate_config("zer03")
+        cli_launch.resolve_accelerate_config("zer03")
 
 
 def test_under_launcher_detection(monkeypatch):
     for key in ("TRL_UPO_LAUNCHED", "ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_MIXED_PRECISION", "LOCAL_RANK",
                 "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(key, raising=False)
-    assert not cli_train.under_launcher()
+    assert not cli_launch.under_launcher()
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert cli_train.under_launcher()
+    assert cli_launch.under_launcher()
 
 
 def test_packaged_assets_resolve_and_unknown_asset_errors(capsys):
-    model_dir = Path(cli_train.resolve_resource("upo://tiny-llama"))
+    model_dir = Path(resources.resolve_resource("upo://tiny-llama"))
     assert (model_dir / "model.safetensors").is_file()
-    assert cli_train.resolve_resource({"a": ["upo://quickstart-data", "hub/name"]})["a"][1] == "hub/name"
+    assert resources.resolve_resource({"a": ["upo://quickstart-data", "hub/name"]})["a"][1] == "hub/name"
     code, _, err = run_main(["--config", "upo://no-such.yaml"], capsys)
     assert code == 2 and "upo://quickstart.yaml" in err  # the error lists what is packaged
 
@@ -296,7 +298,7 @@ def test_launch_options_relaunch_through_accelerate(tmp_path, recipe, capsys, mo
                 "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(key, raising=False)
     calls = []
-    monkeypatch.setattr(cli_train.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
+    monkeypatch.setattr(cli_launch.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
     recipe["num_processes"] = 2
     path = write_recipe(tmp_path / "r.yaml", **recipe)
     code, out, _ = run_main(["--config", path, "--max_steps", "3", "--main_process_port", "29611"], capsys)

@@ -181,7 +181,7 @@ def test_launch_keys_resolve_to_accelerate_arguments(path, monkeypatch):
     with the config file of recipes/accelerate/."""
     from accelerate.commands.launch import launch_command_parser
 
-    from trl_upo.cli.train import build_launch_args
+    from trl_upo.cli.launch import build_launch_args
 
     monkeypatch.chdir(ROOT)
     data = load_recipe(path)
@@ -612,7 +612,7 @@ def test_fsdp2_shards_the_recipes_4bit_weights_without_changing_forward_or_grads
     the packed storage holds bf16 NaN bit patterns (the ones bitsandbytes#1945 reports FSDP2 rewriting on GPU).
     (accelerate only enables FSDP with GPUs, so the trainer's FSDP path itself is a GPU test.)"""
     pytest.importorskip("bitsandbytes", reason="the quantization extra is not installed")
-    from trl_upo.testing import save_tiny_causal_lm
+    from tests.tiny import save_tiny_causal_lm
 
     model_dir = save_tiny_causal_lm(str(tmp_path / "tiny-llama"), family="llama", hidden_size=64)
     out = tmp_path / "result.json"

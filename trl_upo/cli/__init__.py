@@ -2,12 +2,13 @@
 
 Each command lives in its own module of this package and exposes ``main(argv: list[str], prog: str) -> int``; the
 modules are imported only when their command runs, so ``trl-upo --help`` stays fast and one command's optional
-dependencies never break another.
+dependencies never break another. :mod:`trl_upo.cli.common` holds what the commands share (the usage error and exit
+code 2, YAML configs, strict option parsing); :mod:`trl_upo.cli.launch` re-launches ``train`` under
+``accelerate launch``.
 """
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import sys
 
@@ -41,8 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        close = difflib.get_close_matches(name, COMMANDS, n=1)
-        hint = f" Did you mean `trl-upo {close[0]}`?" if close else ""
+        from trl_upo.cli.common import closest
+
+        match = closest(name, COMMANDS)
+        hint = f" Did you mean `trl-upo {match}`?" if match else ""
         print(f"trl-upo: unknown command {name!r}.{hint} Commands: {', '.join(COMMANDS)}.", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])

@@ -5,198 +5,288 @@
     trl-upo build-pairs critique --dataset prompts.jsonl --model MODEL --output pairs.parquet
     trl-upo build-pairs --config build.yaml          # the YAML names the method: `method: rank`
 
-A YAML config (``--config``) takes the same keys as the flags (without the dashes); flags given on the command line
-override it, and an unknown key is an error with a did-you-mean suggestion. Values starting with ``upo://`` name the
-package's assets, as in ``trl-upo train`` recipes.
+The options are the fields of argument dataclasses (:class:`PairsIOArguments`, :class:`PairsGenerationArguments`,
+and :class:`RankArguments` or :class:`CritiqueArguments`), parsed by ``transformers.HfArgumentParser``. Their
+defaults are those of the library settings they fill (``RankConfig``, ``CritiqueConfig``, ``OutputSettings``); a
+generation option left unset keeps ``GenerationSettings``' default. A YAML config (``--config``) takes the same keys
+as the flags (without the dashes); flags given on the command line override it, and an unknown key is an error with
+a did-you-mean suggestion. Values starting with ``upo://`` name the package's assets, as in ``trl-upo train``
+recipes. The input is read by :func:`trl_upo.data.loading.load_split`.
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
+import dataclasses
 import sys
+from dataclasses import dataclass
 from typing import Any
 
-METHODS = ("rank", "critique")
-_GENERATION_KEYS = (
-    "backend", "max_new_tokens", "do_sample", "temperature", "top_p", "dtype", "device", "model_revision", "stop"
+from trl_upo.cli.common import (
+    HelpFormatter,
+    UsageError,
+    add_negative_flags,
+    closest,
+    did_you_mean,
+    option,
+    option_names,
+    parse_strict,
+    pop_config,
+    read_yaml,
+    run_command,
 )
+from trl_upo.data.critique import SELECTIONS, CritiqueConfig
+from trl_upo.data.generation import BACKENDS, DTYPES, GenerationSettings
+from trl_upo.data.io import FORMATS, OutputSettings
+from trl_upo.data.rank import PAIRINGS, RANK_NORMALIZATIONS, RankConfig
+
+#: The methods, each with its one-line help.
+METHODS = {
+    "rank": "score N candidates per prompt, pair best vs worst (or all above a margin)",
+    "critique": "answer, critique under a principle, revise; chosen = revision",
+}
+#: Options whose value is a place to write to, never a packaged ``upo://`` asset.
+_OUTPUT_KEYS = ("output", "shard_dir", "push_to_hub")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file whose keys are this command's options (flags override it)")
-    io = p.add_argument_group("input and output")
-    io.add_argument("--dataset", help="prompts: a .jsonl/.json/.parquet/.csv file, a save_to_disk directory, or a Hub id")
-    io.add_argument("--split", default="train", help="split of a Hub dataset or DatasetDict directory")
-    io.add_argument("--limit", type=int, help="use only the first N rows")
-    io.add_argument("--remove_columns", nargs="+", metavar="COLUMN",
-                    help="input columns to leave out (e.g. the chosen/rejected of a preference dataset)")
-    io.add_argument("--prompt_column", default="prompt", help="column holding the prompts (strings or message lists)")
-    io.add_argument("--output", help="output: a .jsonl or .parquet file, or a directory (save_to_disk)")
-    io.add_argument("--format", choices=["jsonl", "parquet", "disk"], help="output format (default: from --output)")
-    io.add_argument("--shard_dir", help="where finished batches are kept until the end (default: <output>.shards)")
-    io.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
-                    help="replace an existing output and discard shards of a run with other settings")
-    io.add_argument("--keep_shards", action=argparse.BooleanOptionalAction, default=False,
-                    help="keep the shard directory after writing the output")
-    io.add_argument("--push_to_hub", metavar="REPO_ID", help="also push the dataset to this Hub dataset repo")
-    io.add_argument("--hub_private", action=argparse.BooleanOptionalAction, default=False,
-                    help="create the Hub repo as private")
-    io.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
-    io.add_argument("--seed", type=int, default=0, help="run seed (each batch samples with a seed derived from it)")
-    io.add_argument("--batch_size", type=int, default=8, help="prompts per batch and per shard")
-    gen = p.add_argument_group("generation")
-    gen.add_argument("--model", help="causal LM that generates (local directory or Hub id)")
-    gen.add_argument("--backend", choices=["transformers", "vllm"], help="generation backend (default transformers)")
-    gen.add_argument("--max_new_tokens", type=int, help="maximum new tokens per response (default 256)")
-    gen.add_argument("--do_sample", action=argparse.BooleanOptionalAction, default=None,
-                     help="sample (default) or decode greedily")
-    gen.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
-    gen.add_argument("--top_p", type=float, help="nucleus sampling mass (default 1.0)")
-    gen.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], help="model dtype")
-    gen.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: a GPU if there is one)")
-    gen.add_argument("--model_revision", help="Hub revision of --model")
-    gen.add_argument("--stop", nargs="+", metavar="TEXT", help="strings that end a response (cut before them)")
+def _default(name: str, *settings: type) -> Any:
+    """The default of field ``name`` in the library settings the option fills (None where they disagree: each then
+    keeps its own, since unset options are not passed on)."""
+    values = [s.__dataclass_fields__[name].default for s in settings]
+    return values[0] if all(v == values[0] for v in values) else None
 
 
-def build_parser(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    """The command's parser and its two method sub-parsers."""
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Build preference pairs from prompts: rank N candidates with reward heads (rank), or let a model "
-        "critique and revise its answers (critique). Output: TRL preference data that UPOTrainer trains on directly.",
+def _gen_help(text: str, name: str) -> str:
+    return f"{text} (default {_default(name, GenerationSettings)})"
+
+
+@dataclass
+class PairsIOArguments:
+    """Input, output and run options of both methods (``OutputSettings`` and the settings both configs share)."""
+
+    _argument_group_name = "input and output"
+
+    config: str | None = option("YAML file whose keys are this command's options (flags override it)", None)
+    dataset: str | None = option(
+        "prompts: a .jsonl/.json/.parquet/.csv file, a save_to_disk directory, a Hub id or upo://...", None
     )
-    subs = parser.add_subparsers(dest="method", metavar="{rank,critique}")
-    rank = subs.add_parser("rank", help="score N candidates per prompt, pair best vs worst (or all above a margin)")
-    _common(rank)
-    r = rank.add_argument_group("ranking")
-    r.add_argument("--reward_heads", help="reward head specs as JSON, like UPOConfig.reward_heads")
-    r.add_argument("--reward_model", metavar="PATH_OR_ID",
-                   help="shorthand for a reward_model head named 'reward_model' (weight 1)")
-    r.add_argument("--candidates_column", help="column with a list of N candidates per row")
-    r.add_argument("--candidate_columns", nargs="+", help="N columns with one candidate each")
-    r.add_argument("--num_candidates", type=int, help="N candidates to generate per prompt (>= 2)")
-    r.add_argument("--pairing", choices=["best_vs_worst", "all_above_margin"], default="best_vs_worst")
-    r.add_argument("--margin", type=float, default=0.0, help="ranking-score gap a pair must exceed")
-    r.add_argument("--normalization", choices=["none", "zscore", "rank"], default="none",
-                   help="per-prompt scale of each head before the weighted sum (heads without their own 'normalize')")
-    r.add_argument("--tokenizer", help="tokenizer for heads that count tokens (default: --model's)")
-    r.add_argument("--keep_candidates", action=argparse.BooleanOptionalAction, default=False,
-                   help="also store every candidate and its ranking score")
-    crit = subs.add_parser("critique", help="answer, critique under a principle, revise; chosen = revision")
-    _common(crit)
-    c = crit.add_argument_group("critique")
-    c.add_argument("--response_column", help="critique these existing answers instead of generating them")
-    c.add_argument("--principles", help="JSON list of {name, critique_request, revision_request}")
-    c.add_argument("--principle_selection", choices=["random", "all"], default="random")
-    c.add_argument("--num_revisions", type=int, default=1, help="critique-and-revise rounds (each revises the last)")
-    c.add_argument("--critique_template", help="placeholders {prompt} {response} {critique_request}")
-    c.add_argument("--revision_template",
-                   help="placeholders {prompt} {response} {critique} {revision_request} [{critique_request}]")
-    return parser, {"rank": rank, "critique": crit}
+    split: str = option("split of a Hub dataset or DatasetDict directory", "train")
+    limit: int | None = option("use only the first N rows", None)
+    remove_columns: list[str] | None = option(
+        "input columns to leave out (e.g. the chosen/rejected of a preference dataset)", None, metavar="COLUMN"
+    )
+    prompt_column: str = option(
+        "column holding the prompts (strings or message lists)", _default("prompt_column", RankConfig, CritiqueConfig)
+    )
+    output: str | None = option("output: a .jsonl or .parquet file, or a directory (save_to_disk)", None)
+    format: str | None = option("output format (default: from --output)", None, choices=FORMATS)
+    shard_dir: str | None = option("where finished batches are kept until the end (default: <output>.shards)", None)
+    overwrite: bool = option("replace an existing output and discard shards of a run with other settings",
+                             _default("overwrite", OutputSettings))
+    keep_shards: bool = option("keep the shard directory after writing the output", _default("keep_shards",
+                                                                                              OutputSettings))
+    push_to_hub: str | None = option("also push the dataset to this Hub dataset repo", None, metavar="REPO_ID")
+    hub_private: bool = option("create the Hub repo as private", _default("hub_private", OutputSettings))
+    progress: bool = option("progress bars", _default("progress", OutputSettings))
+    seed: int = option("run seed (each batch samples with a seed derived from it)",
+                       _default("seed", RankConfig, CritiqueConfig))
+    batch_size: int = option("prompts per batch and per shard", _default("batch_size", RankConfig, CritiqueConfig))
 
 
-def _dests(parser: argparse.ArgumentParser) -> list[str]:
-    return [a.dest for a in parser._actions if a.dest not in ("help", "config")]
+@dataclass
+class PairsGenerationArguments:
+    """Generation options (``GenerationSettings``; ``model_revision`` is its ``revision``). Unset: its default."""
+
+    _argument_group_name = "generation"
+
+    model: str | None = option("causal LM that generates (local directory, Hub id or upo://...)", None)
+    backend: str | None = option(_gen_help("generation backend", "backend"), None, choices=BACKENDS)
+    max_new_tokens: int | None = option(_gen_help("maximum new tokens per response", "max_new_tokens"), None)
+    do_sample: bool | None = option("sample (default) or decode greedily", None, nargs="?", const=True)
+    temperature: float | None = option(_gen_help("sampling temperature", "temperature"), None)
+    top_p: float | None = option(_gen_help("nucleus sampling mass", "top_p"), None)
+    dtype: str | None = option("model dtype", None, choices=DTYPES)
+    device: str | None = option("cpu, cuda, cuda:1, ... (default: a GPU if there is one)", None)
+    model_revision: str | None = option("Hub revision of --model", None)
+    stop: list[str] | None = option("strings that end a response (cut before them)", None, metavar="TEXT")
 
 
-def _load_yaml(path: str) -> dict[str, Any]:
-    import yaml
+@dataclass
+class RankArguments:
+    """Options of ``build-pairs rank`` (``RankConfig``)."""
 
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise ValueError(f"Cannot read the config file {path!r}: {e}") from None
-    except yaml.YAMLError as e:
-        raise ValueError(f"The config file {path!r} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"The config file {path!r} must hold a mapping of option names to values.")
-    return data
+    _argument_group_name = "ranking"
 
-
-def _check_keys(data: dict[str, Any], valid: list[str], where: str, method: str) -> None:
-    unknown = [k for k in data if k not in valid]
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(str(key), valid, n=1)
-            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ValueError(
-            f"{where} has unknown key(s) for `build-pairs {method}`: {', '.join(hints)}. Valid keys: {sorted(valid)}."
-        )
+    reward_heads: str | None = option("reward head specs as JSON, like UPOConfig.reward_heads", None)
+    reward_model: str | None = option(
+        "shorthand for a reward_model head named 'reward_model' (weight 1)", None, metavar="PATH_OR_ID"
+    )
+    candidates_column: str | None = option("column with a list of N candidates per row", None)
+    candidate_columns: list[str] | None = option("N columns with one candidate each", None)
+    num_candidates: int | None = option("N candidates to generate per prompt (>= 2)", None)
+    pairing: str = option("how candidates are paired", _default("pairing", RankConfig), choices=PAIRINGS)
+    margin: float = option("ranking-score gap a pair must exceed", _default("margin", RankConfig))
+    normalization: str = option(
+        "per-prompt scale of each head before the weighted sum (heads without their own 'normalize')",
+        _default("normalization", RankConfig), choices=RANK_NORMALIZATIONS,
+    )
+    tokenizer: str | None = option("tokenizer for heads that count tokens (default: --model's)", None)
+    keep_candidates: bool = option("also store every candidate and its ranking score",
+                                   _default("keep_candidates", RankConfig))
 
 
-def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
-    """Parse the command line (and the ``--config`` YAML it names) into one namespace; ValueError on bad keys."""
-    parser, subs = build_parser(prog)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    known, _ = pre.parse_known_args(argv)
-    data = _load_yaml(known.config) if known.config else {}
+@dataclass
+class CritiqueArguments:
+    """Options of ``build-pairs critique`` (``CritiqueConfig``; an unset template keeps its default)."""
+
+    _argument_group_name = "critique"
+
+    response_column: str | None = option("critique these existing answers instead of generating them", None)
+    principles: str | None = option("JSON list of {name, critique_request, revision_request}", None)
+    principle_selection: str = option(
+        "one principle per prompt (random) or a pair per principle (all)",
+        _default("principle_selection", CritiqueConfig), choices=SELECTIONS,
+    )
+    num_revisions: int = option("critique-and-revise rounds (each revises the last)",
+                                _default("num_revisions", CritiqueConfig))
+    critique_template: str | None = option("placeholders {prompt} {response} {critique_request}", None)
+    revision_template: str | None = option(
+        "placeholders {prompt} {response} {critique} {revision_request} [{critique_request}]", None
+    )
+
+
+_METHOD_ARGUMENTS = {"rank": RankArguments, "critique": CritiqueArguments}
+_GENERATION_KEYS = [f.name for f in dataclasses.fields(PairsGenerationArguments) if f.name != "model"]
+
+
+def make_parser(method: str, prog: str) -> Any:
+    """The ``transformers.HfArgumentParser`` of one method.
+
+    Args:
+        method: ``"rank"`` or ``"critique"``.
+        prog: The command's program name.
+
+    Returns:
+        The parser.
+    """
+    from transformers import HfArgumentParser
+
+    dtypes = (PairsIOArguments, PairsGenerationArguments, _METHOD_ARGUMENTS[method])
+    parser = HfArgumentParser(dtypes, prog=f"{prog} {method}", description=METHODS[method],
+                              formatter_class=HelpFormatter, allow_abbrev=False)
+    add_negative_flags(parser, *dtypes)
+    return parser
+
+
+def _usage(prog: str) -> str:
+    lines = [
+        f"usage: {prog} {{rank,critique}} [--config FILE] [options]",
+        "",
+        "Build preference pairs from prompts: rank N candidates with reward heads (rank), or let a model critique and "
+        "revise its answers (critique). Output: TRL preference data that UPOTrainer trains on directly.",
+        "",
+        "methods:",
+        *(f"  {name:<10} {text}" for name, text in METHODS.items()),
+        "",
+        f"`{prog} <method> --help` lists a method's options; a --config YAML may name it as `method: rank`.",
+    ]
+    return "\n".join(lines)
+
+
+def _method(argv: list[str], data: dict[str, Any], config: str | None, prog: str) -> str:
+    """The method: the first argument, or ``method:`` in the YAML (which is removed from ``data``)."""
     method = argv[0] if argv and argv[0] in METHODS else None
     if "method" in data:
         yaml_method = data.pop("method")
         if yaml_method not in METHODS:
-            raise ValueError(f"{known.config}: method must be one of {list(METHODS)}, got {yaml_method!r}.")
+            raise UsageError(f"{config}: method must be one of {list(METHODS)}, got {yaml_method!r}.")
         if method is not None and method != yaml_method:
-            raise ValueError(f"The command line says {method!r} but {known.config} says method: {yaml_method}.")
-        if method is None:
-            argv = [yaml_method, *argv]
-            method = yaml_method
-    if method is None:
-        if argv and not argv[0].startswith("-"):
-            close = difflib.get_close_matches(argv[0], METHODS, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"Unknown method {argv[0]!r}.{hint} Use `{prog} rank ...` or `{prog} critique ...`.")
-        if argv and argv[0] in ("-h", "--help"):
-            parser.print_help()
-            raise SystemExit(0)
-        raise ValueError(
-            f"Name the method: `{prog} rank ...` or `{prog} critique ...` (or `method: rank` in the --config YAML)."
+            raise UsageError(f"The command line says {method!r} but {config} says method: {yaml_method}.")
+        return yaml_method
+    if method is not None:
+        return method
+    if argv and not argv[0].startswith("-"):
+        match = closest(argv[0], METHODS)
+        hint = f" Did you mean {match!r}?" if match else ""
+        raise UsageError(f"Unknown method {argv[0]!r}.{hint} Use `{prog} rank ...` or `{prog} critique ...`.")
+    if argv and argv[0] in ("-h", "--help"):
+        print(_usage(prog))
+        raise SystemExit(0)
+    raise UsageError(
+        f"Name the method: `{prog} rank ...` or `{prog} critique ...` (or `method: rank` in the --config YAML)."
+    )
+
+
+def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
+    """Parse the command line (and the ``--config`` YAML it names) into one namespace.
+
+    Args:
+        argv: Command-line arguments after ``build-pairs``.
+        prog: Program name for usage and errors.
+
+    Returns:
+        Every option, plus ``method`` and ``config``; ``upo://`` names resolved.
+
+    Raises:
+        UsageError: no or an unknown method, an unknown key (with a did-you-mean), or no dataset or output.
+        SystemExit: ``--help``, or a value ``argparse`` rejects (it prints why).
+    """
+    config, argv = pop_config(argv)
+    data = read_yaml(config, "config file") if config else {}
+    method = _method(argv, data, config, prog)
+    if argv and argv[0] == method:
+        argv = argv[1:]
+    parser = make_parser(method, prog)
+    valid = [k for k in option_names(parser) if k != "config"]
+    unknown = [repr(k) + did_you_mean(str(k), valid, quote="'") for k in data if k not in valid]
+    if unknown:
+        raise UsageError(
+            f"{config} has unknown key(s) for `build-pairs {method}`: {', '.join(unknown)}. Valid keys: "
+            f"{sorted(valid)}."
         )
-    sub = subs[method]
-    if data:
-        _check_keys(data, _dests(sub), known.config, method)
-        sub.set_defaults(**data)
-    args = parser.parse_args(argv)
+    parser.set_defaults(**data)
+    parsed = parse_strict(parser, argv, f"{prog} {method}")
+    args = argparse.Namespace(**{k: v for obj in parsed for k, v in vars(obj).items()}, method=method)
+    args.config = config
     _resolve_resources(args)
     for key in ("dataset", "output"):
         if getattr(args, key) is None:
-            raise ValueError(f"--{key} is required (on the command line or as `{key}:` in the --config YAML).")
+            raise UsageError(f"--{key} is required (on the command line or as `{key}:` in the --config YAML).")
     return args
 
 
 def _resolve_resources(args: argparse.Namespace) -> None:
     """``upo://<path>`` values name packaged assets, as in ``trl-upo train`` recipes (``upo://tiny-llama``,
-    ``upo://quickstart-data/train.jsonl``)."""
-    from trl_upo.cli.train import resolve_resource
+    ``upo://quickstart-data/train.jsonl``), also inside a ``reward_heads`` JSON string."""
+    import json
+
+    from trl_upo.resources import RESOURCE_PREFIX, resolve_resource
 
     for key, value in vars(args).items():
-        if key in ("output", "shard_dir", "push_to_hub"):
+        if key in _OUTPUT_KEYS:
             continue
-        if key == "reward_heads" and isinstance(value, str) and "upo://" in value:
-            import json
-
+        if key == "reward_heads" and isinstance(value, str) and RESOURCE_PREFIX in value:
             try:
                 value = json.loads(value)
             except json.JSONDecodeError:
                 continue  # reported as invalid JSON when the heads are parsed
-        try:
-            setattr(args, key, resolve_resource(value))
-        except FileNotFoundError as e:
-            raise ValueError(str(e)) from None
+        setattr(args, key, resolve_resource(value))
 
 
-def _generation(args: argparse.Namespace, required: bool) -> Any:
-    from trl_upo.data import GenerationSettings
+def _settings(settings: type, args: argparse.Namespace, **computed: Any) -> Any:
+    """Build library settings from the options of the same name that are set (unset ones keep the default)."""
+    names = {f.name for f in dataclasses.fields(settings) if f.init}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return settings(**{**given, **computed})
 
+
+def _generation(args: argparse.Namespace, required: bool) -> GenerationSettings | None:
     given = {k: getattr(args, k) for k in _GENERATION_KEYS if getattr(args, k) is not None}
     if args.model is None:
         if required:
-            raise ValueError("--model is required: the model that answers, critiques and revises.")
+            raise UsageError("--model is required: the model that answers, critiques and revises.")
         if given:
-            raise ValueError(
+            raise UsageError(
                 f"Generation options {sorted(given)} were given without --model; they only apply to generated "
                 f"candidates. Add --model, or drop them."
             )
@@ -205,87 +295,53 @@ def _generation(args: argparse.Namespace, required: bool) -> Any:
     return GenerationSettings(model=args.model, **kwargs)
 
 
-def _rank_config(args: argparse.Namespace) -> Any:
+def _rank_config(args: argparse.Namespace) -> RankConfig:
     import json
-
-    from trl_upo.data import RankConfig
 
     heads = args.reward_heads
     if isinstance(heads, str):
         try:
             heads = json.loads(heads) if heads.strip() else []
         except json.JSONDecodeError as e:
-            raise ValueError(
+            raise UsageError(
                 f"--reward_heads must be JSON, e.g. '[{{\"name\": \"length\"}}]'; could not parse {heads!r}: {e}"
             ) from None
     heads = list(heads or []) if isinstance(heads, (list, tuple)) else ([heads] if heads else [])
     if args.reward_model:
         heads.append({"name": "reward_model", "type": "reward_model", "params": {"model": args.reward_model}})
-    return RankConfig(
-        reward_heads=heads,
-        prompt_column=args.prompt_column,
-        candidates_column=args.candidates_column,
-        candidate_columns=args.candidate_columns,
-        generation=_generation(args, required=False),
-        num_candidates=args.num_candidates,
-        pairing=args.pairing,
-        margin=args.margin,
-        normalization=args.normalization,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        keep_candidates=args.keep_candidates,
-        tokenizer=args.tokenizer,
-    )
+    return _settings(RankConfig, args, reward_heads=heads, generation=_generation(args, required=False))
 
 
-def _critique_config(args: argparse.Namespace) -> Any:
-    from trl_upo.data import CritiqueConfig
-
-    kwargs = {
-        k: getattr(args, k) for k in ("critique_template", "revision_template") if getattr(args, k) is not None
-    }
-    return CritiqueConfig(
-        generation=_generation(args, required=True),
-        prompt_column=args.prompt_column,
-        response_column=args.response_column,
-        principles=args.principles,
-        principle_selection=args.principle_selection,
-        num_revisions=args.num_revisions,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        **kwargs,
-    )
+def _critique_config(args: argparse.Namespace) -> CritiqueConfig:
+    return _settings(CritiqueConfig, args, generation=_generation(args, required=True))
 
 
 def main(argv: list[str], prog: str = "trl-upo build-pairs") -> int:
-    """Run ``trl-upo build-pairs``; returns the exit code (2 for bad input, reported before any generation)."""
-    try:
-        try:
-            args = parse_args(list(argv), prog)
-        except SystemExit as e:  # --help, or argparse's own usage error (already printed)
-            return int(e.code or 0)
-        from trl_upo.data import OutputSettings, build_critique_pairs, build_rank_pairs, load_prompt_dataset
+    """Run ``trl-upo build-pairs``.
 
-        config = _rank_config(args) if args.method == "rank" else _critique_config(args)
-        output = OutputSettings(
-            path=args.output,
-            format=args.format,
-            shard_dir=args.shard_dir,
-            overwrite=args.overwrite,
-            keep_shards=args.keep_shards,
-            push_to_hub=args.push_to_hub,
-            hub_private=args.hub_private,
-            progress=args.progress,
-        )
-        output.check_writable()
-        dataset = load_prompt_dataset(
-            args.dataset, split=args.split, limit=args.limit, remove_columns=args.remove_columns
-        )
-        build = build_rank_pairs if args.method == "rank" else build_critique_pairs
+    Args:
+        argv: Command-line arguments after ``build-pairs``.
+        prog: Program name for usage and error messages.
+
+    Returns:
+        The exit code: 0 on success, 2 for bad input (reported before any generation), 130 after Ctrl-C.
+    """
+    return run_command(prog, lambda: _run(list(argv), prog), errors=(ValueError,))
+
+
+def _run(argv: list[str], prog: str) -> int:
+    from trl_upo.data import build_critique_pairs, build_rank_pairs
+    from trl_upo.data.loading import load_split
+
+    args = parse_args(argv, prog)
+    config = _rank_config(args) if args.method == "rank" else _critique_config(args)
+    output = _settings(OutputSettings, args, path=args.output)
+    output.check_writable()
+    dataset = load_split(args.dataset, args.split, limit=args.limit, remove_columns=args.remove_columns,
+                         fix="pass --split")
+    build = build_rank_pairs if args.method == "rank" else build_critique_pairs
+    try:
         result = build(dataset, config, output)
-    except ValueError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         import glob
         import os

@@ -31,42 +31,90 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from typing import Any
+
+from trl_upo.cli.common import (
+    HelpFormatter,
+    UsageError,
+    did_you_mean,
+    option,
+    parse_strict,
+    read_yaml,
+    run_command,
+)
 
 #: Keys of a ``--config`` YAML that ``trl-upo eval`` uses; the others (training settings) are listed and not used.
 CONFIG_KEYS = ("reward_heads", "beta")
+#: Options that name a file, directory or model, where ``upo://<asset>`` names a packaged asset.
+PATH_OPTIONS = ("model", "ref_model", "tokenizer", "config", "reward_model")
 
 
-class UsageError(ValueError):
-    """A problem with the command line or its inputs, reported before any model is loaded."""
+@dataclass
+class EvalArguments:
+    """Options of ``trl-upo eval``: each field's ``help`` is its ``--help`` line (``--foo_bar`` and ``--foo-bar``
+    both work). ``config`` is a YAML file with ``reward_heads`` (and ``beta``), e.g. a ``trl-upo train`` recipe whose
+    other keys are listed and not used."""
+
+    model: str = option("policy: model dir, PEFT adapter dir or Hub id")
+    dataset: str = option("file (.json/.jsonl/.parquet/.csv), saved dataset dir, hub name or upo://...")
+    output_dir: str = option("where eval.json, report.md and the plots go")
+    ref_model: str | None = option("reference model (default: adapter disabled, for an adapter)", None)
+    tokenizer: str | None = option("tokenizer path (default: the policy's, or its base model's)", None)
+    dataset_config: str | None = option("configuration name for datasets.load_dataset", None)
+    split: str = option("split to evaluate on", "test")
+    heads: str | None = option("reward heads as JSON, e.g. '[{\"name\": \"length\"}]'", None)
+    config: str | None = option("YAML with reward_heads (e.g. a trl-upo train recipe)", None)
+    reward_model: str | None = option("reward model (dir or Hub id) for the win rate vs reference", None)
+    num_prompts: int = option("rows of the split to use", 64)
+    num_samples: int = option("sampled responses per prompt", 1)
+    max_new_tokens: int = option("length limit of the responses", 64)
+    temperature: float = option("sampling temperature", 1.0)
+    top_p: float = option("nucleus sampling mass", 1.0)
+    greedy: bool = option("greedy decoding instead of sampling", False)
+    batch_size: int = option("prompts (and pairs) per batch", 16)
+    beta: float | None = option("DPO beta for the implicit reward (default 0.1)", None)
+    seed: int = option("sampling seed", 0)
+    no_plots: bool = option("do not draw the PNG plots (no matplotlib needed)", False)
 
 
 def make_parser(prog: str) -> argparse.ArgumentParser:
-    """The argument parser of ``trl-upo eval``."""
-    p = argparse.ArgumentParser(
-        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
-    )
-    p.add_argument("--model", required=True, help="policy: model dir, PEFT adapter dir or Hub id")
-    p.add_argument("--ref_model", "--ref-model", default=None, help="reference model (default: adapter disabled, for an adapter)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the policy's, or its base model's)")
-    p.add_argument("--dataset", required=True, help="file (.json/.jsonl/.parquet/.csv), saved dataset dir, or hub name")
-    p.add_argument("--dataset_config", "--dataset-config", default=None, help="configuration name for datasets.load_dataset")
-    p.add_argument("--split", default="test", help="split to evaluate on (default: test)")
-    p.add_argument("--heads", default=None, help="reward heads as JSON, e.g. '[{\"name\": \"length\"}]'")
-    p.add_argument("--config", default=None, help="YAML with reward_heads (e.g. a trl-upo train recipe)")
-    p.add_argument("--reward_model", "--reward-model", default=None, help="reward model (dir or Hub id) for the win rate vs reference")
-    p.add_argument("--num_prompts", "--num-prompts", type=int, default=64, help="rows of the split to use (default 64)")
-    p.add_argument("--num_samples", "--num-samples", type=int, default=1, help="sampled responses per prompt")
-    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_p", "--top-p", type=float, default=1.0)
-    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    p.add_argument("--batch_size", "--batch-size", type=int, default=16)
-    p.add_argument("--beta", type=float, default=None, help="DPO beta for the implicit reward (default 0.1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output_dir", "--output-dir", required=True, help="where eval.json, report.md and the plots go")
-    p.add_argument("--no_plots", "--no-plots", action="store_true", help="do not draw the PNG plots (no matplotlib needed)")
-    return p
+    """The argument parser of ``trl-upo eval``: a ``transformers.HfArgumentParser`` over :class:`EvalArguments`.
+
+    Args:
+        prog: Program name for usage and errors.
+
+    Returns:
+        The parser.
+    """
+    from transformers import HfArgumentParser
+
+    return HfArgumentParser(EvalArguments, prog=prog, description=__doc__, formatter_class=HelpFormatter,
+                            allow_abbrev=False)
+
+
+def parse_args(argv: list[str], prog: str) -> EvalArguments:
+    """Parse and check the options (unknown keys, counts below 1); ``upo://`` names in :data:`PATH_OPTIONS` resolved.
+
+    Args:
+        argv: Command-line arguments after ``eval``.
+        prog: Program name for usage and errors.
+
+    Returns:
+        The options.
+
+    Raises:
+        UsageError: an unknown key (naming the closest one), a stray value, or a count below 1.
+    """
+    from trl_upo.resources import resolve_resource
+
+    (args,) = parse_strict(make_parser(prog), argv, prog)
+    for name in ("num_prompts", "num_samples", "max_new_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    for name in PATH_OPTIONS:
+        setattr(args, name, resolve_resource(getattr(args, name)))
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -75,7 +123,18 @@ def make_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def read_heads(heads_json: str | None, config: str | None) -> tuple[list[dict], dict[str, Any], list[str]]:
-    """Head specs from ``--heads`` or ``--config``; returns (heads, other used config values, unused config keys)."""
+    """Head specs from ``--heads`` or ``--config``.
+
+    Args:
+        heads_json: The ``--heads`` JSON.
+        config: The ``--config`` YAML file.
+
+    Returns:
+        ``(heads, the other config values used, the config keys not used)``.
+
+    Raises:
+        UsageError: both given, invalid JSON, an unreadable config, or a config without ``reward_heads``.
+    """
     if heads_json and config:
         raise UsageError("give the heads either with --heads or in --config, not both.")
     if heads_json:
@@ -86,19 +145,9 @@ def read_heads(heads_json: str | None, config: str | None) -> tuple[list[dict], 
         return (heads if isinstance(heads, list) else [heads]), {}, []
     if not config:
         return [], {}, []
-    if not os.path.isfile(config):
-        raise UsageError(f"--config {config!r} does not exist.")
-    import yaml
-
-    with open(config) as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise UsageError(f"--config {config!r} must be a YAML mapping with a reward_heads list.")
+    data = read_yaml(config, "--config")
     if "reward_heads" not in data:
-        import difflib
-
-        close = difflib.get_close_matches("reward_heads", [str(k) for k in data], n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean("reward_heads", data, quote="'")
         raise UsageError(f"--config {config!r} has no reward_heads{hint}.")
     heads = data["reward_heads"]
     if isinstance(heads, str):
@@ -108,47 +157,30 @@ def read_heads(heads_json: str | None, config: str | None) -> tuple[list[dict], 
     return heads, used, unused
 
 
-def load_split(dataset: str, split: str, config_name: str | None = None):
-    """One split of a local file, a ``save_to_disk`` directory, or a dataset for ``datasets.load_dataset``."""
-    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
-
-    kinds = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-    if os.path.isfile(dataset):
-        ext = os.path.splitext(dataset)[1].lower()
-        if ext not in kinds:
-            raise UsageError(f"--dataset {dataset!r}: unknown file type {ext!r}; use .json, .jsonl, .parquet or .csv.")
-        return load_dataset(kinds[ext], data_files=dataset, split="train")  # a single file is one split
-    if os.path.isdir(dataset) and (
-        os.path.exists(os.path.join(dataset, "dataset_info.json"))
-        or os.path.exists(os.path.join(dataset, "dataset_dict.json"))
-    ):
-        ds = load_from_disk(dataset)
-        if isinstance(ds, Dataset):
-            return ds
-    elif dataset.startswith(("/", "./", "../", "~")) and not os.path.exists(dataset):
-        raise UsageError(f"--dataset {dataset!r} does not exist.")
-    else:
-        ds = load_dataset(dataset, name=config_name)
-    if isinstance(ds, (DatasetDict, dict)):
-        if split not in ds:
-            raise UsageError(f"--dataset {dataset!r} has no split {split!r}; splits: {list(ds.keys())}. Use --split.")
-        return ds[split]
-    return ds
-
-
 def prompts_and_pairs(data) -> tuple[list[Any], Any]:
-    """The prompts of a split, and the split itself when it holds preference pairs (else None)."""
+    """The prompts of a split, and the split itself when it holds preference pairs (else None).
+
+    Args:
+        data: The split.
+
+    Returns:
+        ``(prompts, the split or None)``; an implicit prompt is extracted from ``chosen``/``rejected`` as
+        ``DPOTrainer`` does (:func:`trl_upo.scoring.ensure_prompt`).
+
+    Raises:
+        UsageError: no ``prompt`` column and no pairs to extract one from.
+    """
+    from trl_upo.scoring import ensure_prompt
+
     cols = set(data.column_names)
     has_pairs = {"chosen", "rejected"} <= cols
-    if "prompt" not in cols:
-        if not has_pairs:
-            raise UsageError(
-                f"the dataset needs a 'prompt' column (or 'chosen' and 'rejected' sharing a prompt); columns: "
-                f"{sorted(cols)}."
-            )
-        from trl.data_utils import extract_prompt
-
-        data = data.map(extract_prompt)
+    if "prompt" not in cols and not has_pairs:
+        raise UsageError(
+            f"the dataset needs a 'prompt' column (or 'chosen' and 'rejected' sharing a prompt); columns: "
+            f"{sorted(cols)}."
+        )
+    if has_pairs:
+        data = ensure_prompt(data)
     return list(data["prompt"]), (data if has_pairs else None)
 
 
@@ -159,23 +191,36 @@ def prompts_and_pairs(data) -> tuple[list[Any], Any]:
 
 def win_rate(reward_model: str, prompts: list[Any], policy: list[list[str]], reference: list[list[str]],
              batch_size: int = 8) -> dict:
-    """A reward model's win rate of policy responses over reference responses to the same prompts (ties: half)."""
-    from trl_upo.evaluation import is_conversational_prompt
+    """A reward model's win rate of policy responses over reference responses to the same prompts (ties: half).
+
+    Args:
+        reward_model: The reward model (directory or Hub id).
+        prompts: The prompts.
+        policy: The policy's responses, a list per prompt.
+        reference: The reference's responses, aligned with ``policy``.
+        batch_size: Responses per reward-model batch.
+
+    Returns:
+        ``win_rate``, ``n``, the two mean rewards and the reward model.
+
+    Raises:
+        ValueError: the reward model failed or gave a non-finite score (:func:`trl_upo.scoring.call_head`).
+    """
+    from trl_upo.formats import as_completion, is_conversational
     from trl_upo.heads.reward_model import RewardModelHead
+    from trl_upo.scoring import call_head, check_finite
 
     head = RewardModelHead(model=reward_model, batch_size=batch_size)
 
-    def scores(responses: list[list[str]]) -> list[float]:
-        flat_p = [p for p, rs in zip(prompts, responses, strict=True) for _ in rs]
-        flat_r = [
-            [{"role": "assistant", "content": r}] if is_conversational_prompt(p) else r
-            for p, rs in zip(prompts, responses, strict=True)
-            for r in rs
-        ]
-        return [float(s) for s in head.score(flat_p, flat_r, role="chosen", columns={})]
+    def scores(responses: list[list[str]], whose: str) -> list[float]:
+        pairs = [(p, r) for p, rs in zip(prompts, responses, strict=True) for r in rs]
+        values = call_head(head, "reward_model", [p for p, _ in pairs],
+                           [as_completion(r, is_conversational(p)) for p, r in pairs], what=f"{whose} responses")
+        check_finite(values, "reward_model", f"the {whose} responses")
+        return [float(v) for v in values]
 
     try:
-        a, b = scores(policy), scores(reference)
+        a, b = scores(policy, "policy"), scores(reference, "reference")
     finally:
         head.release()
     wins = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b, strict=True))
@@ -188,10 +233,21 @@ def win_rate(reward_model: str, prompts: list[Any], policy: list[list[str]], ref
     }
 
 
-def run(args: argparse.Namespace, heads: list[dict], beta: float, log=print) -> dict:
-    """Load the models and the data, generate, score and measure; return the full result."""
+def run(args: EvalArguments, heads: list[dict], beta: float, log=print) -> dict:
+    """Load the models and the data, generate, score and measure.
+
+    Args:
+        args: The options.
+        heads: The head spec dicts.
+        beta: DPO beta of the implicit reward.
+        log: Where progress messages go.
+
+    Returns:
+        The full result (what ``eval.json`` holds).
+    """
     from contextlib import nullcontext
 
+    from trl_upo.data.loading import load_split
     from trl_upo.evaluation import (
         designer_metrics,
         generate_responses,
@@ -200,10 +256,10 @@ def run(args: argparse.Namespace, heads: list[dict], beta: float, log=print) -> 
         preference_metrics,
     )
 
-    data = load_split(args.dataset, args.split, args.dataset_config)
+    data = load_split(args.dataset, args.split, config_name=args.dataset_config, limit=args.num_prompts,
+                      fix="choose the split with --split")
     if len(data) == 0:
         raise UsageError(f"the {args.split!r} split of {args.dataset!r} is empty.")
-    data = data.select(range(min(args.num_prompts, len(data))))
     prompts, pairs = prompts_and_pairs(data)
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model if isinstance(args.model, str) else model, args.tokenizer)
@@ -261,12 +317,18 @@ def run(args: argparse.Namespace, heads: list[dict], beta: float, log=print) -> 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _prompt_text(p: Any) -> str:
-    return p if isinstance(p, str) else " / ".join(str(m.get("content", "")) for m in p)
-
-
 def markdown_report(result: dict, plots: list[str]) -> str:
-    """The Markdown report of one evaluation."""
+    """The Markdown report of one evaluation.
+
+    Args:
+        result: What :func:`run` returned.
+        plots: The plot files written next to the report.
+
+    Returns:
+        The report.
+    """
+    from trl_upo.formats import prompt_text
+
     g = result["generation"]
     sampling = f"temperature {g['temperature']}, top-p {g['top_p']}" if g["do_sample"] else "greedy"
     lines = [
@@ -317,14 +379,22 @@ def markdown_report(result: dict, plots: list[str]) -> str:
         lines += ["## Plots", ""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots] + [""]
     lines += ["## Samples", "", "| prompt | policy | reference |", "|---|---|---|"]
     for s in result["samples"]:
-        cells = [_prompt_text(s["prompt"]), s["response"], s.get("reference", "")]
+        cells = [prompt_text(s["prompt"]), s["response"], s.get("reference", "")]
         lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ")[:200] for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def draw_plots(result: dict, out_dir: str) -> list[str]:
-    """``designer.png`` (each head: policy vs reference, mean ± std) and ``margins.png`` (histogram of the
-    implicit-reward margins); returns the file names written."""
+    """Draw ``designer.png`` (each head: policy vs reference, mean ± std) and ``margins.png`` (histogram of the
+    implicit-reward margins).
+
+    Args:
+        result: What :func:`run` returned.
+        out_dir: The directory to write to.
+
+    Returns:
+        The file names written.
+    """
     from trl_upo.evaluation import require_matplotlib
 
     plt = require_matplotlib()
@@ -373,29 +443,31 @@ def main(argv: list[str] | None = None, prog: str | None = "trl-upo eval") -> in
         it can be.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = make_parser(prog or "trl-upo eval")
-    args = parser.parse_args(argv)
-    try:
-        from trl_upo.evaluation import require_matplotlib, text_head_specs
+    prog = prog or "trl-upo eval"
+    return run_command(prog, lambda: _run(argv, prog), errors=(ValueError, ImportError))
 
-        for name in ("num_prompts", "num_samples", "max_new_tokens", "batch_size"):
-            if getattr(args, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
-        heads, used, unused = read_heads(args.heads, args.config)
-        text_head_specs(heads)  # an unknown head or key fails here, with a suggestion
-        if not heads and not args.reward_model:
-            print(f"{prog}: no reward heads (--heads or --config): only preference metrics.", file=sys.stderr)
-        if unused:
-            print(f"{prog}: --config keys not used by eval: {', '.join(unused)}.", file=sys.stderr)
-        beta = args.beta if args.beta is not None else float(used.get("beta", 0.1))
-        if not args.no_plots:
-            require_matplotlib()
-        os.environ.setdefault("TQDM_DISABLE", "1")
-        log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-        result = run(args, heads, beta, log=log)
-    except (UsageError, ValueError, ImportError, FileNotFoundError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+
+def _run(argv: list[str], prog: str) -> int:
+    from trl_upo.evaluation import require_matplotlib, text_head_specs
+
+    args = parse_args(argv, prog)
+    heads, used, unused = read_heads(args.heads, args.config)
+    text_head_specs(heads)  # an unknown head or key fails here, with a suggestion
+    if not heads and not args.reward_model:
+        print(f"{prog}: no reward heads (--heads or --config): only preference metrics.", file=sys.stderr)
+    if unused:
+        print(f"{prog}: --config keys not used by eval: {', '.join(unused)}.", file=sys.stderr)
+    beta = args.beta if args.beta is not None else float(used.get("beta", 0.1))
+    if not args.no_plots:
+        require_matplotlib()
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    result = run(args, heads, beta, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    _write(result, args)
+    return 0
+
+
+def _write(result: dict, args: EvalArguments) -> None:
+    """Write ``eval.json``, ``report.md`` and the plots, and print a one-line summary."""
     os.makedirs(args.output_dir, exist_ok=True)
     plots = [] if args.no_plots else draw_plots(result, args.output_dir)
     with open(os.path.join(args.output_dir, "eval.json"), "w") as f:
@@ -410,7 +482,6 @@ def main(argv: list[str] | None = None, prog: str | None = "trl-upo eval") -> in
         summary.append(f"win rate {result['win_rate']['win_rate']:.4f}")
     print("; ".join(summary))
     print(f"Wrote eval.json, report.md{''.join(', ' + p for p in plots)} to {os.path.abspath(args.output_dir)}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
     trl-upo score --config recipe.yaml [--output DIR] [--any_field value ...]
     trl-upo score --dataset_name upo://quickstart-data --reward_heads '[{"name": "length"}]'
 
-The recipe format is ``trl-upo train``'s (the same strict parser): ``reward_heads``, the dataset (``dataset_name``
-or a ``datasets:`` mixture), ``model_name_or_path`` for the tokenizer (heads that count tokens need it; optional
-otherwise), ``upo_score_cache_dir`` / ``upo_use_score_cache`` / ``upo_score_batch_size`` / ``dataset_num_proc``.
+The recipe format is ``trl-upo train``'s (the same strict parser, plus :class:`ScoreArguments`):
+``reward_heads``, the dataset (``dataset_name`` or a ``datasets:`` mixture), ``model_name_or_path`` for the
+tokenizer (heads that count tokens need it; optional otherwise), ``upo_score_cache_dir`` / ``upo_use_score_cache``
+/ ``upo_score_batch_size`` / ``dataset_num_proc``.
 Scores go through :func:`trl_upo.scoring.score_dataset` and its cache, so a later ``trl-upo train`` with the same
 data and heads does not score again. Launch options in the recipe are ignored (scoring runs in one process).
 
@@ -18,13 +19,15 @@ means the designer objective is independent of the labels; below 0.5, it conflic
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from trl_upo.cli.common import UsageError, run_command
 
 
 def summarize(dataset, specs) -> dict[str, dict[str, float]]:
@@ -63,6 +66,19 @@ def format_summary(split: str, summary: dict[str, dict[str, float]], status: dic
     return "\n".join(lines)
 
 
+@dataclass
+class ScoreArguments:
+    """The option ``trl-upo score`` adds to the recipe's dataclasses.
+
+    Args:
+        output: Directory for ``<split>.jsonl`` (the rows with their scores) and ``summary.json``.
+    """
+
+    output: str | None = field(
+        default=None, metadata={"help": "directory for <split>.jsonl (scores added) and summary.json"}
+    )
+
+
 def main(argv: list[str] | None = None, prog: str | None = "trl-upo score") -> int:
     """Run ``trl-upo score``.
 
@@ -73,39 +89,47 @@ def main(argv: list[str] | None = None, prog: str | None = "trl-upo score") -> i
     Returns:
         0 on success, 2 on a usage error.
     """
-    from trl_upo.cli import train as cli_train
+    from trl_upo.cli.train import make_parser
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    own = argparse.ArgumentParser(prog=prog, add_help=False, allow_abbrev=False)
-    own.add_argument("--output", default=None, help="directory for <split>.jsonl (scores added) and summary.json")
-    opts, rest = own.parse_known_args(argv)
-    if not rest or rest[0] in ("-h", "--help"):
-        print(__doc__ if rest else f"usage: {prog} --config recipe.yaml [--output DIR] [--any_field value ...]")
-        if rest:
-            cli_train.make_parser(prog=prog).print_help()
-        return 0 if rest else 2
-    if not any(a == "--bf16" or a.startswith("--bf16=") for a in rest):
-        # Mixed precision only concerns training; without this, a GPU recipe (bf16: true) fails to parse on a CPU.
-        rest = [*rest, "--bf16", "false"]
-    try:
-        parsed = cli_train.parse(rest, prog, extra_keys=("output",))
-        script_args, training_args, model_args, dataset_args, launch = parsed
-        specs = training_args.head_specs
-        if not specs:
-            raise cli_train._UsageError("no reward heads: give `reward_heads` in the recipe or as a JSON flag.")
-        if launch:
-            print(f"{prog}: scoring runs in one process; launch options ({', '.join(k for k, _ in launch)}) are "
-                  "ignored.", file=sys.stderr)
-        cli_train.quiet_progress(training_args)
-        ds = cli_train.load_datasets(script_args, dataset_args)
-    except (cli_train._UsageError, FileNotFoundError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+    if not argv:
+        print(f"usage: {prog} --config recipe.yaml [--output DIR] [--any_field value ...]")
         return 2
-    return _score(ds, specs, script_args, training_args, model_args, opts.output)
+    if argv[0] in ("-h", "--help"):
+        print(__doc__)
+        make_parser(prog=prog, extra_dataclasses=(ScoreArguments,)).print_help()
+        return 0
+    if not any(a == "--bf16" or a.startswith("--bf16=") for a in argv):
+        # Mixed precision only concerns training; without this, a GPU recipe (bf16: true) fails to parse on a CPU.
+        argv = [*argv, "--bf16", "false"]
+    return run_command(prog, lambda: _run(argv, prog))
 
 
-def _score(ds, specs, script_args, training_args, model_args, output: str | None) -> int:
-    from trl_upo.heads.base import build_head
+def _run(argv: list[str], prog: str | None) -> int:
+    from trl_upo.cli.train import parse, quiet_progress, recipe_datasets
+
+    script_args, training_args, model_args, dataset_args, score_args, launch = parse(
+        argv, prog, extra_dataclasses=(ScoreArguments,)
+    )
+    specs = training_args.head_specs
+    if not specs:
+        raise UsageError("no reward heads: give `reward_heads` in the recipe or as a JSON flag.")
+    if launch:
+        print(f"{prog}: scoring runs in one process; launch options ({', '.join(k for k, _ in launch)}) are "
+              "ignored.", file=sys.stderr)
+    quiet_progress(training_args)
+    ds = recipe_datasets(script_args, dataset_args)
+    splits = [s for s in (script_args.dataset_train_split, script_args.dataset_test_split) if s in ds]
+    if not splits:
+        raise UsageError(
+            f"the dataset has neither a {script_args.dataset_train_split!r} nor a {script_args.dataset_test_split!r} "
+            f"split (splits: {list(ds.keys())}); set dataset_train_split / dataset_test_split."
+        )
+    return _score(ds, splits, specs, training_args, model_args, score_args.output)
+
+
+def _score(ds, splits, specs, training_args, model_args, output: str | None) -> int:
+    from trl_upo.heads import build_head
     from trl_upo.scoring import score_dataset
 
     tokenizer = None
@@ -116,11 +140,6 @@ def _score(ds, specs, script_args, training_args, model_args, output: str | None
             model_args.model_name_or_path, revision=model_args.model_revision,
             trust_remote_code=training_args.trust_remote_code,
         )
-    splits = [s for s in (script_args.dataset_train_split, script_args.dataset_test_split) if s in ds]
-    if not splits:
-        print(f"error: the dataset has neither a {script_args.dataset_train_split!r} nor a "
-              f"{script_args.dataset_test_split!r} split (splits: {list(ds.keys())}).", file=sys.stderr)
-        return 2
     heads = [build_head(s) for s in specs]
     results: dict[str, Any] = {}
     scored = {}

@@ -6,7 +6,8 @@
   chosen response, the original answer the rejected one.
 
 Both write their output in shards as they go (resumable, deterministic with a seed) and produce TRL's standard or
-conversational preference format.
+conversational preference format. Their input, like every command's dataset, is read by :func:`load_split`
+(:mod:`trl_upo.data.loading`: files, saved datasets, Hub names and ``upo://`` assets).
 """
 
 from .critique import (
@@ -19,14 +20,24 @@ from .critique import (
     check_template,
 )
 from .generation import GenerationSettings, batch_seed, make_generator
-from .io import OutputSettings, load_prompt_dataset
-from .rank import RankConfig, build_rank_pairs, column_head_specs, score_columns, select_pairs, within_prompt
+from .io import OutputSettings
+from .loading import DatasetLoadError, load_split, load_splits
+from .rank import (
+    RankConfig,
+    build_rank_pairs,
+    candidate_ranks,
+    column_head_specs,
+    score_columns,
+    select_pairs,
+    within_prompt,
+)
 
 __all__ = [
     "DEFAULT_CRITIQUE_TEMPLATE",
     "DEFAULT_PRINCIPLES",
     "DEFAULT_REVISION_TEMPLATE",
     "CritiqueConfig",
+    "DatasetLoadError",
     "GenerationSettings",
     "OutputSettings",
     "Principle",
@@ -34,9 +45,11 @@ __all__ = [
     "batch_seed",
     "build_critique_pairs",
     "build_rank_pairs",
+    "candidate_ranks",
     "check_template",
     "column_head_specs",
-    "load_prompt_dataset",
+    "load_split",
+    "load_splits",
     "make_generator",
     "score_columns",
     "select_pairs",

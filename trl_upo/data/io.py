@@ -1,6 +1,7 @@
-"""Reading prompts, writing pairs: a run is written batch by batch into a shard directory, so an interrupted run
-resumes at the first missing batch and loses at most the batch it was working on; when every batch is done the
-shards become the output (JSONL, Parquet or a saved dataset) and, if asked, are pushed to the Hub."""
+"""Writing pairs: a run is written batch by batch into a shard directory, so an interrupted run resumes at the first
+missing batch and loses at most the batch it was working on; when every batch is done the shards become the output
+(JSONL, Parquet or a saved dataset) and, if asked, are pushed to the Hub. Input datasets are read by
+:mod:`trl_upo.data.loading`."""
 
 from __future__ import annotations
 
@@ -73,54 +74,6 @@ def infer_format(path: str) -> str:
     if os.path.splitext(lower)[1] in (".csv", ".arrow", ".txt", ".tsv"):
         raise ValueError(f"Cannot write {path!r}: use a .jsonl or .parquet file, or a directory (save_to_disk).")
     return "disk"
-
-
-def load_prompt_dataset(
-    source: str, split: str = "train", limit: int | None = None, remove_columns: list[str] | None = None
-) -> Any:
-    """Load the input dataset: a JSON/JSONL/Parquet/CSV file, a directory written by ``save_to_disk``, or a Hub
-    dataset id.
-
-    Args:
-        source: file, directory or Hub id.
-        split: the split to use (Hub datasets, ``DatasetDict`` directories).
-        limit: keep only the first ``limit`` rows.
-        remove_columns: input columns to leave out (e.g. the old ``chosen``/``rejected`` of a preference dataset
-            whose prompts get new pairs); naming a column the dataset does not have is an error.
-    """
-    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
-
-    builders = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-    ext = os.path.splitext(source.lower())[1]
-    if os.path.isfile(source):
-        if ext not in builders:
-            raise ValueError(f"Cannot read {source!r}: give a .json, .jsonl, .parquet or .csv file.")
-        ds = load_dataset(builders[ext], data_files=source, split="train")
-    elif os.path.isdir(source) and (
-        os.path.exists(os.path.join(source, "dataset_info.json"))
-        or os.path.exists(os.path.join(source, "dataset_dict.json"))
-    ):
-        ds = load_from_disk(source)
-        if isinstance(ds, DatasetDict):
-            if split not in ds:
-                raise ValueError(f"{source!r} has splits {list(ds)}, not {split!r}: pass --split.")
-            ds = ds[split]
-    elif source.startswith(("/", "./", "../", "~")) and not os.path.exists(source):
-        raise ValueError(f"The dataset path {source!r} does not exist.")
-    else:
-        ds = load_dataset(source, split=split)
-    if not isinstance(ds, Dataset):
-        raise ValueError(f"{source!r} did not load as one dataset split (got {type(ds).__name__}).")
-    if remove_columns:
-        missing = [c for c in remove_columns if c not in ds.column_names]
-        if missing:
-            raise ValueError(f"remove_columns names {missing}, which {source!r} does not have: {ds.column_names}.")
-        ds = ds.remove_columns(list(remove_columns))
-    if limit is not None:
-        if limit < 1:
-            raise ValueError(f"limit must be >= 1, got {limit}.")
-        ds = ds.select(range(min(limit, len(ds))))
-    return ds
 
 
 class ShardStore:

@@ -1,0 +1,304 @@
+"""What the ``trl-upo`` commands share: the usage error and its exit code, YAML configs, strict option parsing with a
+did-you-mean for every unknown key, and the one place that turns a usage problem into ``<prog>: error: ...``.
+
+Every command parses its options with dataclasses through ``transformers.HfArgumentParser`` (``trl.TrlParser`` for
+the recipe commands): a YAML ``--config`` sets defaults, flags override them, and an unknown key, in the YAML or on
+the command line, is an error naming the closest valid key, raised before anything loads (``eval``'s ``--config`` is
+a training recipe it reads heads from, not its own options). ``HfArgumentParser``
+accepts ``--foo-bar`` for every ``foo_bar`` field, and ``--no_foo`` / ``--no-foo`` for a boolean field whose default
+is true; :func:`add_negative_flags` adds the same for the other boolean fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+import typing
+from collections.abc import Callable, Iterable
+from typing import Any
+
+#: Exit code of a usage problem (a bad flag, key, value, file or split), printed without a traceback.
+EXIT_USAGE = 2
+
+
+class UsageError(ValueError):
+    """A problem with the command line, the YAML config or the inputs they name (exit code 2, no traceback)."""
+
+
+def closest(word: str, choices: Iterable[str]) -> str | None:
+    """The choice closest to ``word``, when one is close enough to suggest (``difflib``, cutoff 0.6).
+
+    Args:
+        word: The unknown name.
+        choices: The valid names.
+
+    Returns:
+        The closest valid name, or None.
+    """
+    match = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def did_you_mean(word: str, choices: Iterable[str], quote: str = "`") -> str:
+    """The suggestion that ends an unknown-key message: `` (did you mean `key`?)``, or an empty string.
+
+    Args:
+        word: The unknown name.
+        choices: The valid names.
+        quote: The quote around the suggestion.
+
+    Returns:
+        The suggestion, with a leading space, or ``""`` when no valid name is close.
+    """
+    match = closest(word, choices)
+    return f" (did you mean {quote}{match}{quote}?)" if match else ""
+
+
+def unknown_key(key: str, where: str, choices: Iterable[str]) -> str:
+    """The message of one unknown key: ``unknown key `key` in the <where> (did you mean `...`?)``.
+
+    Args:
+        key: The unknown key.
+        where: Where it was found (``"command line"``, ``"recipe r.yaml"``).
+        choices: The valid keys.
+
+    Returns:
+        The message.
+    """
+    return f"unknown key `{key}` in the {where}{did_you_mean(key, choices)}"
+
+
+def raise_problems(problems: list[str], footer: str, header: str = "invalid options:") -> None:
+    """Raise one :class:`UsageError` listing every problem found, if there is any.
+
+    Args:
+        problems: One message per problem.
+        footer: The last line (where the valid keys are listed).
+        header: The first line.
+
+    Raises:
+        UsageError: ``problems`` is not empty.
+    """
+    if problems:
+        raise UsageError("\n  ".join([header, *problems]) + "\n" + footer)
+
+
+def pop_config(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Take ``--config PATH`` (or ``--config=PATH``) out of the arguments; a ``upo://`` path names a packaged asset.
+
+    Args:
+        argv: The command's arguments.
+
+    Returns:
+        ``(path or None, the other arguments)``.
+
+    Raises:
+        UsageError: ``--config`` without a path.
+        FileNotFoundError: a ``upo://`` path that is not in the package.
+    """
+    from trl_upo.resources import resolve_resource
+
+    rest = list(argv)
+    for i, tok in enumerate(rest):
+        if tok.startswith("--config="):
+            return resolve_resource(tok.split("=", 1)[1]), rest[:i] + rest[i + 1 :]
+        if tok == "--config":
+            if i + 1 >= len(rest) or rest[i + 1].startswith("--"):
+                raise UsageError("`--config` needs the path of a YAML file.")
+            return resolve_resource(rest[i + 1]), rest[:i] + rest[i + 2 :]
+    return None, rest
+
+
+def read_yaml(path: str, what: str = "config", allow_empty: bool = True) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping of ``key: value``.
+
+    Args:
+        path: The file.
+        what: What the file is, for messages (``"recipe"``, ``"config"``).
+        allow_empty: Read an empty file as ``{}`` (otherwise it is an error).
+
+    Returns:
+        The mapping.
+
+    Raises:
+        UsageError: the file cannot be read, is not valid YAML, or does not hold a mapping.
+    """
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise UsageError(f"cannot read the {what} {path!r}: {e.strerror}.") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"the {what} {path!r} is not valid YAML: {e}") from None
+    if data is None and allow_empty:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"the {what} {path!r} must be a YAML mapping of `key: value`, got {type(data).__name__}.")
+    return data
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` layout of the commands: the description as written, and each option's default unless it is None
+    or its help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def option(help: str, default: Any = dataclasses.MISSING, **metadata: Any) -> Any:
+    """A field of an argument dataclass: its default (none: a required option) and its ``--help`` text.
+
+    Args:
+        help: The ``--help`` text.
+        default: The default value.
+        metadata: More ``argparse.add_argument`` keywords (``choices``, ``metavar``, ``nargs``, ...).
+
+    Returns:
+        The ``dataclasses.field``.
+    """
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
+def option_names(parser: argparse.ArgumentParser) -> list[str]:
+    """The keys a parser takes (the destinations of its options, without ``help``), sorted."""
+    return sorted({a.dest for a in parser._actions if a.option_strings and a.dest != "help"})
+
+
+def split_leftovers(
+    tokens: list[str], known: dict[str, bool] | None = None, from_yaml: bool = False
+) -> tuple[list[tuple[str, Any]], list[str], list[str]]:
+    """Read the ``--key [value]`` tokens a parser left over.
+
+    Args:
+        tokens: The leftover tokens.
+        known: Keys taken here rather than by the parser (``accelerate launch`` options), as
+            ``{key: takes_a_value}``; a boolean key takes a following ``true``/``false``.
+        from_yaml: The tokens come from a YAML file, where every key has a value.
+
+    Returns:
+        ``(known options as (key, value), unknown keys, stray tokens)``.
+
+    Raises:
+        UsageError: a known key that needs a value has none.
+    """
+    known = known or {}
+    found: list[tuple[str, Any]] = []
+    unknown: list[str] = []
+    stray: list[str] = []
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--"):
+            stray.append(tok)
+            i += 1
+            continue
+        key, _, inline = tok[2:].partition("=")
+        key = key.replace("-", "_")
+        takes_value = known.get(key)
+        has_next = i + 1 < len(tokens) and not tokens[i + 1].startswith("--")
+        if takes_value is None:
+            unknown.append(key)
+            i += 2 if (has_next and not inline) else 1
+            continue
+        if inline:
+            value: Any = inline
+            i += 1
+        elif takes_value or (from_yaml and has_next) or (has_next and tokens[i + 1].lower() in ("true", "false")):
+            if not has_next:
+                raise UsageError(f"`{key}` needs a value (--{key} VALUE).")
+            value = tokens[i + 1]
+            i += 2
+        else:
+            value = True
+            i += 1
+        found.append((key, value))
+    return found, unknown, stray
+
+
+def leftover_problems(unknown: list[str], stray: list[str], choices: Iterable[str]) -> list[str]:
+    """Messages for the unknown keys and stray values of a command line (see :func:`split_leftovers`)."""
+    choices = list(choices)
+    problems = [unknown_key(key, "command line", choices) for key in unknown]
+    problems += [f"unexpected argument {tok!r} on the command line (options are `--key value`)" for tok in stray]
+    return problems
+
+
+def add_negative_flags(parser: argparse.ArgumentParser, *dataclass_types: type) -> None:
+    """Add ``--no_foo`` / ``--no-foo`` / ``--no-foo_bar`` (store false) for every boolean field whose default is not
+    true (``HfArgumentParser`` adds them only for a default of true), so that ``--foo`` and ``--no-foo`` both work.
+
+    Args:
+        parser: The parser built from ``dataclass_types``.
+        dataclass_types: The argument dataclasses.
+    """
+    taken = {opt for action in parser._actions for opt in action.option_strings}
+    for dtype in dataclass_types:
+        hints = typing.get_type_hints(dtype)
+        for f in dataclasses.fields(dtype):
+            if f.default is True or hints[f.name] not in (bool, bool | None):
+                continue
+            flags = [f"--no_{f.name}", f"--no-{f.name}", f"--no-{f.name.replace('_', '-')}"]
+            flags = [flag for flag in dict.fromkeys(flags) if flag not in taken]
+            if flags:
+                parser.add_argument(*flags, action="store_false", dest=f.name, help=argparse.SUPPRESS)
+
+
+def parse_strict(parser: Any, argv: list[str], command: str) -> tuple[Any, ...]:
+    """Parse ``argv`` into the parser's dataclasses; any key the parser does not take is an error.
+
+    Args:
+        parser: A ``transformers.HfArgumentParser``.
+        argv: The arguments (a YAML config already applied as defaults).
+        command: The command, for the message (``"trl-upo eval"``).
+
+    Returns:
+        One instance per dataclass of the parser.
+
+    Raises:
+        UsageError: unknown keys (each with the closest valid key) or stray values.
+        SystemExit: ``--help``, or a value ``argparse`` rejects (it prints why).
+    """
+    *parsed, leftovers = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    _, unknown, stray = split_leftovers(leftovers)
+    raise_problems(leftover_problems(unknown, stray, option_names(parser)), f"`{command} --help` lists the options.")
+    return tuple(parsed)
+
+
+def exit_code(stop: SystemExit) -> int:
+    """The exit code a ``SystemExit`` stands for (``argparse`` exits 0 after ``--help``, 2 on a bad value)."""
+    if stop.code is None or isinstance(stop.code, int):
+        return int(stop.code or 0)
+    print(stop.code, file=sys.stderr)
+    return 1
+
+
+def run_command(prog: str, body: Callable[[], int | None], errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Run a command; a usage problem is printed as ``<prog>: error: <message>`` and gives exit code 2.
+
+    Usage problems are :class:`UsageError`, :class:`~trl_upo.data.loading.DatasetLoadError` (a dataset that cannot
+    be loaded as asked), ``FileNotFoundError`` (a missing file or ``upo://`` asset), ``argparse``'s own exits, and
+    the command's ``errors``.
+
+    Args:
+        prog: The program name that starts the message (``"trl-upo train"``).
+        body: The command; returns its exit code (None: 0).
+        errors: More exception types the command reports as usage problems.
+
+    Returns:
+        The exit code.
+    """
+    from trl_upo.data.loading import DatasetLoadError
+
+    try:
+        return int(body() or 0)
+    except (UsageError, DatasetLoadError, FileNotFoundError, *errors) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as e:
+        return exit_code(e)

@@ -1,0 +1,202 @@
+"""Several processes for ``trl-upo train``: ``accelerate launch`` options in a recipe or on the command line make the
+command re-launch itself as ``accelerate launch <those options> -m trl_upo.cli.train <the other arguments>``.
+
+Launch options are the keys no argument dataclass takes but ``accelerate launch`` does (:func:`launch_keys`, read
+from accelerate's own parser), plus ``accelerate_config``. A process that already runs under a launcher
+(:func:`under_launcher`) trains instead of launching again.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from trl_upo.cli.common import UsageError, closest, split_leftovers
+from trl_upo.resources import RESOURCES_DIR
+
+#: Set in the environment of processes this command launches, so that they train instead of launching again.
+LAUNCHED_ENV = "TRL_UPO_LAUNCHED"
+#: The module ``accelerate launch`` runs.
+TRAIN_MODULE = "trl_upo.cli.train"
+# Set by `accelerate launch` (every launcher: simple, multi-GPU, DeepSpeed, FSDP) or by torchrun in its workers.
+_LAUNCHER_ENV = ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_MIXED_PRECISION", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")
+# `accelerate launch` options that would break the re-launch of this same entry point.
+_NOT_LAUNCH_KEYS = {"help", "training_script", "training_script_args", "module", "no_python", "env"}
+
+
+def launch_keys() -> dict[str, bool]:
+    """``accelerate launch`` options a recipe or flag may give, as ``{key: takes_a_value}``; plus
+    ``accelerate_config`` (a file, or the name of a config in ``recipes/accelerate/`` or in TRL's
+    ``accelerate_configs``)."""
+    from accelerate.commands.launch import launch_command_parser
+
+    keys: dict[str, bool] = {"accelerate_config": True}
+    for action in launch_command_parser()._actions:
+        if action.dest in _NOT_LAUNCH_KEYS or not action.option_strings:
+            continue
+        for opt in action.option_strings:
+            if opt.startswith("--"):
+                keys[opt[2:].replace("-", "_")] = action.nargs != 0
+    return keys
+
+
+def launch_options(config_leftovers: list[str], cli_leftovers: list[str]) -> list[tuple[str, Any]]:
+    """The launch options among the tokens the argument parser left over, recipe first, then flags (so flags win).
+
+    Args:
+        config_leftovers: Leftover ``--key value`` tokens of the recipe (every key has a value).
+        cli_leftovers: Leftover tokens of the command line.
+
+    Returns:
+        ``(key, value)`` pairs; keys that are no launch option are left out (they were reported before).
+    """
+    keys = launch_keys()
+    from_yaml = split_leftovers(config_leftovers, keys, from_yaml=True)[0]
+    return from_yaml + split_leftovers(cli_leftovers, keys, from_yaml=False)[0]
+
+
+def resolve_accelerate_config(name: str) -> str:
+    """Path of an accelerate config given as a file, or as the name of one in ``recipes/accelerate/`` (of the
+    current directory or of the source tree this package runs from) or in TRL's ``accelerate_configs``.
+
+    Args:
+        name: A file path, or a config name with or without ``.yaml``.
+
+    Returns:
+        The path of the config file.
+
+    Raises:
+        UsageError: neither a file nor a known name (the message lists the known names).
+    """
+    import importlib.resources as resources
+
+    if Path(name).is_file():
+        return str(Path(name).resolve())
+    stem = name[: -len(".yaml")] if name.endswith(".yaml") else name
+    searched = []
+    for base in (Path.cwd() / "recipes" / "accelerate", RESOURCES_DIR.parents[1] / "recipes" / "accelerate"):
+        candidate = base / f"{stem}.yaml"
+        searched.append(str(base))
+        if candidate.is_file():
+            return str(candidate)
+    trl_dir = resources.files("trl.accelerate_configs")
+    candidate = trl_dir.joinpath(f"{stem}.yaml")
+    if candidate.is_file():
+        return str(candidate)
+    names = sorted({p.stem for b in searched if Path(b).is_dir() for p in Path(b).glob("*.yaml")}
+                   | {p.name[:-5] for p in trl_dir.iterdir() if p.name.endswith(".yaml")})
+    match = closest(stem, names)
+    hint = f" Did you mean {match!r}?" if match else ""
+    raise UsageError(
+        f"accelerate_config {name!r} is neither a file nor a known config.{hint} Known names: {names} (from "
+        f"{', '.join(searched)} and TRL's accelerate_configs)."
+    )
+
+
+def under_launcher() -> bool:
+    """Whether this process was started by ``accelerate launch`` / torchrun (or re-launched by this command)."""
+    return any(k in os.environ for k in (LAUNCHED_ENV, *_LAUNCHER_ENV))
+
+
+def build_launch_args(options: list[tuple[str, Any]], use_cpu: bool) -> list[str]:
+    """``accelerate launch`` arguments for the launch options of a recipe and its flags (flags last, so they win).
+
+    On CPU (``use_cpu: true``, or no CUDA device), several processes need the multi-GPU launcher (torchrun), with
+    the training processes on CPU: ``accelerate launch --cpu --num_processes 2`` starts ONE process. So with
+    ``num_processes > 1`` and no distributed mode given, ``--multi_gpu`` is added and ``--cpu`` dropped.
+
+    Args:
+        options: ``(key, value)`` launch options in order (recipe first, then flags); boolean options take a
+            boolean or a ``"true"``/``"false"`` string.
+        use_cpu: The run's ``use_cpu`` setting.
+
+    Returns:
+        The arguments of ``accelerate launch`` before the training module.
+    """
+    import torch
+
+    merged: dict[str, Any] = {}
+    for key, value in options:
+        merged[key] = value
+    args: list[str] = []
+    if "accelerate_config" in merged:
+        args += ["--config_file", resolve_accelerate_config(str(merged.pop("accelerate_config")))]
+    num_processes = int(merged.get("num_processes", 1) or 1)
+    on_cpu = use_cpu or _truthy(merged.get("cpu", False)) or not torch.cuda.is_available()
+    distributed = any(_truthy(merged.get(k, False)) for k in ("multi_gpu", "use_deepspeed", "use_fsdp", "tpu"))
+    if num_processes > 1 and on_cpu and not distributed and "--config_file" not in args:
+        merged.pop("cpu", None)
+        merged["multi_gpu"] = True
+        if int(merged.get("num_machines", 1) or 1) == 1:
+            merged.setdefault("num_machines", 1)
+        merged.setdefault("mixed_precision", "no")
+        merged.setdefault("dynamo_backend", "no")
+    takes_value = launch_keys()
+    for key, value in merged.items():
+        if takes_value.get(key, True):
+            args += [f"--{key}", str(value)]
+        elif _truthy(value):
+            args.append(f"--{key}")
+    return args
+
+
+def _truthy(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def strip_launch_args(argv: list[str], options: list[tuple[str, Any]]) -> list[str]:
+    """The command's arguments without the launch options in ``options`` (and their values).
+
+    Args:
+        argv: The command's arguments.
+        options: The launch options found in them (and in the recipe).
+
+    Returns:
+        What the launched processes get.
+    """
+    keys = {k for k, _ in options}
+    takes_value = launch_keys()
+    out, i = [], 0
+    while i < len(argv):
+        tok = argv[i]
+        key = tok[2:].partition("=")[0].replace("-", "_") if tok.startswith("--") else None
+        if key in keys:
+            has_next = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            boolean_value = has_next and argv[i + 1].lower() in ("true", "false")
+            consumes = "=" not in tok and has_next and (takes_value.get(key, True) or boolean_value)
+            i += 2 if consumes else 1
+            continue
+        out.append(tok)
+        i += 1
+    return out
+
+
+def relaunch(argv: list[str], options: list[tuple[str, Any]], use_cpu: bool, prog: str | None = None) -> int:
+    """Start ``trl_upo.cli.train`` under ``accelerate launch`` with the recipe's launch options; return its exit
+    code. The launched processes see ``TRL_UPO_LAUNCHED=1`` and train.
+
+    Args:
+        argv: This command's arguments; the launch options are removed from them, the rest is passed on.
+        options: The launch options (see :func:`launch_options`).
+        use_cpu: The run's ``use_cpu`` setting (see :func:`build_launch_args`).
+        prog: Program name for the printed command.
+
+    Returns:
+        The exit code of ``accelerate launch``.
+    """
+    launch_args = build_launch_args(options, use_cpu)
+    script_args = strip_launch_args(argv, options)
+    from accelerate.commands.launch import launch_command_parser
+
+    # Fail on a bad launch value here, with accelerate's own message, rather than in a subprocess.
+    launch_command_parser().parse_args([*launch_args, "-m", TRAIN_MODULE, *script_args])
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "-m", TRAIN_MODULE, *script_args]
+    print(f"{prog}: launching: accelerate launch {shlex.join(cmd[3:])}", flush=True)
+    env = {**os.environ, LAUNCHED_ENV: "1"}
+    return subprocess.call(cmd, env=env)
