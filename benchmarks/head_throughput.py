@@ -2,6 +2,9 @@
 
     python benchmarks/head_throughput.py [--responses 20000] [--num-proc 1] [--json out.json] [--short]
 
+Run it from a checkout of the repository (any working directory): the model heads' tiny models come from the tests'
+``tests/tiny.py``, which the script imports from the repository root.
+
 Each head scores the chosen and rejected responses of one synthetic preference corpus through
 ``trl_upo.scoring.score_dataset`` (what ``UPOTrainer`` runs before training), with the score cache off, on one
 core (torch and the tokenizers limited to one thread) unless ``--num-proc`` asks for worker processes. Model heads
@@ -20,6 +23,11 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # first: tests/tiny.py (another installed package may also be named `tests`)
+    sys.path.insert(0, str(REPO))
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -29,7 +37,7 @@ AIMS = {"length": 20_000, "lexicon": 20_000, "readability": 2_000}
 
 def head_params(work_dir: str) -> dict[str, dict]:
     """Parameters for every built-in head (model heads get tiny local models)."""
-    from trl_upo.testing import save_tiny_classifier
+    from tests.tiny import save_tiny_classifier
 
     classifier = save_tiny_classifier(os.path.join(work_dir, "classifier"), labels=["negative", "neutral", "positive"])
     reward_model = save_tiny_classifier(os.path.join(work_dir, "reward-model"), seed=1)
@@ -38,7 +46,7 @@ def head_params(work_dir: str) -> dict[str, dict]:
         "lexicon": {"avoid": ["very", "really"], "mode": "rate"},
         "readability": {},
         "column": {"chosen": "score_chosen", "rejected": "score_rejected"},
-        "function": {"function": "trl_upo.testing:avoid_word_reward"},
+        "function": {"function": "trl_upo.quickstart_task:avoid_word_reward"},
         "classifier": {"model": classifier, "labels": ["positive"], "device": "cpu", "batch_size": 64},
         "reward_model": {"model": reward_model, "device": "cpu", "batch_size": 64},
     }
@@ -59,7 +67,7 @@ def _minilm_path() -> str:
 
 
 def corpus(n_pairs: int):
-    from trl_upo.testing import preference_dataset
+    from tests.tiny import preference_dataset
 
     data = preference_dataset(n_pairs, seed=11)
     return data.add_column("score_chosen", [1.0] * n_pairs).add_column("score_rejected", [0.0] * n_pairs)
@@ -69,15 +77,16 @@ def measure(n_responses: int, num_proc: int, only: list[str] | None = None) -> l
     import torch
 
     from trl_upo import registered_heads
-    from trl_upo.heads.base import build_head, parse_head_specs
+    from trl_upo.heads import build_head, parse_head_specs
     from trl_upo.scoring import score_dataset
-    from trl_upo.testing import build_tokenizer
+    from trl_upo.quickstart_task import build_tokenizer
 
     torch.set_num_threads(1)
     rows = []
     with tempfile.TemporaryDirectory() as work_dir:
         params = head_params(work_dir)
-        builtin = sorted(n for n, c in registered_heads().items() if c is not None and c.__module__.startswith("trl_upo."))
+        heads = registered_heads().items()
+        builtin = sorted(n for n, c in heads if c is not None and c.__module__.startswith("trl_upo."))
         missing = [n for n in builtin if n not in params and n != "similarity"]
         if missing:
             raise SystemExit(f"head_throughput.py has no parameters for the built-in head(s) {missing}; add them.")

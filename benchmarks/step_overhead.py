@@ -3,62 +3,29 @@
 
     python benchmarks/step_overhead.py             # full CPU run: tiny + ~74M-parameter model (about 12 min, 2 cores)
     python benchmarks/step_overhead.py --short     # CI: tiny model, a few steps; fails if the forwards per step differ
+    python benchmarks/step_overhead.py --calibrate # A/A: DPOTrainer against a second DPOTrainer (the noise floor)
     python benchmarks/step_overhead.py --model Qwen/Qwen2.5-0.5B-Instruct   # CUDA machine: a real model by name
 
-What is compared: ``trl.DPOTrainer`` (``DPOConfig``) and ``trl_upo.UPOTrainer`` (``UPOConfig`` with three reward
-heads: the built-in ``length``, ``column`` reading two score columns added to the data, and ``function`` with
-``trl_upo.testing:avoid_word_reward``; ``upo_alpha=1``), on the same model, data, batch, seed and arguments: full
-fine-tuning with the reference model loaded from the same saved path, and LoRA (adapter-disabled reference).
+It needs the installed ``trl_upo`` only (any working directory), and a quiet machine. Compared: ``trl.DPOTrainer``
+and ``trl_upo.UPOTrainer`` with three reward heads (the built-in ``length``, ``column`` reading two score columns
+added to the data, and ``function`` with the quickstart's ``avoid_word_reward``; ``upo_alpha=1``), on the same model,
+data, batch, seed and arguments: full fine-tuning with the reference loaded from the same saved path, and LoRA
+(adapter-disabled reference). Models are built locally from the quickstart's tokenizer (``trl_upo.quickstart_task``).
 
-Step time. The machine is shared and noisy, and the obvious designs measure mostly noise; each was checked with an
-A/A run (``--calibrate``: DPOTrainer against a second DPOTrainer, where the right answer is 1.000):
+- Step time: both trainers in one process on one shared policy and reference, their optimizer steps alternating in
+  one thread in ABBA order, each step run as ``Trainer.train()``'s inner loop runs it (``_StepDriver``); per timing
+  process the ratio of the median step times, over processes their geometric mean. Steps during which other
+  processes used the CPU (read from ``/proc/stat``) are dropped.
+- Peak memory: fresh processes that each build one trainer from the model path and train a few steps; ``VmHWM`` from
+  ``/proc/self/status`` (on CUDA ``torch.cuda.max_memory_allocated()``).
+- Forwards per step: forward hooks on the policy (the base model under PEFT) and on the reference.
+- Also: the heads' scoring throughput through ``trl_upo.scoring.score_dataset``, and the wall time of ``trl-upo train``
+  (the CPU quickstart) in a fresh process.
 
-- one fresh process per run: tiny steps took 10 to 17 ms from process to process (spread inside each: ~1 ms);
-- both trainers in one process, alternating in turns of ``Trainer.train()`` calls timed by a callback: A/A ratios
-  0.82 to 1.08 per process on the tiny model, 1.09 on the medium one (each turn re-creates the optimizer and runs at
-  its own speed; removed);
-- alternating step by step from two threads (each in its own ``train()``, passing a baton in ``on_step_end``): the
-  same work ran up to 25% slower in one thread than in the other;
-- alternating step by step in one thread on one shared copy of the weights (what this script does): A/A 0.986 to
-  0.998 on the tiny model.
-
-So by default both trainers are built in one process on one shared policy and reference (full fine-tuning; under
-LoRA each loads its own, see ``run_timing``), and one thread runs their optimizer steps alternately in ABBA order
-(DPO, UPO, UPO, DPO, ...: a linear drift hits both equally), each step exactly as ``Trainer.train()``'s inner loop
-runs it (``_StepDriver``: ``training_step``, that is inputs to the device, ``compute_loss`` and backward; gradient
-clipping; optimizer and scheduler step; and ``log()`` every ``logging_steps``). The step is timed with
-``time.perf_counter()`` around that (on CUDA after ``torch.cuda.synchronize()``); the *full step* adds fetching and
-collating the batch (UPO's collator adds the score tensors) and logging. The first ``warmup`` steps of each trainer
-are dropped. Per timing process: the ratio of the median step times; over processes (half build and start with DPO,
-half with UPO) their geometric mean, reported with the per-process ratios as its spread. Also the ratio of CPU
-seconds per step (this process, all threads). Other processes' CPU use is read from ``/proc/stat`` around every
-step: a step of 0.25 s or more during which they used more than ``--noise-cores`` cores is dropped, a timing process
-during which they did on average is run again (``--retries``), and before every timing process the script waits up
-to ``--quiet-wait`` seconds for a quiet machine. Timing processes run with ``TUNED_MALLOC`` (see there).
-
-Peak memory. Every memory run is a fresh process that builds one trainer from the model path, as users run it, and
-trains a few steps (the peak is reached by then: the optimizer state is allocated at the first step); DPO and UPO
-processes alternate. The peak is ``VmHWM`` from ``/proc/self/status`` at the end: the kernel's high-water mark of
-this address space's resident set, exact (no sampling can miss a spike). ``ru_maxrss`` of
-``getrusage(RUSAGE_SELF)`` is not used: Linux carries the high-water mark of the pre-``exec`` image (the launcher,
-forked) into it. Memory processes run with glibc's mmap threshold fixed (``MEMORY_MALLOC``, see there for the
-measured reason), so that the peak follows live memory rather than what the allocator happens to retain. The table
-also gives the peak minus the RSS just before the model is loaded (after all imports): what the trainer adds.
-``--isolation inprocess`` (the default of ``--short``) runs everything in this process and resets the high-water
-mark before each memory run by writing 5 to ``/proc/self/clear_refs``; memory an earlier run left in the allocator
-then counts for the next, so in-process memory numbers are approximate. On CUDA: ``torch.cuda.max_memory_allocated()``
-from a reset at the start.
-
-Forwards per step: forward hooks on the policy module (the base model under PEFT) and on the reference model, as in
-``tests/test_logps_and_forwards.py``, counting every call and the fused-LM-head calls TRL makes.
-
-Also reported: the heads' scoring throughput (responses per second, each built-in head alone and the three together,
-one synthetic corpus, through ``trl_upo.scoring.score_dataset`` as ``UPOTrainer.__init__`` calls it) and the wall
-time of the README's main command, ``trl-upo train`` (the CPU quickstart), in a fresh process.
-
-Output: a Markdown table on stdout and a JSON file (``--json``) with every raw step time. Exit status 1 when UPO and
-DPO run a different number of forwards per step or UPO's term was not computed; ``--check-targets`` also fails on a
-missed time or memory target (not the default: on a noisy machine a timing is a measurement, not a test).
+Why it is measured this way (the simpler designs measured mostly noise), the allocator settings, and the results:
+docs/benchmarks.md. Output: a Markdown table on stdout and a JSON file (``--json``) with every raw step time. Exit
+status 1 when UPO and DPO run a different number of forwards per step or UPO's term was not computed;
+``--check-targets`` also fails on a missed time or memory target.
 """
 
 from __future__ import annotations
@@ -88,11 +55,12 @@ MEMORY_RATIO_TARGET = 1.02
 HEADS = [
     {"name": "length", "weight": 1.0, "params": {"direction": "shorter"}},
     {"name": "rm", "type": "column", "weight": 1.0, "params": {"chosen": "rm_chosen", "rejected": "rm_rejected"}},
-    {"name": "novery", "type": "function", "weight": 1.0, "params": {"function": "trl_upo.testing:avoid_word_reward"}},
+    {"name": "novery", "type": "function", "weight": 1.0,
+     "params": {"function": "trl_upo.quickstart_task:avoid_word_reward"}},
 ]
 
-# Models built locally (no hub). "tiny" is trl_upo.testing's test model. "medium" is a 12-layer Llama of 73.7M
-# parameters with a 32,000-token vocabulary like Llama 2's, although the word-level tokenizer of trl_upo.testing has
+# Models built locally (no hub). "tiny" is the tests' tiny Llama. "medium" is a 12-layer Llama of 73.7M
+# parameters with a 32,000-token vocabulary like Llama 2's, although the quickstart's word-level tokenizer has
 # ~70 tokens: the embedding and the LM head have 32k rows, so the fused LM head's log-softmax and its backward cost
 # what they cost with a real 32k tokenizer; only the ids that occur are few, which changes no cost. (A real 32k
 # tokenizer would need a download, or a corpus to train one on.)
@@ -130,17 +98,17 @@ SHORT = dict(cases=["tiny-full"], steps=12, warmup=2, repeats=1, memory_steps=3,
 
 
 def bench_rows(n: int, seed: int, response_words: tuple[int, int]) -> list[dict]:
-    """Synthetic preference pairs over trl_upo.testing's vocabulary (chosen on-topic, rejected off-topic, "very" in
-    half of the answers) with responses of ``response_words`` words, plus two score columns for the column head
+    """Synthetic preference pairs over the quickstart task's vocabulary (chosen on-topic, rejected off-topic, "very"
+    in half of the answers) with responses of ``response_words`` words, plus two score columns for the column head
     (think: a reward model's labels)."""
-    from trl_upo.testing import DESIGNER_WORD, FILLER, TOPICS
+    from trl_upo.quickstart_task import DESIGNER_WORD, TOPICS, topic_words
 
     rng = random.Random(seed)
     topics = list(TOPICS)
 
     def answer(topic: str) -> str:
         n_words = rng.randint(*response_words)
-        words = [rng.choice(TOPICS[topic]) if rng.random() < 0.5 else rng.choice(FILLER) for _ in range(n_words)]
+        words = topic_words(rng, topic, n_words)
         if rng.random() < 0.5:
             words[rng.randrange(n_words)] = DESIGNER_WORD
         return " " + " ".join(words)
@@ -162,22 +130,14 @@ def bench_rows(n: int, seed: int, response_words: tuple[int, int]) -> list[dict]
 def build_local_model(size: str, path: str, seed: int = 0) -> dict:
     """Save a randomly initialised Llama of ``size`` and the word-level tokenizer to ``path``."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    from trl_upo.testing import build_tokenizer
+    from trl_upo.quickstart_task import build_tokenizer, model_config
 
     tokenizer = build_tokenizer()
     spec = dict(SIZES[size])
     vocab = spec.pop("vocab_size") or len(tokenizer)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-        **spec,
-    )
+    config = model_config(tokenizer, vocab_size=vocab, max_position_embeddings=512, **spec)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
@@ -224,7 +184,7 @@ def _peak_rss_mb() -> float:
     hwm = _proc_status_kb("VmHWM")
     if hwm is not None:
         return hwm / 1024
-    import resource  # not Linux: the best there is (see the module docstring for its caveat)
+    import resource  # not Linux: the best there is (on Linux ru_maxrss includes the launcher's pre-exec peak)
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
@@ -777,9 +737,9 @@ def scoring_throughput(n_pairs: int, seed: int, work_dir: str) -> dict:
     (what ``UPOTrainer.__init__`` runs; it includes adding the score columns to the dataset)."""
     from datasets import Dataset
 
-    from trl_upo.heads.base import build_head, parse_head_specs
+    from trl_upo.heads import build_head, parse_head_specs
     from trl_upo.scoring import score_dataset
-    from trl_upo.testing import build_tokenizer
+    from trl_upo.quickstart_task import build_tokenizer
 
     data = Dataset.from_list(bench_rows(n_pairs, seed, CASES["tiny-full"]["response_words"]))
     tokenizer = build_tokenizer()

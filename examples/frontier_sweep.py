@@ -4,7 +4,8 @@ start, evaluated on held-out data, and plotted as preference accuracy against ea
     python examples/frontier_sweep.py --task very --seeds 0 1 2 --output-dir outputs/frontier
     python examples/frontier_sweep.py --task length --seeds 0 1 2 --output-dir outputs/frontier
 
-Everything is local and CPU-sized (the tiny Llama and word-level tokenizer of ``trl_upo.testing``). For each seed:
+Everything is local and CPU-sized (the quickstart's tiny Llama, tokenizer and task: ``trl_upo.quickstart_task``); it
+needs the installed ``trl_upo`` only and runs from any directory. For each seed:
 
 1. SFT warm-up (TRL's ``SFTTrainer``) on the task's chosen and rejected answers: the common start.
 2. One preference run per configuration (``UPOTrainer``; with no heads it is ``DPOTrainer``), same data and seed.
@@ -39,24 +40,22 @@ from typing import Any
 
 import torch
 
+from trl_upo import quickstart
 from trl_upo.quickstart import CPU_RUN, NOVERY_HEAD
-from trl_upo.testing import DESIGNER_WORD, FILLER, TOPICS, build_model, build_tokenizer, preference_rows
+from trl_upo.quickstart_task import DESIGNER_WORD, TOPICS, build_tokenizer, is_on_topic, preference_rows, topic_answer
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tasks
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _answer(rng: random.Random, topic: str, n_words: int, with_word: bool) -> str:
-    words = [rng.choice(TOPICS[topic]) if rng.random() < 0.5 else rng.choice(FILLER) for _ in range(n_words)]
-    words[0] = rng.choice(TOPICS[topic])
-    if with_word:
-        words.insert(rng.randrange(1, len(words) + 1), DESIGNER_WORD)
-    return " ".join(words)
-
-
 def _pairs(n: int, seed: int, length: Callable[[random.Random], int], p_chosen: float, p_rejected: float) -> list[dict]:
     rng = random.Random(seed)
+
+    def answer(topic: str, p_word: float) -> str:
+        n_words = length(rng)  # drawn before the coin for the designer word
+        return " " + topic_answer(rng, topic, rng.random() < p_word, n_words)
+
     rows = []
     for _ in range(n):
         topic = rng.choice(list(TOPICS))
@@ -64,8 +63,8 @@ def _pairs(n: int, seed: int, length: Callable[[random.Random], int], p_chosen: 
         rows.append(
             {
                 "prompt": f"tell me about {topic} answer",
-                "chosen": " " + _answer(rng, topic, length(rng), rng.random() < p_chosen),
-                "rejected": " " + _answer(rng, other, length(rng), rng.random() < p_rejected),
+                "chosen": answer(topic, p_chosen),
+                "rejected": answer(other, p_rejected),
             }
         )
     return rows
@@ -92,9 +91,7 @@ def on_topic(prompts, completions, **kwargs) -> list[float]:
     out = []
     for p, c in zip(prompts, completions, strict=True):
         topic = next(t for t in TOPICS if f"about {t}" in p)
-        words = str(c).split()
-        hits = {t: sum(w in ws for w in words) for t, ws in TOPICS.items()}
-        out.append(float(hits[topic] > 0 and hits[topic] == max(hits.values())))
+        out.append(float(is_on_topic(str(c).split(), topic)))
     return out
 
 
@@ -165,28 +162,13 @@ class Settings:
 
 
 def sft_warmup(task: Task, out_dir: str, seed: int, s: Settings) -> str:
-    """Warm a fresh tiny Llama up on the task's answers (chosen and rejected) with SFTTrainer; return its path."""
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    path = os.path.join(out_dir, f"seed{seed}", "sft")
+    """Warm a fresh tiny Llama up on the task's answers (chosen and rejected) with SFTTrainer, as the quickstart
+    does; return its path (``<out_dir>/seed<seed>/sft``)."""
+    seed_dir = os.path.join(out_dir, f"seed{seed}")
+    path = os.path.join(seed_dir, "sft")
     if os.path.exists(os.path.join(path, "config.json")):
         return path
-    tokenizer = build_tokenizer()
-    model = build_model(tokenizer, seed=seed, hidden_size=64)
-    rows = task.rows(s.n_train, seed + 1000)
-    data = Dataset.from_list(
-        [{"prompt": r["prompt"], "completion": r[k]} for r in rows for k in ("chosen", "rejected")]
-    )
-    args = SFTConfig(
-        output_dir=path + "-run", per_device_train_batch_size=32, max_steps=s.sft_steps, learning_rate=3e-3,
-        lr_scheduler_type="constant", logging_steps=max(1, s.sft_steps // 4), seed=seed, **CPU_RUN,
-    )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
-    trainer.train()
-    trainer.save_model(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return quickstart.sft_warmup(seed_dir, seed, s.sft_steps, rows=task.rows(s.n_train, seed + 1000))
 
 
 def preference_run(task: Task, base: str, out_dir: str, name: str, seed: int, s: Settings) -> str:

@@ -3,8 +3,8 @@
     python scripts/build_quickstart_assets.py [--out trl_upo/resources] [--seed 0] [--sft-steps 150]
 
 - ``tiny-llama/``: a 2-layer Llama (hidden size 64, about 0.1 M parameters) and its word-level tokenizer, warmed up
-  with TRL's ``SFTTrainer`` on the synthetic corpus of ``trl_upo.testing`` (a prompt names a topic; answers are on-
-  or off-topic and about half of them contain the word "very"), saved as safetensors.
+  with TRL's ``SFTTrainer`` on the synthetic task of ``trl_upo.quickstart_task`` (a prompt names a topic; answers
+  are on- or off-topic and about half of them contain the word "very"), saved as safetensors.
 - ``quickstart-data/train.jsonl`` (400 pairs) and ``test.jsonl`` (128 pairs): chosen = on-topic, rejected =
   off-topic; "very" appears in each answer with probability 0.5, independently of the label, so preference
   learning alone has no reason to drop it (the designer objective is independent of the labels).
@@ -39,7 +39,7 @@ def build(out: Path, seed: int = 0, sft_steps: int = 150) -> None:
     import torch
 
     from trl_upo.quickstart import sft_warmup
-    from trl_upo.testing import preference_rows
+    from trl_upo.quickstart_task import preference_rows
 
     torch.manual_seed(seed)
     model_dir = out / "tiny-llama"

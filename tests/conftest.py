@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny Llama and tokenizer saved locally (no hub), small synthetic preference data."""
+"""Shared fixtures: a tiny Llama and tokenizer saved locally (no hub), small synthetic preference data, fresh score
+caches. Builders behind them: tests/tiny.py; other shared helpers: tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -12,12 +13,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from trl_upo.testing import (  # noqa: E402
-    build_tokenizer,
-    preference_dataset,
-    save_tiny_classifier,
-    save_tiny_model,
-)
+from tests.tiny import preference_dataset, save_tiny_classifier, save_tiny_model  # noqa: E402
+from trl_upo.quickstart_task import build_tokenizer  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -75,9 +72,18 @@ def one_torch_thread():
     """Tiny models on shared, busy cores: one intra-op thread is far faster than two spinning ones (measured here:
     0.007 s instead of 0.8 s per batched generate call). Restored after the module. Opt in with
     ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
-    import torch
-
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def no_generation(monkeypatch):
+    """Fail the test if a data builder generates: for checks that must reject their input before generating."""
+    from trl_upo.data.generation import TransformersGenerator
+
+    def forbidden(*a, **k):
+        raise AssertionError("generation ran before the input was checked")
+
+    monkeypatch.setattr(TransformersGenerator, "generate", forbidden)

@@ -1,6 +1,25 @@
-"""Helpers shared by the tests (import as ``from tests.helpers import ...``)."""
+"""Helpers shared by the tests (import as ``from tests.helpers import ...``): fixtures are in conftest.py, tiny
+models and data in tiny.py, the recipes' tables and stand-ins in recipe_utils.py."""
 
 from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+#: The repository root.
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative_path: str):
+    """Import a script of the repository (``benchmarks/step_overhead.py``, ...) as a module named after its file, and
+    register it in ``sys.modules`` (dataclasses and pickling look their module up there)."""
+    path = ROOT / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def cpu_args(output_dir, **kwargs):
@@ -31,12 +50,32 @@ def prompt_dataset(n: int, conversational: bool = False):
     """``n`` prompts about the synthetic topics (a string, or one user message), with an ``id`` column."""
     from datasets import Dataset
 
-    from trl_upo.testing import TOPICS
+    from trl_upo.quickstart_task import TOPICS
 
     topics = list(TOPICS)
     rows = []
     for i in range(n):
         topic = topics[i % len(topics)]
-        prompt = [{"role": "user", "content": f"tell me about {topic}"}] if conversational else f"tell me about {topic} answer"
+        text = f"tell me about {topic}"
+        prompt = [{"role": "user", "content": text}] if conversational else text + " answer"
         rows.append({"prompt": prompt, "id": i})
     return Dataset.from_list(rows)
+
+
+#: Logged values a run on two processes must reproduce from a one-process run with the same global batch.
+DISTRIBUTED_METRICS = ["loss", "upo/aux_loss", "upo/weight/max", "upo/advantage/max", "upo/novery/chosen",
+                       "upo/length/rejected_norm", "rewards/margins", "logps/chosen"]
+
+
+def assert_same_training_steps(history_one: list[dict], history_two: list[dict], steps: int) -> None:
+    """The training steps of two ``log_history`` lists (one process, two processes) number ``steps`` and agree on
+    every ``DISTRIBUTED_METRICS`` value."""
+    import pytest
+
+    steps_a = [h for h in history_one if "loss" in h]
+    steps_b = [h for h in history_two if "loss" in h]
+    assert len(steps_a) == len(steps_b) == steps
+    for ha, hb in zip(steps_a, steps_b):
+        for key in DISTRIBUTED_METRICS:
+            # Float32 reductions run in a different order across two processes: agreement to 1e-4 relative.
+            assert hb[key] == pytest.approx(ha[key], rel=1e-4, abs=1e-6), (key, ha["step"])

@@ -17,12 +17,13 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
+
 RECIPES = ROOT / "recipes"
 ACCELERATE_DIR = RECIPES / "accelerate"
 SLURM_DIR = RECIPES / "slurm"
 
-#: Hub model of a recipe -> the transformers family (``model_type``) of the tiny stand-in (trl_upo.testing).
+#: Hub model of a recipe -> the transformers family (``model_type``) of the tiny stand-in (tests/tiny.py).
 HUB_MODELS = {
     "Qwen/Qwen2.5-1.5B-Instruct": "qwen2",
     "Qwen/Qwen2.5-7B-Instruct": "qwen2",
@@ -132,7 +133,7 @@ def dataclass_keys() -> set[str]:
 
 def launch_keys_of(data: dict) -> dict:
     """The keys of a recipe mapping that go to ``accelerate launch`` rather than to a dataclass."""
-    from trl_upo.cli.train import launch_keys
+    from trl_upo.cli.launch import launch_keys
 
     keys = set(launch_keys()) - dataclass_keys()
     return {k: v for k, v in data.items() if k in keys}
@@ -145,12 +146,12 @@ def launch_keys_of(data: dict) -> dict:
 
 def tiny_model(cache: dict, tmp: Path, hub_name: str) -> str:
     """Path of a tiny local model of the hub model's family (built once per ``cache``)."""
-    from trl_upo.testing import save_tiny_causal_lm
+    from tests.tiny import save_tiny_causal_lm
 
     if hub_name not in HUB_MODELS:
         raise AssertionError(
             f"recipe model {hub_name!r} has no tiny stand-in: add it and its family to HUB_MODELS in "
-            "tests/recipe_utils.py (a family trl_upo.testing.TINY_FAMILIES builds)."
+            "tests/recipe_utils.py (a family tests.tiny.TINY_FAMILIES builds)."
         )
     family = HUB_MODELS[hub_name]
     key = ("model", family)
@@ -163,7 +164,7 @@ def tiny_model(cache: dict, tmp: Path, hub_name: str) -> str:
 
 def tiny_head_model(cache: dict, tmp: Path, head_type: str, hub_name: str) -> str:
     """Path of a tiny local classifier (same labels) or scalar reward model standing in for a head's hub model."""
-    from trl_upo.testing import save_tiny_classifier
+    from tests.tiny import save_tiny_classifier
 
     if head_type == "classifier":
         if hub_name not in HUB_CLASSIFIERS:
@@ -182,7 +183,7 @@ def tiny_head_model(cache: dict, tmp: Path, head_type: str, hub_name: str) -> st
 
 
 def _rows(fmt: str, extra: tuple, n: int, seed: int) -> list[dict]:
-    from trl_upo.testing import preference_rows
+    from trl_upo.quickstart_task import preference_rows
 
     rng = random.Random(seed)
     out = []

@@ -8,25 +8,20 @@ UPO term was computed, and every ratio is reported.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_overhead.py"
+from tests.helpers import load_script
+
 ONE_FORWARD_EACH = {"policy": 1.0, "policy_fused": 1.0, "ref": 1.0, "ref_fused": 1.0}
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("step_overhead", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["step_overhead"] = module
-    spec.loader.exec_module(module)
-    yield module
+    yield load_script("benchmarks/step_overhead.py")
     sys.modules.pop("step_overhead", None)
 
 
@@ -70,7 +65,7 @@ def test_short_mode_counts_equal_forwards_and_reports_every_ratio(bench, tmp_pat
 @pytest.mark.slow  # a fresh interpreter imports torch, transformers and TRL again: ~10-15 s
 def test_timing_worker_runs_in_a_fresh_process(bench, tmp_path):
     """The full run's path: a timing process launched as a subprocess (tuned allocator env), results read back."""
-    from trl_upo.testing import save_tiny_model
+    from tests.tiny import save_tiny_model
 
     model = save_tiny_model(str(tmp_path / "model"))
     spec = {

@@ -13,7 +13,7 @@ import trl
 
 from tests.helpers import cpu_args
 from trl_upo import HeadSpec, UPOConfig
-from trl_upo.testing import avoid_word_reward
+from trl_upo.quickstart_task import avoid_word_reward
 
 
 def make(tmp_path, **kwargs) -> UPOConfig:
@@ -87,7 +87,7 @@ HEADS = [
         "type": "function",
         "weight": 2,
         "higher_is_better": False,
-        "params": {"function": "trl_upo.testing:avoid_word_reward"},
+        "params": {"function": "trl_upo.quickstart_task:avoid_word_reward"},
     },
 ]
 
@@ -110,7 +110,7 @@ def _check_heads(cfg: UPOConfig) -> None:
         False,
     )
     assert isinstance(avoid.weight, float)
-    assert avoid.params == {"function": "trl_upo.testing:avoid_word_reward"}
+    assert avoid.params == {"function": "trl_upo.quickstart_task:avoid_word_reward"}
 
 
 def test_reward_heads_list_of_mappings(tmp_path):
@@ -228,7 +228,7 @@ def test_duplicate_names(tmp_path):
 
 def test_duplicate_default_names_from_type(tmp_path):
     """Two function heads without names both default to 'function'."""
-    fn = {"type": "function", "params": {"function": "trl_upo.testing:avoid_word_reward"}}
+    fn = {"type": "function", "params": {"function": "trl_upo.quickstart_task:avoid_word_reward"}}
     with pytest.raises(ValueError, match=r"unique.*\['function'\]"):
         make(tmp_path, reward_heads=[fn, dict(fn)])
 
@@ -377,7 +377,7 @@ def test_to_dict_is_json_serialisable_with_callable_params(tmp_path):
     # ... while the serialised form holds its dotted path
     d = cfg.to_dict()
     text = json.dumps(d)
-    assert d["reward_heads"][0]["params"] == {"function": "trl_upo.testing:avoid_word_reward"}
+    assert d["reward_heads"][0]["params"] == {"function": "trl_upo.quickstart_task:avoid_word_reward"}
     assert json.loads(text)["reward_heads"][0]["name"] == "avoid"
     json.loads(cfg.to_json_string())  # what TrainingArguments writes to disk
 
@@ -389,7 +389,7 @@ def test_to_dict_round_trips(tmp_path):
     again = make(tmp_path, reward_heads=cfg.to_dict()["reward_heads"])
     (spec,) = again.head_specs
     assert (spec.name, spec.type) == ("avoid", "function")
-    assert spec.params == {"function": "trl_upo.testing:avoid_word_reward"}
+    assert spec.params == {"function": "trl_upo.quickstart_task:avoid_word_reward"}
 
 
 def test_to_dict_with_lambda_is_still_json(tmp_path):
@@ -431,7 +431,7 @@ def test_yaml_config_with_reward_heads(tmp_path):
                 weight: 2
                 higher_is_better: false
                 params:
-                  function: trl_upo.testing:avoid_word_reward
+                  function: trl_upo.quickstart_task:avoid_word_reward
             """
         )
     )

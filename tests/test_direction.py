@@ -1,8 +1,9 @@
 """Direction of the effect: a reward head moves the policy towards the kind of response it prefers, where DPO on
 the same data (whose labels ignore that property) does not.
 
-Task (``trl_upo.testing``): the chosen answer is on-topic, the rejected one off-topic (the preference); independently,
-"very" appears in half of all answers. Head ``novery`` scores 1 when an answer avoids "very" (the designer objective).
+Task (``trl_upo.quickstart_task``): the chosen answer is on-topic, the rejected one off-topic (the preference);
+independently, "very" appears in half of all answers. Head ``novery`` (the quickstart's) scores 1 when an answer
+avoids "very" (the designer objective).
 
 Setup. Both runs start from the same small language model of this data: the saved 2-layer Llama fine-tuned by
 plain maximum likelihood on prompt -> answer pairs (chosen and rejected answers, so it knows the language but not the
@@ -47,11 +48,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
 from trl_upo import UPOTrainer
-from trl_upo.testing import DESIGNER_WORD, preference_dataset, preference_rows
+from trl_upo.quickstart import NOVERY_HEAD
+from trl_upo.quickstart_task import DESIGNER_WORD, preference_rows
 
 from tests.helpers import cpu_args
+from tests.tiny import preference_dataset
 
-NOVERY_HEAD = {"name": "novery", "type": "function", "params": {"function": "trl_upo.testing:avoid_word_reward"}}
 N_TRAIN = 200
 TRAIN = dict(max_steps=-1, num_train_epochs=2, per_device_train_batch_size=8, logging_steps=10)
 FULL_LR = 1e-3

@@ -1,19 +1,14 @@
 """benchmarks/head_throughput.py runs (short mode) and reports every built-in head; no timing thresholds here (the
 CI machine is shared and noisy): the full numbers are produced by hand and recorded in docs/benchmarks.md."""
 
-import importlib.util
 import json
-from pathlib import Path
 
+from tests.helpers import load_script
 from trl_upo import registered_heads
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "head_throughput.py"
 
 
 def test_head_throughput_short_mode_reports_every_builtin_head(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("head_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("benchmarks/head_throughput.py")
     out = tmp_path / "tp.json"
     assert module.main(["--short", "--json", str(out)]) == 0
     rows = {r["head"]: r for r in json.loads(out.read_text())["rows"]}

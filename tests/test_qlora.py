@@ -11,9 +11,9 @@ from peft import LoraConfig  # noqa: E402
 from transformers import BitsAndBytesConfig  # noqa: E402
 
 from trl_upo import UPOTrainer  # noqa: E402
-from trl_upo.testing import preference_dataset  # noqa: E402
 
 from tests.helpers import cpu_args  # noqa: E402
+from tests.tiny import preference_dataset  # noqa: E402
 
 
 def test_qlora_4bit_trains_with_the_upo_term(tiny_model_path, tmp_path, score_cache):

@@ -18,13 +18,14 @@ import yaml
 from transformers import TrainerCallback
 
 from trl_upo import UPOTrainer
-from trl_upo.testing import preference_dataset
+from trl_upo.quickstart import NOVERY_HEAD
 
 from tests.helpers import cpu_args
+from tests.tiny import preference_dataset
 
 HEADS = [
     {"name": "length"},
-    {"name": "novery", "type": "function", "params": {"function": "trl_upo.testing:avoid_word_reward"}},
+    NOVERY_HEAD,
 ]
 STATE_FILE = "upo_state.json"
 
@@ -98,7 +99,7 @@ def test_upo_state_saved_in_checkpoints_and_output_dir(run_a):
     expected_heads = [s.to_dict() for s in trainer._upo_specs]
     assert [h["name"] for h in expected_heads] == ["length", "novery"]
     assert [h["type"] for h in expected_heads] == ["length", "function"]
-    assert expected_heads[1]["params"] == {"function": "trl_upo.testing:avoid_word_reward"}
+    assert expected_heads[1]["params"] == {"function": "trl_upo.quickstart_task:avoid_word_reward"}
     # Statistics fitted on the train split: one entry per head, z-scored by default, over 2 * 32 responses.
     assert len(trainer._upo_stats) == 2
     for st in trainer._upo_stats:

@@ -3,22 +3,16 @@ are written, a second run resumes instead of retraining, and an unknown configur
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import load_script
 
 
 def _load_sweep():
-    spec = importlib.util.spec_from_file_location("frontier_sweep", os.path.join(ROOT, "examples", "frontier_sweep.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/frontier_sweep.py")
 
 
 TINY = ["--steps", "3", "--sft-steps", "3", "--n-train", "32", "--n-eval-prompts", "4", "--n-eval-pairs", "4",

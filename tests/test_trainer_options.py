@@ -16,12 +16,12 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from trl_upo import UPOTrainer
 from trl_upo.objective import aux_reward, normalize_scores
+from trl_upo.quickstart import NOVERY_HEAD as NOVERY
 from trl_upo.scoring import score_column
-from trl_upo.testing import preference_dataset
 
 from tests.helpers import cpu_args
+from tests.tiny import preference_dataset
 
-NOVERY = {"name": "novery", "type": "function", "params": {"function": "trl_upo.testing:avoid_word_reward"}}
 LENGTH = {"name": "length", "weight": 0.5}
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
 

@@ -6,8 +6,9 @@
 ``trl_upo/resources/``, which ``scripts/build_quickstart_assets.py`` builds with :func:`sft_warmup`. This module
 trains DPO and UPO from the same fresh start and compares them.)
 
-1. Builds a tiny Llama and a word-level tokenizer locally and warms it up with TRL's SFTTrainer on a synthetic task:
-   a prompt names a topic; answers are on-topic or off-topic, and half of them contain the word "very".
+1. Builds a tiny Llama and a word-level tokenizer locally and warms it up with TRL's SFTTrainer on a synthetic task
+   (``trl_upo.quickstart_task``): a prompt names a topic; answers are on-topic or off-topic, and half of them contain
+   the word "very".
 2. Trains it on preference pairs (chosen = on-topic) twice from the same start and seed: with plain DPO
    (``UPOTrainer`` with no heads, which is DPOTrainer) and with UPO and one designer head that prefers answers
    without "very" (a TRL-style reward function). The labels ignore "very".
@@ -25,15 +26,16 @@ import time
 
 import torch
 
-from .testing import DESIGNER_WORD, TOPICS, build_model, build_tokenizer, preference_rows
+from .quickstart_task import DESIGNER_WORD, TOPICS, build_model, build_tokenizer, is_on_topic, preference_rows
 
 # Settings that make every run of the quickstart CPU-only, quiet and checkpoint-free.
 CPU_RUN = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[], save_strategy="no",
                disable_tqdm=True)
-NOVERY_HEAD = {"name": "novery", "type": "function", "params": {"function": "trl_upo.testing:avoid_word_reward"}}
+NOVERY_HEAD = {"name": "novery", "type": "function",
+               "params": {"function": "trl_upo.quickstart_task:avoid_word_reward"}}
 
 
-def sft_warmup(out_dir: str, seed: int, steps: int) -> str:
+def sft_warmup(out_dir: str, seed: int, steps: int, rows: list[dict] | None = None) -> str:
     """Build a tiny Llama (hidden size 64) and warm it up with TRL's SFTTrainer on both answers of 400 synthetic
     pairs; save it with its tokenizer to ``<out_dir>/sft`` and return that path.
 
@@ -41,13 +43,16 @@ def sft_warmup(out_dir: str, seed: int, steps: int) -> str:
         out_dir: Directory for the SFT run and the saved model.
         seed: Seed of the initialisation, the data and the trainer.
         steps: SFT steps (batch 32).
+        rows: Preference pairs whose prompts and answers (chosen and rejected) to train on, instead of the 400 pairs
+            of ``preference_rows(400, seed=seed + 1000)``.
     """
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, seed=seed, hidden_size=64)
-    rows = preference_rows(400, seed=seed + 1000)
+    if rows is None:
+        rows = preference_rows(400, seed=seed + 1000)
     data = Dataset.from_list(
         [{"prompt": r["prompt"], "completion": r[k]} for r in rows for k in ("chosen", "rejected")]
     )
@@ -94,8 +99,11 @@ def _preference_run(base: str, out_dir: str, name: str, heads: list, seed: int, 
 
 
 @torch.no_grad()
-def evaluate_policy(path: str, ref_path: str, seed: int, n_prompts: int = 64, samples: int = 4) -> dict:
-    """Designer metric and topic rate of sampled answers; implicit-reward preference accuracy on held-out pairs."""
+def measure_task(path: str, ref_path: str, seed: int, n_prompts: int = 64, samples: int = 4) -> dict:
+    """The quickstart's table row for one model: the "very" rate and the on-topic rate of answers sampled for
+    ``n_prompts`` held-out prompts (``samples`` each), and the implicit-reward preference accuracy against
+    ``ref_path`` on 128 held-out pairs. (The general evaluation, with reward heads, is
+    ``trl_upo.evaluation.evaluate_policy``.)"""
     from transformers import AutoModelForCausalLM
 
     from .objective import sequence_loglik
@@ -119,8 +127,7 @@ def evaluate_policy(path: str, ref_path: str, seed: int, n_prompts: int = 64, sa
         words = tok.decode(seq, skip_special_tokens=True).split()
         total += 1
         very += DESIGNER_WORD in words
-        hits = {t: sum(w in TOPICS[t] for w in words) for t in topics}
-        on_topic += hits[topic] > 0 and hits[topic] == max(hits.values())
+        on_topic += is_on_topic(words, topic)
 
     def seq_logps(m, prompts, completions):
         ids, masks = [], []
@@ -163,9 +170,9 @@ def run(output_dir: str = "outputs/quickstart", steps: int = 150, sft_steps: int
     dpo = _preference_run(base, output_dir, "dpo", [], seed, steps, alpha)
     upo = _preference_run(base, output_dir, "upo", [NOVERY_HEAD], seed, steps, alpha)
     results = {
-        "start (SFT)": evaluate_policy(base, base, seed),
-        "DPO": evaluate_policy(dpo, base, seed),
-        "UPO (novery head)": evaluate_policy(upo, base, seed),
+        "start (SFT)": measure_task(base, base, seed),
+        "DPO": measure_task(dpo, base, seed),
+        "UPO (novery head)": measure_task(upo, base, seed),
     }
     results["_seconds"] = round(time.time() - t0, 1)
     with open(os.path.join(output_dir, "results.json"), "w") as f:
