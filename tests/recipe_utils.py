@@ -131,6 +131,15 @@ def dataclass_keys() -> set[str]:
     return {a.dest for a in make_parser()._actions if a.option_strings and a.dest != "help"}
 
 
+def installed_keys(data: dict) -> dict:
+    """A recipe mapping as ``trl-upo train`` reads it: keys that transformers renamed
+    (``trl_upo.cli.common.RENAMED_KEYS``, e.g. ``activation_checkpointing``, formerly ``gradient_checkpointing``)
+    under the name the installed dataclasses take."""
+    from trl_upo.cli.common import rename_keys
+
+    return rename_keys(data, dataclass_keys(), "in the recipe")
+
+
 def launch_keys_of(data: dict) -> dict:
     """The keys of a recipe mapping that go to ``accelerate launch`` rather than to a dataclass."""
     from trl_upo.cli.launch import launch_keys

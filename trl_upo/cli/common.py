@@ -7,6 +7,10 @@ the command line, is an error naming the closest valid key, raised before anythi
 a training recipe it reads heads from, not its own options). ``HfArgumentParser``
 accepts ``--foo-bar`` for every ``foo_bar`` field, and ``--no_foo`` / ``--no-foo`` for a boolean field whose default
 is true; :func:`add_negative_flags` adds the same for the other boolean fields.
+
+Options renamed upstream (:data:`RENAMED_KEYS`) are accepted under either name: :func:`rename_keys` (a recipe's keys)
+and :func:`rename_flags` (command-line flags) give each the name the installed dataclasses take, before the strict
+key check.
 """
 
 from __future__ import annotations
@@ -168,6 +172,112 @@ def option(help: str, default: Any = dataclasses.MISSING, **metadata: Any) -> An
 def option_names(parser: argparse.ArgumentParser) -> list[str]:
     """The keys a parser takes (the destinations of its options, without ``help``), sorted."""
     return sorted({a.dest for a in parser._actions if a.option_strings and a.dest != "help"})
+
+
+#: Options renamed upstream, as ``(new name, old name, the release that renamed it)``. A recipe or command line may
+#: use either name; :func:`installed_name` picks the one the installed dataclasses take: the new name when they have
+#: it (the old one may still be there as a deprecated alias), else the old one. Add a row when a rename lands.
+RENAMED_KEYS: tuple[tuple[str, str, str], ...] = (
+    ("activation_checkpointing", "gradient_checkpointing", "transformers 5.23"),
+    ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs", "transformers 5.23"),
+)
+
+
+def _renamed(key: str) -> tuple[str, str, str] | None:
+    """The row of :data:`RENAMED_KEYS` that names ``key`` (under either name), or None."""
+    return next((row for row in RENAMED_KEYS if key in row[:2]), None)
+
+
+def installed_name(key: str, names: Iterable[str]) -> str:
+    """The name a key takes on the installed stack: a renamed key's name there (see :data:`RENAMED_KEYS`), or the
+    key itself.
+
+    Args:
+        key: A key of a recipe or command line.
+        names: The keys the installed parser takes (:func:`option_names`).
+
+    Returns:
+        The new name when ``names`` has it, else the old name when ``names`` has it, else ``key`` unchanged (an
+        unknown key stays unknown).
+    """
+    row = _renamed(key)
+    if row is None:
+        return key
+    names = set(names)
+    return next((name for name in row[:2] if name in names), key)
+
+
+def _check_one_name(keys: Iterable[str], where: str) -> None:
+    """Refuse the old and the new name of one renamed option given together (in one recipe, or on the command line)."""
+    seen = [k for k in dict.fromkeys(keys) if _renamed(k)]
+    for new, old, since in RENAMED_KEYS:
+        if new in seen and old in seen:
+            raise UsageError(
+                f"`{new}` and `{old}` are both given {where}: they are one option (`{old}` was renamed `{new}` in "
+                f"{since}); give only one of them."
+            )
+
+
+def rename_keys(config: dict[str, Any], names: Iterable[str], where: str) -> dict[str, Any]:
+    """A recipe's mapping with every renamed key (:data:`RENAMED_KEYS`) under its installed name, order kept.
+
+    Args:
+        config: The recipe's ``key: value`` mapping.
+        names: The keys the installed parser takes (:func:`option_names`).
+        where: Where the keys come from, for the message (``"in the recipe r.yaml"``).
+
+    Returns:
+        A new mapping.
+
+    Raises:
+        UsageError: the old and the new name of one option are both keys of ``config``.
+    """
+    _check_one_name(config, where)
+    names = set(names)
+    return {installed_name(k, names) if isinstance(k, str) else k: v for k, v in config.items()}
+
+
+def rename_flags(tokens: list[str], parser: argparse.ArgumentParser, where: str = "on the command line") -> list[str]:
+    """Command-line tokens with every renamed flag (:data:`RENAMED_KEYS`) under its installed name.
+
+    ``--old``, ``--old=value`` and dashed spellings (``--old-name``) are renamed; the negative ``--no_old`` (or
+    ``--no_new``) of a boolean option becomes ``--no_<installed name>`` where the parser has it, else
+    ``--<installed name>=false``. Values and every other token are kept as they are.
+
+    Args:
+        tokens: The command's arguments.
+        parser: The parser that will read them.
+        where: Where the tokens come from, for the message.
+
+    Returns:
+        The tokens, renamed.
+
+    Raises:
+        UsageError: the old and the new name of one option are both given.
+    """
+    names = option_names(parser)
+    actions = {opt: a for a in parser._actions for opt in a.option_strings}
+    out, seen = [], []
+    for tok in tokens:
+        head, eq, value = tok[2:].partition("=") if tok.startswith("--") else ("", "", "")
+        key = head.replace("-", "_")
+        negative = key.startswith("no_") and _renamed(key[3:]) is not None
+        key = key[3:] if negative else key
+        if not head or _renamed(key) is None:
+            out.append(tok)
+            continue
+        seen.append(key)
+        target = installed_name(key, names)
+        if not negative:
+            out.append(tok if target == key else f"--{target}{eq}{value}")
+        elif f"--no_{target}" in actions:
+            out.append(f"--no_{target}{eq}{value}")
+        elif getattr(actions.get(f"--{target}"), "const", None) is True:  # a boolean: `--flag [true|false]`
+            out.append(f"--{target}=false")
+        else:
+            out.append(tok)
+    _check_one_name(seen, where)
+    return out
 
 
 def split_leftovers(

@@ -36,6 +36,8 @@ from trl_upo.cli.common import (
     pop_config,
     raise_problems,
     read_yaml,
+    rename_flags,
+    rename_keys,
     run_command,
     split_leftovers,
     unknown_key,
@@ -81,16 +83,18 @@ class UPOScriptArguments(ScriptArguments):
 
 
 class UPOParser(TrlParser):
-    """``trl.TrlParser`` that resolves ``upo://`` asset names in the recipe's values and in flag values."""
+    """``trl.TrlParser`` that resolves ``upo://`` asset names in the recipe's values and in flag values, and gives
+    renamed keys (``trl_upo.cli.common.RENAMED_KEYS``) the name the installed dataclasses take."""
 
     def set_defaults_with_config(self, **kwargs):
         """Set the recipe's values as defaults, ``upo://`` names resolved (see ``trl.TrlParser``)."""
+        kwargs = rename_keys(kwargs, option_names(self), "in the recipe")
         return super().set_defaults_with_config(**resolve_resource(kwargs))
 
     def parse_args_into_dataclasses(self, args=None, *a, **kw):
         """Parse flags into the dataclasses, ``upo://`` names resolved (see ``transformers.HfArgumentParser``)."""
         if args is not None:
-            args = [_resolve_token(t) for t in args]
+            args = [_resolve_token(t) for t in rename_flags(list(args), self)]
         return super().parse_args_into_dataclasses(args, *a, **kw)
 
 
@@ -164,8 +168,8 @@ def _check_keys(path: str | None, config: dict[str, Any] | None, rest: list[str]
 def parse(argv: list[str], prog: str | None = None, extra_dataclasses: tuple[type, ...] = ()):
     """Parse ``argv`` strictly: returns ``(script_args, training_args, model_args, dataset_args, launch_options)``.
 
-    Unknown keys are checked first, before any dataclass is built or anything is loaded. The recipe's ``env:``
-    block is exported to ``os.environ``.
+    Renamed keys (``trl_upo.cli.common.RENAMED_KEYS``) take their installed name, then unknown keys are checked,
+    before any dataclass is built or anything is loaded. The recipe's ``env:`` block is exported to ``os.environ``.
 
     Args:
         argv: The command's arguments (``--config PATH`` or ``--config=PATH``, flags).
@@ -178,11 +182,13 @@ def parse(argv: list[str], prog: str | None = None, extra_dataclasses: tuple[typ
 
     Raises:
         UsageError: a key that no dataclass and no ``accelerate launch`` option takes (naming the closest valid
-            key), a stray value, or a value a dataclass rejects.
+            key), both names of a renamed key, a stray value, or a value a dataclass rejects.
     """
     path, rest = pop_config(argv)
     config = read_yaml(path, "recipe", allow_empty=False) if path else None
     parser = make_parser(prog=prog, extra_dataclasses=extra_dataclasses)
+    config = rename_keys(config, option_names(parser), f"in the recipe {path}") if config is not None else None
+    rest = rename_flags(rest, parser)
     _check_keys(path, config, rest, parser, prog, extra_dataclasses)
     try:
         *dataclasses, config_remaining, cli_remaining = parser.parse_args_and_config(
