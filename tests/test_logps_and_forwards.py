@@ -17,6 +17,7 @@ runs"; UPO never runs a second forward pass, or loads a second copy of the model
 from __future__ import annotations
 
 import gc
+import sys
 from collections import Counter
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from tests.helpers import cpu_args
 from trl_upo import UPOTrainer
+from trl_upo.compat import FUSED, logprob_path
 from trl_upo.quickstart_task import avoid_word_reward
 
 HEADS = [
@@ -40,14 +42,20 @@ EVAL_BATCHES = 2  # 8 eval examples, per_device_eval_batch_size=4
 SETUPS = ["full", "lora", "explicit_ref", "precompute"]
 
 
+#: TRL 1.9-1.14 compute per-token log-probs from logits with these functions of ``trl.trainer.dpo_trainer``.
+LOG_SOFTMAX_FUNCTIONS = ("selective_log_softmax", "selective_log_softmax_and_entropy")
+FUSED_PATH = logprob_path() == FUSED
+
+
 def _lora():
     return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM")
 
 
 def _policy_module(trainer):
-    """The module whose forward TRL calls with ``fused_lm_head=True`` (under PEFT: the base model)."""
+    """The module TRL's policy forward goes through by ``__call__`` (under PEFT: the tuner around the base model;
+    PEFT 0.20 calls the base model's ``forward`` directly, past its hooks)."""
     model = trainer.accelerator.unwrap_model(trainer.model)
-    return model.get_base_model() if isinstance(model, PeftModel) else model
+    return model.base_model if isinstance(model, PeftModel) else model
 
 
 def _live_models() -> tuple[int, int]:
@@ -123,11 +131,25 @@ def _build(kind, setup, model_path, out_dir, train_dataset, eval_dataset, score_
 
 
 def _train_and_count(trainer) -> tuple[list[dict], dict, dict[str, Counter]]:
+    """Train and evaluate, counting the forwards of the policy module and the reference model and, on TRL's logits
+    path (1.9-1.14), the full-vocabulary log-softmax calls of TRL's ``dpo_trainer`` module."""
     counter = _ForwardCounter()
     handles = [_policy_module(trainer).register_forward_hook(counter.hook("policy"), with_kwargs=True)]
     if trainer.ref_model is not None:
         ref = trainer.accelerator.unwrap_model(trainer.ref_model)
         handles.append(ref.register_forward_hook(counter.hook("ref"), with_kwargs=True))
+    module = sys.modules[trl.DPOTrainer.__module__]
+    originals = {name: getattr(module, name) for name in LOG_SOFTMAX_FUNCTIONS if hasattr(module, name)}
+
+    def counting(fn):
+        def wrapped(*args, **kwargs):
+            counter.counts[counter.phase]["log_softmax"] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    for name, fn in originals.items():
+        setattr(module, name, counting(fn))
     try:
         trainer.train()
         counter.phase = "eval"
@@ -135,6 +157,8 @@ def _train_and_count(trainer) -> tuple[list[dict], dict, dict[str, Counter]]:
     finally:
         for h in handles:
             h.remove()
+        for name, fn in originals.items():
+            setattr(module, name, fn)
     return trainer.state.log_history, eval_metrics, counter.counts
 
 
@@ -235,26 +259,41 @@ def test_mean_loglik_is_sum_over_completion_length(tiny_model_path, tmp_path, tr
     trainer = _build(
         "upo", "full", tiny_model_path, tmp_path / "out", train_dataset, None, score_cache, upo_loglik="mean"
     )
-    seen = []
+    seen, masks = [], []
 
     def hook(module, args, kwargs, output):
+        # TRL 1.15+: the fused LM head's log-probs; TRL 1.9-1.14: computed here from the logits TRL reads them from.
         if kwargs.get("fused_lm_head"):
-            seen.append(
-                {
-                    "input_ids": kwargs["input_ids"].detach().clone(),
-                    "attention_mask": kwargs["attention_mask"].detach().clone(),
-                    "labels": kwargs["labels"].detach().clone(),
-                    "log_probs": output.log_probs.detach().clone(),
-                }
-            )
+            log_probs = output.log_probs
+        elif torch.is_grad_enabled() and getattr(output, "logits", None) is not None:
+            targets = kwargs["input_ids"][:, 1:]
+            log_probs = torch.log_softmax(output.logits[:, :-1].float(), -1).gather(-1, targets[..., None])[..., 0]
+        else:
+            return
+        seen.append(
+            {
+                "input_ids": kwargs["input_ids"].detach().clone(),
+                "attention_mask": kwargs["attention_mask"].detach().clone(),
+                "log_probs": log_probs.detach().clone(),
+            }
+        )
 
+    compute_loss = trainer.compute_loss
+
+    def recording_compute_loss(model, inputs, *args, **kwargs):
+        masks.append(inputs["completion_mask"].detach().clone())
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = recording_compute_loss
     handle = _policy_module(trainer).register_forward_hook(hook, with_kwargs=True)
     try:
         trainer.train()
     finally:
         handle.remove()
     logs = _train_logs(trainer.state.log_history)
-    assert len(seen) == STEPS  # one policy forward per step (the reference is a separate module)
+    assert len(seen) == len(masks) == STEPS  # one policy forward per step (the reference is a separate module)
+    for batch, mask in zip(seen, masks, strict=True):
+        batch["labels"] = batch["input_ids"].masked_fill(mask == 0, -100)
 
     def per_response(log_probs, labels):
         mask = (labels[:, 1:] != -100).to(log_probs.dtype)
@@ -321,7 +360,10 @@ def test_upo_runs_exactly_as_many_forwards_as_dpo(run_setup, setup):
         expected = Counter()
         for role, per in EXPECTED_FORWARDS[setup].items():
             expected[role] = per * n
-            expected[f"{role}_fused"] = per * n  # every forward is TRL's fused-head forward
+            if FUSED_PATH:
+                expected[f"{role}_fused"] = per * n  # every forward is TRL's fused-head forward
+            else:  # one log-softmax over the vocabulary per forward, and no other
+                expected["log_softmax"] += per * n
         assert dpo.forwards[phase] == expected, (phase, dpo.forwards[phase])
         assert upo.forwards[phase] == expected, (phase, upo.forwards[phase])
 

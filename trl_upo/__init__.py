@@ -6,13 +6,14 @@ from .config import UPOConfig  # noqa: E402
 from .heads import HeadSpec, RewardHead, register_head, registered_heads  # noqa: E402
 from .collator import UPODataCollator  # noqa: E402
 from .state import load_upo_state  # noqa: E402
-from .trainer import UPOTrainer  # noqa: E402
+from .trainer import UPOMixin, UPOTrainer  # noqa: E402
 
 __all__ = [
     "HeadSpec",
     "RewardHead",
     "UPOConfig",
     "UPODataCollator",
+    "UPOMixin",
     "UPOTrainer",
     "__version__",
     "load_upo_state",

@@ -148,6 +148,7 @@ def advantages(
     baseline: str = "batch",
     applies_to: str = "chosen",
     gather: Gather | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eq. (4): advantages of the responses the auxiliary term applies to.
 
@@ -158,6 +159,7 @@ def advantages(
             responses to the same prompt) or ``"none"``.
         applies_to: ``"chosen"`` (returns ``(B,)``) or ``"both"`` (returns ``(2B,)``, chosen first).
         gather: concatenates a tensor across processes, for the batch baseline.
+        mask: ``(B,)`` bool, the pairs that count in the batch baseline (the others are padding); None: all.
 
     Example (worked by hand): r_chosen ``[1, 3]``, r_rejected ``[0, 0]``:
         batch/chosen -> ``[1 - 2, 3 - 2] = [-1, 1]``; pair/chosen -> ``[(1-0)/2, (3-0)/2] = [0.5, 1.5]``;
@@ -177,7 +179,22 @@ def advantages(
         if applies_to == "both":
             b = torch.cat([b, b])
         return r - b
-    return r - gather(r.detach()).mean()
+    if mask is not None:
+        mask = mask if applies_to == "chosen" else torch.cat([mask, mask])
+    return r - masked_mean(gather(r.detach()), mask)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``x`` over the entries where ``mask`` is true (all of them when ``mask`` is None)."""
+    if mask is None:
+        return x.mean()
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum()
+
+
+def masked_max(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Largest entry of ``x`` where ``mask`` is true (over all entries when ``mask`` is None)."""
+    return x.max() if mask is None else x.masked_fill(~mask, -math.inf).max()
 
 
 @dataclass
@@ -216,11 +233,13 @@ def awr_weights(
     weight_cap: float = 100.0,
     normalize: bool = True,
     gather: Gather | None = None,
+    mask: torch.Tensor | None = None,
 ) -> WeightStats:
     """Eq. (5): ``omega = exp(A / tau) / mean(exp(A / tau))``, capped at ``weight_cap``; no gradient.
 
-    The mean runs over the global batch (``gather``). It is computed in log space, so a large ``A / tau``
-    cannot overflow. With ``normalize=False`` the weights are ``exp(A / tau)`` alone (then capped).
+    The mean runs over the global batch: the entries of ``adv`` where ``mask`` is true (padding rows excluded),
+    after ``gather``. It is computed in log space, so a large ``A / tau`` cannot overflow. With ``normalize=False``
+    the weights are ``exp(A / tau)`` alone (then capped).
 
     Example (worked by hand): A ``[0, ln 3]``, tau 1 -> exp ``[1, 3]``, mean 2 -> omega ``[0.5, 1.5]``;
     with cap 1.2 -> ``[0.5, 1.2]``, capped fraction 0.5.
@@ -232,13 +251,17 @@ def awr_weights(
         z = adv.detach().to(torch.float64) / temperature
         if normalize:
             z_all = gather(z)
-            log_mean = torch.logsumexp(z_all, dim=0) - math.log(z_all.numel())
+            if mask is None:
+                log_mean = torch.logsumexp(z_all, dim=0) - math.log(z_all.numel())
+            else:
+                log_mean = torch.logsumexp(z_all.masked_fill(~mask, -math.inf), dim=0) - torch.log(mask.sum())
             z = z - log_mean
         raw = torch.exp(z)
         capped = raw.clamp(max=weight_cap)
         all_raw = gather(raw)
         all_capped = all_raw.clamp(max=weight_cap)
-        stats = torch.stack([all_capped.mean(), all_capped.max(), (all_raw > weight_cap).to(torch.float64).mean()])
+        capped_frac = masked_mean((all_raw > weight_cap).to(torch.float64), mask)
+        stats = torch.stack([masked_mean(all_capped, mask), masked_max(all_capped, mask), capped_frac])
         return WeightStats(weights=capped.to(adv.dtype), stats=stats)
 
 
@@ -272,8 +295,85 @@ def awr_loss(weights: torch.Tensor, loglik: torch.Tensor) -> torch.Tensor:
     return -(weights.detach().to(loglik.dtype) * loglik).mean()
 
 
+@dataclass
+class AuxTerm:
+    """The auxiliary term of one batch and its statistics.
+
+    Attributes:
+        loss: this process's ``L_aux`` (steps 4-7), with gradient through the log-likelihoods.
+        stats: named 0-d statistics over the global batch, detached (``"aux_loss"``, ``"advantage/mean"``,
+            ``"advantage/max"``, ``"weight/mean"``, ``"weight/max"``, ``"weight/capped_frac"``).
+    """
+
+    loss: torch.Tensor
+    stats: dict[str, torch.Tensor]
+
+
+def awr_term(
+    r_chosen: torch.Tensor,
+    r_rejected: torch.Tensor,
+    loglik: torch.Tensor,
+    *,
+    local: slice,
+    all_loglik: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    baseline: str = "batch",
+    applies_to: str = "chosen",
+    temperature: float = 0.25,
+    weight_cap: float = 100.0,
+    normalize: bool = True,
+) -> AuxTerm:
+    """Steps 4-7 on the global batch: advantages, weights, and the weighted log-likelihood loss of this process.
+
+    The rewards are those of the global batch (every process's pairs, so that the batch baseline and the weight
+    normalisation are global); the loss is computed on this process's pairs, ``local``, whose log-likelihoods carry
+    the gradient.
+
+    Args:
+        r_chosen: ``(G,)`` r_aux of the chosen responses of the global batch.
+        r_rejected: ``(G,)`` r_aux of the rejected responses.
+        loglik: ``(2B,)`` this process's log-likelihoods (chosen, then rejected), with gradient.
+        local: the rows of the global batch that are this process's (``B`` of them).
+        all_loglik: ``(2, G)`` detached log-likelihoods of the global batch (chosen row, rejected row), for the
+            logged ``aux_loss``; None: this process's.
+        mask: ``(G,)`` bool, the rows that are pairs (the others are padding); None: all.
+        baseline, applies_to, temperature, weight_cap, normalize: as in :func:`advantages` and
+            :func:`awr_weights`.
+
+    Returns:
+        The loss and its statistics.
+
+    Example (worked by hand): one process, r_chosen ``[0, ln 3]``, tau 1, batch baseline, loglik chosen
+    ``[-1, -2]``: A ``[-ln3/2, ln3/2]`` -> exp ``[1/sqrt3, sqrt3]``, mean ``2/sqrt3`` -> omega ``[0.5, 1.5]``;
+    ``L_aux = -mean(0.5 * -1, 1.5 * -2) = 1.75``.
+    """
+    adv = advantages(r_chosen, r_rejected, baseline=baseline, applies_to=applies_to, mask=mask)
+    both_mask = None if mask is None else (mask if applies_to == "chosen" else torch.cat([mask, mask]))
+    ws = awr_weights(adv, temperature=temperature, weight_cap=weight_cap, normalize=normalize, mask=both_mask)
+    g = r_chosen.numel()
+    idx = torch.arange(g, device=adv.device)[local]
+    rows = idx if applies_to == "chosen" else torch.cat([idx, idx + g])
+    own = loglik[: loglik.numel() // 2] if applies_to == "chosen" else loglik
+    loss = awr_loss(ws.weights[rows], own)
+    with torch.no_grad():
+        if all_loglik is None:
+            aux_all = loss.detach().to(torch.float64)
+        else:
+            ll = all_loglik[0] if applies_to == "chosen" else all_loglik.reshape(-1)
+            aux_all = -masked_mean(ws.weights.to(torch.float64) * ll.to(torch.float64), both_mask)
+        stats = {
+            "aux_loss": aux_all,
+            "advantage/mean": masked_mean(adv.detach(), both_mask),
+            "advantage/max": masked_max(adv.detach(), both_mask),
+            "weight/mean": ws.stats[0],
+            "weight/max": ws.stats[1],
+            "weight/capped_frac": ws.stats[2],
+        }
+    return AuxTerm(loss=loss, stats=stats)
+
+
 def margin_correction(
-    delta: torch.Tensor, reward_margin: torch.Tensor, *, beta: float, alpha: float
+    delta: torch.Tensor, reward_margin: torch.Tensor, *, beta: float, alpha: float, reduction: str = "mean"
 ) -> torch.Tensor:
     """The margin mode as a correction to TRL's sigmoid loss.
 
@@ -282,10 +382,11 @@ def margin_correction(
     into the MODPO-style margin loss without copying TRL's loss code; with ``alpha = 0`` it is exactly 0.
 
     Example (worked by hand): delta 0, m 1, beta 1, alpha ln 3 -> ``-log sigmoid(-ln 3) - log 2``
-    ``= log 4 - log 2 = log 2``.
+    ``= log 4 - log 2 = log 2``. ``reduction="none"`` returns the per-pair corrections.
     """
     m = reward_margin.detach().to(delta.dtype)
-    return (-F.logsigmoid(beta * delta - alpha * m) + F.logsigmoid(beta * delta)).mean()
+    per_pair = -F.logsigmoid(beta * delta - alpha * m) + F.logsigmoid(beta * delta)
+    return per_pair if reduction == "none" else per_pair.mean()
 
 
 def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:

@@ -19,6 +19,7 @@ What it adds, top to bottom:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import textwrap
 from typing import Any
@@ -40,11 +41,12 @@ from .collator import (
 )
 from .config import UPOConfig
 from .heads import HeadSpec, build_head
-from .objective import advantages, awr_loss, awr_weights, margin_correction, sequence_loglik
+from .compat import FUSED, TESTED_TRL, LogProbCapture, TRLContractError, check_trl, trl_version
+from .objective import awr_term, margin_correction, sequence_loglik
 from .scoring import ROLES, fit_head_statistics, score_column, score_dataset
 from .state import STATE_FILE, build_state, load_upo_state, resume_statistics, save_state
 
-__all__ = ["STATE_FILE", "VALUES_COLUMN", "VALUES_KEY", "UPODataCollator", "UPOTrainer", "load_upo_state",
+__all__ = ["STATE_FILE", "VALUES_COLUMN", "VALUES_KEY", "UPODataCollator", "UPOMixin", "UPOTrainer", "load_upo_state",
            "step_value_layout"]
 
 logger = logging.getLogger(__name__)
@@ -68,136 +70,83 @@ def _is_peft_model(model: Any) -> bool:
     return isinstance(model, PeftModel)
 
 
-class _LogProbCapture:
-    """Forward hooks that keep the per-token log-probs of the fused-LM-head forwards TRL runs in one loss call."""
-
-    def __init__(self) -> None:
-        self.armed = False
-        self.policy: list[torch.Tensor] = []
-        self.ref: list[torch.Tensor] = []
-
-    def attach(self, module: torch.nn.Module, into: list[torch.Tensor]) -> Any:
-        """Hook ``module``'s fused-LM-head forwards, appending their log-probs to ``into`` (``self.policy`` or
-        ``self.ref``) while armed; returns the hook handle."""
-
-        def hook(module, args, kwargs, output):
-            if self.armed and kwargs.get("fused_lm_head"):
-                into.append(output.log_probs)
-
-        return module.register_forward_hook(hook, with_kwargs=True)
-
-    def arm(self) -> None:
-        self.policy.clear()
-        self.ref.clear()
-        self.armed = True
-
-    def disarm(self) -> None:
-        self.armed = False
-        self.policy.clear()
-        self.ref.clear()
+def _policy_modules(model: Any) -> list[Any]:
+    """The modules that TRL's policy forward goes through by ``__call__`` (so that forward hooks see it): the model;
+    under PEFT the base model and the tuner around it (depending on the PEFT version and task type, one or the
+    other is called directly, past its hooks; a forward seen by both is kept once)."""
+    if not _is_peft_model(model):
+        return [model]
+    base, tuner = model.get_base_model(), model.base_model
+    return [base] if tuner is base else [base, tuner]
 
 
-class UPOTrainer(DPOTrainer):
-    """
-    Trainer for Unified Preference Optimization (UPO): TRL's DPO loss plus an advantage-weighted log-likelihood
-    term driven by reward heads (designer objectives), ``L = L_pref + alpha * L_aux``.
+#: The constructor parameters of ``DPOTrainer``, in order: how the mixin reads positional arguments.
+_DPO_PARAMETERS = [n for n in inspect.signature(DPOTrainer.__init__).parameters if n != "self"]
 
-    The constructor is DPOTrainer's. With no reward heads (or ``upo_alpha=0``) it trains exactly like
-    ``DPOTrainer``. Paper: [Unified Preference Optimization](https://huggingface.co/papers/2405.17956).
 
-    Example:
+class UPOMixin:
+    """UPO for any ``DPOTrainer`` (or subclass of it): put it first among the bases.
 
-    ```python
-    from trl_upo import UPOConfig, UPOTrainer
-
-    args = UPOConfig(
-        output_dir="out",
-        reward_heads=[{"name": "length", "weight": 1.0, "params": {"direction": "shorter"}}],
-        upo_alpha=1.0,
-    )
-    trainer = UPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    trainer.train()
-    ```
+    ``class UPOTrainer(UPOMixin, DPOTrainer)`` is this package's trainer; a ``class MyDPO(DPOTrainer)`` of your own (or
+    another framework's, such as axolotl's), with its own ``compute_loss`` or other overrides, gains UPO as
+    ``class MyUPO(UPOMixin, MyDPO)``. The mixin scores the datasets before the trainer's constructor runs, wraps the
+    collator after it, and wraps ``compute_loss``: it reads the policy's log-probs from the forward TRL runs inside
+    whatever ``compute_loss`` the next class provides, and adds ``alpha * L_aux``. Its constructor takes the next
+    class's arguments (by keyword, or positionally in ``DPOTrainer``'s order); ``args`` must be a
+    :class:`~trl_upo.UPOConfig` (or subclass) for reward heads, and any other config trains without them.
     """
 
-    _tag_names = ["trl", "dpo", "upo"]
-    _name = "UPO"
-    _paper = {
-        "title": "Unified Preference Optimization: Language Model Alignment Beyond the Preference Frontier",
-        "id": "2405.17956",
-        "citation": _UPO_CITATION + "\n\n" + DPOTrainer._paper["citation"],
-    }
-
-    def __init__(
-        self,
-        model,
-        ref_model=None,
-        args: UPOConfig | None = None,
-        data_collator=None,
-        train_dataset: Dataset | IterableDataset | None = None,
-        eval_dataset=None,
-        processing_class=None,
-        compute_metrics=None,
-        callbacks=None,
-        optimizers=(None, None),
-        quantization_config=None,
-        peft_config=None,
-    ):
-        if args is None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if len(args) > len(_DPO_PARAMETERS):
+            raise TypeError(f"{type(self).__name__} takes at most {len(_DPO_PARAMETERS)} positional arguments")
+        named = {**dict(zip(_DPO_PARAMETERS, args)), **kwargs}
+        model = named.get("model")
+        if named.get("args") is None:
             model_name = model if isinstance(model, str) else get_config_model_id(model.config)
-            args = UPOConfig(f"{model_name.split('/')[-1]}-UPO")
-        self._upo_setup_heads(args)
+            named["args"] = UPOConfig(f"{model_name.split('/')[-1]}-UPO")
+        config = named["args"]
+        self._upo_setup_heads(config)
         if self._upo_heads:
-            if processing_class is None:
+            self._upo_path = check_trl(config)  # before any scoring: a TRL that UPO cannot read fails here
+            if named.get("processing_class") is None:
                 # The processor DPOTrainer would load (and then does not load again); loaded here because heads may
                 # need the tokenizer.
                 model_id = model if isinstance(model, str) else get_config_model_id(model.config)
-                processing_class = AutoProcessor.from_pretrained(model_id, trust_remote_code=args.trust_remote_code)
-            train_dataset, eval_dataset = self._upo_prepare_datasets(
-                args, train_dataset, eval_dataset, _tokenizer_of(processing_class)
+                named["processing_class"] = AutoProcessor.from_pretrained(
+                    model_id, trust_remote_code=config.trust_remote_code
+                )
+            named["train_dataset"], named["eval_dataset"] = self._upo_prepare_datasets(
+                config, named.get("train_dataset"), named.get("eval_dataset"), _tokenizer_of(named["processing_class"])
             )
-
-        super().__init__(
-            model=model,
-            ref_model=ref_model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-        )
-
-        self._upo_capture = _LogProbCapture()
+        super().__init__(**named)
+        self._upo_capture = LogProbCapture(self._upo_path) if self._upo_heads else None
         self._upo_hook_handles: list[Any] = []
         if self._upo_heads:
             self._upo_check_parallelism()
             self.data_collator = UPODataCollator(self.data_collator, [s.name for s in self._upo_specs])
-            if self.args.upo_alpha > 0:
-                policy = self.model.get_base_model() if _is_peft_model(self.model) else self.model
-                self._upo_hook_handles.append(self._upo_capture.attach(policy, self._upo_capture.policy))
+            if self.args.upo_alpha > 0 and self._upo_path == FUSED:
+                for module in _policy_modules(self.model):
+                    self._upo_capture.attach(module, self._upo_capture.policy)
                 if self.ref_model is not None:
-                    ref = self.accelerator.unwrap_model(self.ref_model)
-                    self._upo_hook_handles.append(self._upo_capture.attach(ref, self._upo_capture.ref))
+                    self._upo_capture.attach(self.accelerator.unwrap_model(self.ref_model), self._upo_capture.ref)
+                self._upo_hook_handles = self._upo_capture.handles
 
     def _upo_setup_heads(self, args) -> None:
-        """Build the heads of ``args`` (none for a plain ``DPOConfig``) and the metric layout of a step."""
+        """Build the heads of ``args`` (none without a ``UPOConfig``) and the names of a step's per-pair values."""
         specs: list[HeadSpec] = args.head_specs if isinstance(args, UPOConfig) else []
         if not isinstance(args, UPOConfig):
-            logger.info("UPOTrainer got a %s, not a UPOConfig: no reward heads, training as DPO.", type(args).__name__)
+            logger.info("%s got a %s, not a UPOConfig: no reward heads, training as DPO.", type(self).__name__,
+                        type(args).__name__)
         self._upo_specs = specs
         self._upo_heads = [build_head(s) for s in specs]
         self._upo_stats: list[dict] = []
         self._upo_signs, self._upo_weights = head_signs_and_weights(specs)
-        # (metric, column of the per-pair values), in the order the metrics are logged: head by head.
-        layout = step_value_layout([s.name for s in specs])
-        order = [f"upo/{s.name}/{m}" for s in specs for m in ("chosen", "rejected", "chosen_norm", "rejected_norm")]
-        order += ["upo/reward_aux/chosen", "upo/reward_aux/rejected"]
-        self._upo_value_metrics = [(key, layout.index(key)) for key in order]
+        self._upo_path = None
+        self._upo_value_names = step_value_layout([s.name for s in specs])
+        # The order the per-pair metrics are logged in: head by head.
+        self._upo_log_order = [
+            f"upo/{s.name}/{m}" for s in specs for m in ("chosen", "rejected", "chosen_norm", "rejected_norm")
+        ] + ["upo/reward_aux/chosen", "upo/reward_aux/rejected"]
         self._upo_score_report: dict[str, dict[str, str]] = {}
 
     def _upo_prepare_datasets(self, args: UPOConfig, train_dataset, eval_dataset, tokenizer) -> tuple[Any, Any]:
@@ -275,6 +224,7 @@ class UPOTrainer(DPOTrainer):
             ]
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """The next class's ``evaluate``; a dataset passed here is scored first, with the train statistics."""
         # A dataset passed here directly is scored like the ones given at construction, with the train statistics.
         if self._upo_heads and eval_dataset is not None and not isinstance(eval_dataset, str):
             tokenizer = _tokenizer_of(self.processing_class)
@@ -282,6 +232,7 @@ class UPOTrainer(DPOTrainer):
         return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def compute_ref_log_probs(self, model, inputs):
+        """The next class's reference log-probs of a batch, without the UPO values (the model never sees them)."""
         inputs = {k: v for k, v in inputs.items() if k != VALUES_KEY}
         return super().compute_ref_log_probs(model, inputs)
 
@@ -290,153 +241,161 @@ class UPOTrainer(DPOTrainer):
     # ------------------------------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The next class's loss (TRL's DPO loss) plus ``alpha * L_aux``, from the log-probs of TRL's own forward."""
         values = inputs.pop(VALUES_KEY, None)
+        loss_kwargs = {"return_outputs": return_outputs, "num_items_in_batch": num_items_in_batch}
         if not self._upo_heads:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(model, inputs, **loss_kwargs)
         if values is None:
             raise ValueError(
                 "The batch has no UPO scores. A custom `data_collator` replaced the one UPOTrainer wraps after "
                 "construction; pass it to the constructor instead so that the scores are added to it."
             )
-        capture = self._upo_capture
-        capture.arm()
-        try:
-            result = super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
-            policy_logps = capture.policy[0] if capture.policy else None
-            if self.ref_model is not None:
-                ref_logps = capture.ref[0] if capture.ref else None
-            else:  # PEFT: the second forward of the policy module is the adapter-disabled reference
-                ref_logps = capture.policy[1] if len(capture.policy) > 1 else None
-        finally:
-            capture.disarm()
+        mode = "train" if self.model.training else "eval"
+        if self.args.upo_alpha == 0:
+            result = super().compute_loss(model, inputs, **loss_kwargs)
+            rows, mask, _ = self._upo_gather_step(values)
+            self._upo_log(mode, self._upo_value_means(rows, mask))
+            return result
+        peft_reference = self.ref_model is None and _is_peft_model(self.accelerator.unwrap_model(self.model))
+        with self._upo_capture.capturing() as capture:
+            result = super().compute_loss(model, inputs, **loss_kwargs)
+            policy_logps, ref_logps = capture.logps(peft_reference)
         loss, outputs = result if return_outputs else (result, None)
-        loss = loss + self._upo_term(inputs, values, policy_logps, ref_logps)
+        loss = loss + self._upo_term(mode, inputs, values, policy_logps, ref_logps)
         return (loss, outputs) if return_outputs else loss
 
-    def _upo_gather(self, t: torch.Tensor) -> torch.Tensor:
-        """Concatenate a 1-D tensor across processes (sizes may differ between ranks)."""
+    def _upo_gather_step(self, values: torch.Tensor, *columns: torch.Tensor) -> tuple[torch.Tensor, Any, slice]:
+        """The per-pair values (and further per-pair ``columns``) of the global batch, in ONE collective.
+
+        Every process pads its rows to the same number (the per-device batch size) and flags the real ones, so a
+        single ``all_gather`` of one fixed-shape tensor brings every process everything the step's statistics and
+        the batch-wide advantage baseline and weight normalisation need, without a host sync.
+
+        Returns:
+            ``(rows, mask, local)``: ``(G, C)`` float64 rows of the global batch, the ``(G,)`` bool mask of real rows
+            (None on one process: every row is real), and the slice of ``rows`` that is this process's batch.
+        """
+        own = torch.cat([values, *(c.detach().to(torch.float64).reshape(values.size(0), -1) for c in columns)], dim=1)
+        n = own.size(0)
         if self.accelerator.num_processes == 1:
-            return t
-        size = torch.tensor([t.numel()], device=t.device)
-        sizes = self.accelerator.gather(size)
-        padded = self.accelerator.pad_across_processes(t.contiguous(), dim=0)
+            return own, None, slice(0, n)
+        capacity = max(self.args.per_device_train_batch_size, self.args.per_device_eval_batch_size)
+        if n > capacity:
+            raise ValueError(
+                f"A batch of {n} pairs is larger than the per-device batch size ({capacity}) that UPO pads to when "
+                f"gathering a step's values across processes; set per_device_train_batch_size (and "
+                f"per_device_eval_batch_size) to the largest batch the data loader gives."
+            )
+        padded = own.new_zeros(capacity, own.size(1) + 1)
+        padded[:n, 0] = 1.0
+        padded[:n, 1:] = own
         gathered = self.accelerator.gather(padded)
-        width = padded.numel()
-        return torch.cat([gathered[i * width : i * width + int(n)] for i, n in enumerate(sizes.tolist())])
+        start = self.accelerator.process_index * capacity
+        return gathered[:, 1:], gathered[:, 0] > 0, slice(start, start + n)
 
-    def _upo_gather_rows(self, t: torch.Tensor) -> torch.Tensor:
-        """Concatenate a ``(n, M)`` tensor's rows across processes."""
-        if self.accelerator.num_processes == 1:
-            return t
-        return self._upo_gather(t.reshape(-1)).view(-1, t.size(1))
+    def _upo_value_means(self, rows: torch.Tensor, mask: Any) -> dict[str, torch.Tensor]:
+        """The batch means of the per-pair values (raw and normalised scores, r_aux), by metric name."""
+        width = len(self._upo_value_names)
+        means = rows[:, :width].mean(0) if mask is None else masked_mean_rows(rows[:, :width], mask)
+        return {"upo/values": means}
 
-    def _upo_term(self, inputs, values, policy_logps, ref_logps) -> torch.Tensor | float:
-        """The auxiliary term of one batch, and its metrics.
+    def _upo_term(self, mode: str, inputs, values, policy_logps, ref_logps) -> torch.Tensor:
+        """The auxiliary term of one batch (``alpha * L_aux``, or the margin correction), and its metrics.
 
         ``values``: the ``(B, 4K + 2)`` per-pair values the collator hands over (raw and normalised scores, r_aux;
-        precomputed for the whole dataset). The metrics are reduced with as few tensor operations as possible and
-        converted to Python numbers with one host sync: on a small model, a step's fixed cost is per-operation
-        overhead, and on a GPU each ``.item()`` waits for the device.
+        precomputed for the whole dataset).
         """
         args: UPOConfig = self.args
-        mode = "train" if self.model.training else "eval"
-        k2 = 4 * len(self._upo_specs)
-        r_c, r_r = values[:, k2], values[:, k2 + 1]
-
-        if args.upo_alpha == 0:
-            self._upo_log(mode, self._upo_gather_rows(values).mean(0), {})
-            return 0.0
-        if policy_logps is None:
-            raise RuntimeError(
-                "UPOTrainer did not see the policy's log-probabilities in this step: TRL's forward no longer goes "
-                "through the hooked module. This TRL version is not supported; see the TRL range in pyproject.toml."
-            )
-        gather = self._upo_gather
         shift_mask = inputs["completion_mask"][:, 1:]
         seq_len = shift_mask.size(1)
-        # TRL's log-probs are aligned with the shifted mask already; slicing only when not (a slice adds a node to
-        # the backward graph).
+        if policy_logps is None or policy_logps.size(0) != shift_mask.size(0) or policy_logps.size(1) < seq_len:
+            raise TRLContractError(
+                f"UPO did not see the policy's per-token log-probabilities in this step (TRL {trl_version()}, read "
+                f"through its {self._upo_path} path): TRL computed them in a way UPO does not know. trl-upo is tested "
+                f"with TRL {TESTED_TRL[0]} to {TESTED_TRL[1]}; see docs/compatibility.md."
+            )
+        # Aligned with the shifted mask already on every supported TRL; slicing only when not (a slice adds a node
+        # to the backward graph).
         per_token = policy_logps if policy_logps.size(1) == seq_len else policy_logps[:, -seq_len:]
-
+        k2 = 4 * len(self._upo_specs)
         if args.upo_combine == "margin":
-            logps_c, logps_r = sequence_loglik(per_token, shift_mask, "sum").chunk(2)
-            if self.precompute_ref_logps:
-                ref_c, ref_r = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-            else:
-                if ref_logps is None:
-                    raise RuntimeError("UPOTrainer did not see the reference forward needed by upo_combine='margin'.")
-                ref_c, ref_r = sequence_loglik(ref_logps[:, -seq_len:], shift_mask, "sum").chunk(2)
-            delta = (logps_c - ref_c.to(logps_c)) - (logps_r - ref_r.to(logps_r))
-            reward_margin = (r_c - r_r).to(delta)
-            term = margin_correction(delta, reward_margin, beta=self.beta, alpha=args.upo_alpha) * self.loss_weights[0]
-            means = self._upo_gather_rows(values).mean(0)
-            # The mean reward margin is the difference of the two mean rewards: no reduction of its own.
-            extra = {"upo/reward_margin": None, "upo/margin_correction": gather(term.detach().reshape(1)).mean()}
-            self._upo_log(mode, means, extra)
-            return term
-
+            return self._upo_margin_term(mode, inputs, values, per_token, ref_logps, shift_mask)
         ll = sequence_loglik(per_token, shift_mask, args.upo_loglik)  # (2B,): chosen, then rejected
-        adv = advantages(
-            r_c.to(ll.dtype), r_r.to(ll.dtype), baseline=args.upo_baseline, applies_to=args.upo_applies_to,
-            gather=gather,
-        )
-        ws = awr_weights(
-            adv,
+        rows, mask, local = self._upo_gather_step(values, ll.detach().view(2, -1).T)
+        width = len(self._upo_value_names)
+        term = awr_term(
+            rows[:, k2].to(ll.dtype),
+            rows[:, k2 + 1].to(ll.dtype),
+            ll,
+            local=local,
+            all_loglik=None if mask is None else rows[:, width:].T.to(ll.dtype),
+            mask=mask,
+            baseline=args.upo_baseline,
+            applies_to=args.upo_applies_to,
             temperature=args.upo_temperature,
             weight_cap=args.upo_weight_cap,
             normalize=args.upo_normalize_weights,
-            gather=gather,
         )
-        aux = awr_loss(ws.weights, ll[: ll.numel() // 2] if args.upo_applies_to == "chosen" else ll)
-        # One reduction for the per-pair values, (B, 4K + 2) -> (4K + 2,), and one for the log-likelihoods, kept in
-        # their dtype so that they equal TRL's logged `logps/chosen|rejected` exactly under `upo_loglik="sum"`.
-        if self.accelerator.num_processes == 1:
-            ll_means = ll.detach().view(2, -1).mean(1)
+        # The log-likelihood means stay in their dtype so that they equal TRL's logged `logps/chosen|rejected`
+        # exactly under `upo_loglik="sum"`.
+        if mask is None:
+            loglik = ll.detach().view(2, -1).mean(1)
         else:
-            ll_means = torch.stack([gather(x).mean() for x in ll.detach().chunk(2)])
-        means = torch.cat([self._upo_gather_rows(values).mean(0), ll_means.to(values.dtype)])
-        all_adv = gather(adv.detach())
-        extra = {
-            "upo/loglik/chosen": None,  # read from `means`
-            "upo/loglik/rejected": None,
-            "upo/aux_loss": gather(aux.detach().reshape(1)).mean(),
-            "upo/advantage/mean": all_adv.mean(),
-            "upo/advantage/max": all_adv.max(),
-            "upo/weight/mean": None,  # read from ws.stats
-            "upo/weight/max": None,
-            "upo/weight/capped_frac": None,
-        }
-        self._upo_log(mode, means, extra, ws.stats)
-        return args.upo_alpha * aux
+            loglik = masked_mean_rows(rows[:, width:].to(ll.dtype), mask)
+        metrics = {**self._upo_value_means(rows, mask), "upo/loglik": loglik}
+        metrics.update({f"upo/{name}": value for name, value in term.stats.items()})
+        self._upo_log(mode, metrics)
+        return args.upo_alpha * term.loss
 
-    def _upo_log(self, mode: str, means: torch.Tensor, extra: dict, weight_stats: torch.Tensor | None = None) -> None:
-        """Append a step's metrics to ``self._metrics[mode]`` with one host sync (one ``.tolist()``).
-
-        ``means``: the column means of the per-pair values (then of the chosen and rejected log-likelihoods, when
-        present); ``extra``: further metrics, ``None`` for the ones derived here from ``means`` or ``weight_stats``.
-        """
-        scalars = [v for v in extra.values() if v is not None]
-        parts = [means] + ([weight_stats] if weight_stats is not None else [])
-        if scalars:
-            parts.append(torch.stack(scalars).to(means.dtype))
-        flat = torch.cat(parts).tolist() if len(parts) > 1 else means.tolist()
+    def _upo_margin_term(self, mode, inputs, values, per_token, ref_logps, shift_mask) -> torch.Tensor:
+        """``upo_combine="margin"``: the correction that turns TRL's sigmoid loss into the MODPO-style margin loss."""
+        logps_c, logps_r = sequence_loglik(per_token, shift_mask, "sum").chunk(2)
+        if self.precompute_ref_logps:
+            ref_c, ref_r = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            if ref_logps is None:
+                raise RuntimeError("UPOTrainer did not see the reference forward needed by upo_combine='margin'.")
+            ref_c, ref_r = sequence_loglik(ref_logps[:, -shift_mask.size(1) :], shift_mask, "sum").chunk(2)
+        delta = (logps_c - ref_c.to(logps_c)) - (logps_r - ref_r.to(logps_r))
         k2 = 4 * len(self._upo_specs)
-        n_means = means.numel()
-        metrics = self._metrics[mode]
-        for key, col in self._upo_value_metrics:
-            metrics[key].append(flat[col])
-        derived = {
-            "upo/reward_margin": flat[k2] - flat[k2 + 1],
-            "upo/loglik/chosen": flat[k2 + 2] if n_means > k2 + 2 else None,
-            "upo/loglik/rejected": flat[k2 + 3] if n_means > k2 + 3 else None,
-        }
-        if weight_stats is not None:
-            derived.update(zip(("upo/weight/mean", "upo/weight/max", "upo/weight/capped_frac"), flat[n_means:n_means + 3]))
-        rest = iter(flat[len(flat) - len(scalars):])
-        for key, value in extra.items():
-            metrics[key].append(derived[key] if value is None else next(rest))
+        reward_margin = (values[:, k2] - values[:, k2 + 1]).to(delta)
+        per_pair = margin_correction(delta, reward_margin, beta=self.beta, alpha=self.args.upo_alpha, reduction="none")
+        per_pair = per_pair * self.loss_weights[0]
+        rows, mask, _ = self._upo_gather_step(values, per_pair)
+        width = len(self._upo_value_names)
+        correction = rows[:, width].mean() if mask is None else masked_mean_rows(rows[:, width:], mask)[0]
+        self._upo_log(mode, {**self._upo_value_means(rows, mask), "upo/margin_correction": correction})
+        return per_pair.mean()
+
+    def _upo_log(self, mode: str, metrics: dict[str, torch.Tensor]) -> None:
+        """Append a step's metrics, given by name, to ``self._metrics[mode]`` with one host sync (one ``.tolist()``).
+
+        ``"upo/values"`` holds the means of the per-pair values in the order of ``step_value_layout``;
+        ``"upo/loglik"`` the chosen and rejected log-likelihood means; every other entry is one named scalar.
+        """
+        names, parts = [], []
+        for key, value in metrics.items():
+            flat = value.reshape(-1)
+            if key == "upo/values":
+                names += self._upo_value_names
+            elif key == "upo/loglik":
+                names += ["upo/loglik/chosen", "upo/loglik/rejected"]
+            else:
+                names.append(key)
+            parts.append(flat.to(torch.float64))
+        logged = dict(zip(names, torch.cat(parts).tolist(), strict=True))
+        out = self._metrics[mode]
+        for name in self._upo_log_order:
+            out[name].append(logged.pop(name))
+        if "upo/margin_correction" in logged:
+            # The mean reward margin is the difference of the two mean rewards: no reduction of its own.
+            out["upo/reward_margin"].append(out["upo/reward_aux/chosen"][-1] - out["upo/reward_aux/rejected"][-1])
+        for name in _LOG_ORDER:
+            if name in logged:
+                out[name].append(logged.pop(name))
+        for name, value in logged.items():
+            out[name].append(value)
 
     # ------------------------------------------------------------------------------------------------------------
     # Saving and resuming
@@ -447,11 +406,13 @@ class UPOTrainer(DPOTrainer):
         return build_state(self._upo_specs, self._upo_heads, self._upo_stats, self.args)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Save the model as the next class does, and ``upo_state.json`` next to it (with reward heads)."""
         super().save_model(output_dir, _internal_call)
         if self._upo_specs and self.args.should_save:
             save_state(output_dir or self.args.output_dir, self.upo_state())
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """Train as the next class does; a resumed run first adopts the checkpoint's ``upo_state.json``."""
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
             checkpoint = get_last_checkpoint(self.args.output_dir)
@@ -476,6 +437,50 @@ class UPOTrainer(DPOTrainer):
             self.eval_dataset = self._upo_add_normalized(self.eval_dataset)
 
 
+#: The order the step statistics follow the per-pair metrics in the logs.
+_LOG_ORDER = ["upo/loglik/chosen", "upo/loglik/rejected", "upo/aux_loss", "upo/advantage/mean", "upo/advantage/max",
+              "upo/weight/mean", "upo/weight/max", "upo/weight/capped_frac", "upo/margin_correction"]
+
+
+def masked_mean_rows(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Column means of ``rows`` over the rows where ``mask`` is true: ``(G, C), (G,) -> (C,)``."""
+    m = mask.to(rows.dtype)
+    return (rows * m[:, None]).sum(0) / m.sum()
+
+
 def _tokenizer_of(processing_class: Any) -> Any:
     """The tokenizer of a processing class (a processor's ``.tokenizer``, or the tokenizer itself)."""
     return processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
+
+
+class UPOTrainer(UPOMixin, DPOTrainer):
+    """
+    Trainer for Unified Preference Optimization (UPO): TRL's DPO loss plus an advantage-weighted log-likelihood
+    term driven by reward heads (designer objectives), ``L = L_pref + alpha * L_aux``.
+
+    The constructor is DPOTrainer's. With no reward heads (or ``upo_alpha=0``) it trains exactly like
+    ``DPOTrainer``. Paper: [Unified Preference Optimization](https://huggingface.co/papers/2405.17956). To add UPO
+    to another ``DPOTrainer`` subclass, use :class:`UPOMixin`.
+
+    Example:
+
+    ```python
+    from trl_upo import UPOConfig, UPOTrainer
+
+    args = UPOConfig(
+        output_dir="out",
+        reward_heads=[{"name": "length", "weight": 1.0, "params": {"direction": "shorter"}}],
+        upo_alpha=1.0,
+    )
+    trainer = UPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+    ```
+    """
+
+    _tag_names = ["trl", "dpo", "upo"]
+    _name = "UPO"
+    _paper = {
+        "title": "Unified Preference Optimization: Language Model Alignment Beyond the Preference Frontier",
+        "id": "2405.17956",
+        "citation": _UPO_CITATION + "\n\n" + DPOTrainer._paper["citation"],
+    }
