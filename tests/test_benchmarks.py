@@ -85,3 +85,16 @@ def test_timing_worker_runs_in_a_fresh_process(bench, tmp_path):
         assert res["kinds"][kind]["forwards_per_step"] == ONE_FORWARD_EACH
         assert len(res["kinds"][kind]["step_times"]) == 2
     assert res["kinds"]["upo"]["upo_term_logged"]
+
+
+@pytest.mark.slow  # two launched processes train DPO and UPO for 2 steps each: ~1 min
+def test_upo_adds_one_collective_per_step_in_a_two_process_run(tmp_path):
+    """benchmarks/collectives.py: in a two-process run UPO's step issues exactly one collective more than DPO's (its
+    per-pair values and log-likelihoods travel in one all_gather); before that change it was 24."""
+    collectives = load_script("benchmarks/collectives.py")
+    try:
+        result = collectives.main(["--steps", "2", "--json", str(tmp_path / "c.json")])
+    finally:
+        sys.modules.pop("collectives", None)
+    assert result["dpo"]["total_per_step"] > 0  # the counting sees TRL's own metric gathers
+    assert result["upo_minus_dpo_per_step"] == 1.0

@@ -6,6 +6,7 @@ completions through this module."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 
@@ -87,3 +88,38 @@ def completion_text(completion: Any) -> str:
     if isinstance(completion, (list, tuple)):
         return "\n".join(completion_text(m) for m in completion)
     raise TypeError(f"Cannot read text from a completion of type {type(completion).__name__}")
+
+
+def mapping_list(value: Any, what: str, example: str, singles: tuple[type, ...] = (dict,)) -> list | None:
+    """A setting that takes a list of mappings, in the forms users give it: a list (YAML, Python), one mapping (or an
+    instance of ``singles``) for a list of one, or a JSON string of either (the command line; blank means none).
+
+    Args:
+        value: what the user gave; None stays None (the caller's default applies).
+        what: the setting's name, for the message.
+        example: a JSON example of the setting, for the message.
+        singles: types that stand for one item.
+
+    Returns:
+        The items as a list, or None.
+
+    Raises:
+        ValueError: a string that is not JSON, or a value that is not a list.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if not value.strip():
+            return []
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{what} must be a list of mappings, or a JSON string of one (on the command line), e.g. {example}; "
+                f"could not parse {value!r}: {e}"
+            ) from None
+    if isinstance(value, singles):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{what} must be a list of mappings, got {type(value).__name__}.")
+    return list(value)

@@ -298,7 +298,7 @@ class UPOMixin:
         """The batch means of the per-pair values (raw and normalised scores, r_aux), by metric name."""
         width = len(self._upo_value_names)
         means = rows[:, :width].mean(0) if mask is None else masked_mean_rows(rows[:, :width], mask)
-        return {"upo/values": means}
+        return {tuple(self._upo_value_names): means}
 
     def _upo_term(self, mode: str, inputs, values, policy_logps, ref_logps) -> torch.Tensor:
         """The auxiliary term of one batch (``alpha * L_aux``, or the margin correction), and its metrics.
@@ -343,7 +343,7 @@ class UPOMixin:
             loglik = ll.detach().view(2, -1).mean(1)
         else:
             loglik = masked_mean_rows(rows[:, width:].to(ll.dtype), mask)
-        metrics = {**self._upo_value_means(rows, mask), "upo/loglik": loglik}
+        metrics = {**self._upo_value_means(rows, mask), ("upo/loglik/chosen", "upo/loglik/rejected"): loglik}
         metrics.update({f"upo/{name}": value for name, value in term.stats.items()})
         self._upo_log(mode, metrics)
         return args.upo_alpha * term.loss
@@ -368,22 +368,14 @@ class UPOMixin:
         self._upo_log(mode, {**self._upo_value_means(rows, mask), "upo/margin_correction": correction})
         return per_pair.mean()
 
-    def _upo_log(self, mode: str, metrics: dict[str, torch.Tensor]) -> None:
+    def _upo_log(self, mode: str, metrics: dict[str | tuple[str, ...], torch.Tensor]) -> None:
         """Append a step's metrics, given by name, to ``self._metrics[mode]`` with one host sync (one ``.tolist()``).
 
-        ``"upo/values"`` holds the means of the per-pair values in the order of ``step_value_layout``;
-        ``"upo/loglik"`` the chosen and rejected log-likelihood means; every other entry is one named scalar.
+        A key is a metric's name (its value a scalar tensor), or a tuple of names (its value a 1-D tensor with one
+        entry per name, such as the means of the per-pair values): reductions stay vectorised, names stay explicit.
         """
-        names, parts = [], []
-        for key, value in metrics.items():
-            flat = value.reshape(-1)
-            if key == "upo/values":
-                names += self._upo_value_names
-            elif key == "upo/loglik":
-                names += ["upo/loglik/chosen", "upo/loglik/rejected"]
-            else:
-                names.append(key)
-            parts.append(flat.to(torch.float64))
+        names = [n for key in metrics for n in ((key,) if isinstance(key, str) else key)]
+        parts = [value.reshape(-1).to(torch.float64) for value in metrics.values()]
         logged = dict(zip(names, torch.cat(parts).tolist(), strict=True))
         out = self._metrics[mode]
         for name in self._upo_log_order:

@@ -8,7 +8,6 @@ illegal content). Templates are ``str.format`` strings whose placeholders are ch
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 import random
 import string
@@ -16,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..formats import as_completion, check_prompt_column, completion_text, is_conversational, prompt_text
+from ..formats import as_completion, check_prompt_column, completion_text, is_conversational, mapping_list, prompt_text
 from .builder import check_column, check_output, run_builder, run_fingerprint
 from .generation import Generator, GenerationSettings, batch_seed, make_generator
 from .io import OutputSettings
@@ -113,19 +112,11 @@ def check_template(name: str, template: str) -> None:
 
 
 def _parse_principles(value: Any) -> list[Principle]:
+    example = '\'[{"name": ..., "critique_request": ..., "revision_request": ...}]\''
+    value = mapping_list(value, "principles", example, (dict, Principle))
     if value is None:
         return list(DEFAULT_PRINCIPLES)
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise ValueError(
-                f"principles must be a list of mappings (or a JSON string of one) with name, critique_request and "
-                f"revision_request; could not parse {value!r}: {e}"
-            ) from None
-    if isinstance(value, (dict, Principle)):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not value:
+    if not value:
         raise ValueError(f"principles must be a non-empty list, got {value!r}.")
     keys = ("name", "critique_request", "revision_request")
     out = []

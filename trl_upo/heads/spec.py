@@ -4,12 +4,12 @@ before any model loads, and turned into heads by :func:`build_head`."""
 from __future__ import annotations
 
 import difflib
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..fingerprints import jsonable
+from ..formats import mapping_list
 from .protocol import RewardHead
 from .registry import NAME_RE, resolve_head_class
 
@@ -54,23 +54,7 @@ def parse_head_specs(value: Any) -> list[HeadSpec]:
     """Parse and validate ``reward_heads``: a list of mappings, or a JSON string of one (command line)."""
     from ..objective import NORMALIZATIONS
 
-    if value is None:
-        return []
-    if isinstance(value, str):
-        text = value.strip()
-        if not text:
-            return []
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(
-                f"reward_heads must be a list of mappings, or a JSON string of one on the command line, e.g. "
-                f"'[{{\"name\": \"length\", \"weight\": 1.0}}]'. Could not parse {value!r}: {e}"
-            ) from None
-    if isinstance(value, dict):
-        value = [value]
-    if not isinstance(value, (list, tuple)):
-        raise ValueError(f"reward_heads must be a list of mappings, got {type(value).__name__}.")
+    value = mapping_list(value, "reward_heads", '\'[{"name": "length", "weight": 1.0}]\'', (dict, HeadSpec)) or []
     specs: list[HeadSpec] = []
     for i, item in enumerate(value):
         if isinstance(item, HeadSpec):
