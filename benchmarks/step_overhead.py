@@ -306,7 +306,8 @@ def _build_trainer(spec: dict, kind: str, model=None, ref_model=None):
 
 
 def _count_forwards(trainer, counts_for=None) -> tuple[Counter, list]:
-    """Forward hooks on the policy module (under PEFT the base model, which TRL calls) and the reference model.
+    """Forward hooks on the policy module (under PEFT the tuner around the base model: PEFT 0.20 calls the base
+    model's ``forward`` directly, past its hooks) and the reference model.
     ``counts_for``: a callable returning the Counter to add to (shared models: the one of the trainer whose turn it
     is)."""
     from peft import PeftModel
@@ -324,7 +325,7 @@ def _count_forwards(trainer, counts_for=None) -> tuple[Counter, list]:
         return hook
 
     policy = trainer.accelerator.unwrap_model(trainer.model)
-    policy = policy.get_base_model() if isinstance(policy, PeftModel) else policy
+    policy = policy.base_model if isinstance(policy, PeftModel) else policy
     handles = [policy.register_forward_hook(counter("policy"), with_kwargs=True)]
     if trainer.ref_model is not None:
         ref = trainer.accelerator.unwrap_model(trainer.ref_model)
