@@ -1,22 +1,47 @@
-"""trl-upo: Unified Preference Optimization for Hugging Face TRL."""
+"""trl-upo: Unified Preference Optimization for Hugging Face TRL.
+
+The public names load on first use (``from trl_upo import UPOTrainer`` imports the trainer, and with it torch and
+TRL, only then), so ``trl-upo --help`` and ``--version`` start without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0.dev0"
 
-from .config import UPOConfig  # noqa: E402
-from .heads import HeadSpec, RewardHead, register_head, registered_heads  # noqa: E402
-from .collator import UPODataCollator  # noqa: E402
-from .state import load_upo_state  # noqa: E402
-from .trainer import UPOMixin, UPOTrainer  # noqa: E402
+#: public name -> the module that defines it
+_EXPORTS = {
+    "HeadSpec": "trl_upo.heads",
+    "RewardHead": "trl_upo.heads",
+    "register_head": "trl_upo.heads",
+    "registered_heads": "trl_upo.heads",
+    "UPOConfig": "trl_upo.config",
+    "UPODataCollator": "trl_upo.collator",
+    "UPOMixin": "trl_upo.trainer",
+    "UPOTrainer": "trl_upo.trainer",
+    "load_upo_state": "trl_upo.state",
+}
 
-__all__ = [
-    "HeadSpec",
-    "RewardHead",
-    "UPOConfig",
-    "UPODataCollator",
-    "UPOMixin",
-    "UPOTrainer",
-    "__version__",
-    "load_upo_state",
-    "register_head",
-    "registered_heads",
-]
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+if TYPE_CHECKING:  # what the names are, for type checkers and the API reference
+    from .collator import UPODataCollator
+    from .config import UPOConfig
+    from .heads import HeadSpec, RewardHead, register_head, registered_heads
+    from .state import load_upo_state
+    from .trainer import UPOMixin, UPOTrainer
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module the first time the name is used."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'trl_upo' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
