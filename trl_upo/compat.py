@@ -17,6 +17,7 @@ version and the tested range when TRL no longer offers what UPO relies on.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import warnings
 from collections.abc import Iterator
@@ -116,7 +117,7 @@ def check_trl(args: Any = None) -> str:
     except InvalidVersion:
         parsed = None
     if path == FUSED:
-        utils = __import__("trl.trainer.utils", fromlist=["_"])
+        utils = importlib.import_module("trl.trainer.utils")
         if getattr(utils, "_ChunkedLogProbFunction", object()) is None:
             raise TRLContractError(
                 f"TRL {version}'s fused LM head needs Triton, which is not installed here (no CUDA GPU?): DPO and UPO "
@@ -148,6 +149,9 @@ class LogProbCapture:
     def __init__(self, path: str) -> None:
         self.path = path
         self.armed = False
+        # Logits path: the namespace of TRL's `_compute_loss`, whose log-prob functions are swapped while armed.
+        self._module_globals = _dpo_compute_loss().__globals__ if path == LOGITS else {}
+        self.has_policy_fn = POLICY_FN in self._module_globals
         self.policy: list[torch.Tensor] = []  # fused: every hooked policy-module forward; logits: see _wrap
         self.ref: list[torch.Tensor] = []
         self.handles: list[Any] = []
@@ -186,8 +190,7 @@ class LogProbCapture:
         self.policy.clear()
         self.ref.clear()
         swapped: dict[str, Any] = {}
-        module_globals = _dpo_compute_loss().__globals__ if self.path == LOGITS else {}
-        self.has_policy_fn = POLICY_FN in module_globals
+        module_globals = self._module_globals
         try:
             for name, policy in ((POLICY_FN, True), (SHARED_FN, False)):
                 if name in module_globals:

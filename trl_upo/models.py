@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
+from .resources import PATH_PREFIXES
+
 #: The ``dtype`` values a user may write (None: float32 for transformers).
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-#: How a value written as a local path starts (anything else may be a Hub id).
-PATH_PREFIXES = ("/", "./", "../", "~")
 
 
 def default_device() -> str:

@@ -10,6 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+#: How a value written as a local path starts (anything else may be a Hub id or a packaged asset).
+PATH_PREFIXES = ("/", "./", "../", "~")
+
 #: Prefix of packaged assets: ``upo://<path>`` is ``trl_upo/resources/<path>``.
 RESOURCE_PREFIX = "upo://"
 #: The directory of the packaged assets.

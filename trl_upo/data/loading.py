@@ -19,7 +19,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from ..models import PATH_PREFIXES
+from ..resources import PATH_PREFIXES
 
 #: File extension -> ``datasets`` builder: the file types a source may be.
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
