@@ -24,7 +24,10 @@ from .heads import HeadSpec, RewardHead
 logger = logging.getLogger(__name__)
 
 RESPONSE_COLUMNS = ("chosen", "rejected")
+#: The responses of a preference pair, in score-array column order.
 ROLES = ("chosen", "rejected")
+#: The one response of an unpaired (KTO) row.
+UNPAIRED_ROLES = ("completion",)
 
 
 def score_column(head_name: str, role: str) -> str:
@@ -46,9 +49,20 @@ class ScoreReport:
     status: dict[str, str]
 
 
-def ensure_prompt(dataset: Dataset) -> Dataset:
-    """Check the preference columns and extract an implicit prompt the way DPOTrainer does."""
+def ensure_prompt(dataset: Dataset, roles: Sequence[str] = ROLES) -> Dataset:
+    """Check the response columns and extract an implicit prompt the way DPOTrainer (and KTOTrainer) do.
+
+    ``roles`` are the response columns: ``ROLES`` for preference pairs, ``UNPAIRED_ROLES`` for unpaired rows.
+    """
     cols = set(dataset.column_names)
+    if tuple(roles) != ROLES:
+        missing = [c for c in ("prompt", *roles) if c not in cols]
+        if missing:
+            raise ValueError(
+                f"Unpaired data needs the columns 'prompt' and {', '.join(repr(r) for r in roles)}; this dataset has "
+                f"no {missing}. Columns: {sorted(cols)}."
+            )
+        return dataset
     missing = [c for c in RESPONSE_COLUMNS if c not in cols]
     if missing:
         raise ValueError(
@@ -73,15 +87,18 @@ def score_dataset(
     cache_dir: str | None = None,
     use_cache: bool = True,
     num_proc: int | None = None,
+    roles: Sequence[str] = ROLES,
 ) -> tuple[Dataset, ScoreReport]:
-    """Score every chosen and rejected response with every head; return the dataset with the score columns.
+    """Score every response (each of ``roles``: chosen and rejected by default, ``UNPAIRED_ROLES`` for unpaired data)
+    with every head; return the dataset with the score columns ``upo_<head>_<role>``.
 
     Heads marked ``parallel_safe`` (the text heads) score in ``num_proc`` processes when ``num_proc > 1``; model
     heads batch on one device.
 
     Raises ValueError, naming the head, the split, the row and the fix, on a non-finite score or a wrong count.
     """
-    dataset = ensure_prompt(dataset)
+    roles = tuple(roles)
+    dataset = ensure_prompt(dataset, roles)
     fingerprint = getattr(dataset, "_fingerprint", None)
     cache_dir = cache_dir or default_cache_dir()
     status: dict[str, str] = {}
@@ -91,13 +108,14 @@ def score_dataset(
     for head, spec in zip(heads, specs, strict=True):
         cache_file = None
         if use_cache and fingerprint:
-            key = short_hash(f"{fingerprint}|{head.fingerprint()}|{len(dataset)}|{tok_key}")
+            role_key = "" if roles == ROLES else f"|{','.join(roles)}"
+            key = short_hash(f"{fingerprint}|{head.fingerprint()}|{len(dataset)}|{tok_key}{role_key}")
             cache_file = os.path.join(cache_dir, f"{spec.name}-{key}.npy")
         scores = None
         if cache_file and os.path.exists(cache_file):
             try:
                 scores = np.load(cache_file)
-                if scores.shape != (len(dataset), 2):
+                if scores.shape != (len(dataset), len(roles)):
                     scores = None
             except (OSError, ValueError):
                 scores = None
@@ -105,7 +123,8 @@ def score_dataset(
             status[spec.name] = "cached"
         else:
             scores = _score_with_head(
-                dataset, head, spec, split=split, tokenizer=tokenizer, batch_size=batch_size, num_proc=num_proc
+                dataset, head, spec, split=split, tokenizer=tokenizer, batch_size=batch_size, num_proc=num_proc,
+                roles=roles,
             )
             status[spec.name] = "scored"
             if cache_file:
@@ -113,9 +132,9 @@ def score_dataset(
                 tmp = f"{cache_file}.{os.getpid()}.tmp.npy"
                 np.save(tmp, scores)
                 os.replace(tmp, cache_file)
-        check_finite(scores, spec.name, f"the {split} dataset", lambda idx: f"row {idx[0]} {ROLES[idx[1]]}")
-        new_columns[score_column(spec.name, "chosen")] = scores[:, 0].tolist()
-        new_columns[score_column(spec.name, "rejected")] = scores[:, 1].tolist()
+        check_finite(scores, spec.name, f"the {split} dataset", lambda idx: f"row {idx[0]} {roles[idx[1]]}")
+        for j, role in enumerate(roles):
+            new_columns[score_column(spec.name, role)] = scores[:, j].tolist()
     for col, values in new_columns.items():
         if col in dataset.column_names:
             logger.info("Replacing existing column %r in the %s dataset with fresh scores.", col, split)
@@ -133,6 +152,7 @@ def _score_with_head(
     tokenizer: Any,
     batch_size: int,
     num_proc: int | None = None,
+    roles: tuple[str, ...] = ROLES,
 ) -> np.ndarray:
     n = len(dataset)
     missing = [c for c in head.required_columns() if c not in dataset.column_names]
@@ -144,8 +164,8 @@ def _score_with_head(
     if num_proc and num_proc > 1 and head.parallel_safe and n > batch_size:
         # Text heads are pure CPU work: score shards of the dataset in `num_proc` worker processes.
         def score_shard(batch: dict[str, list], indices: list[int]) -> dict[str, list[float]]:
-            chosen, rejected = _score_batch(head, spec, batch, indices[0], split, tokenizer)
-            return {"_upo_chosen": chosen, "_upo_rejected": rejected}
+            scores = _score_batch(head, spec, batch, indices[0], split, tokenizer, roles)
+            return {f"_upo_{role}": values for role, values in zip(roles, scores, strict=True)}
 
         scored = dataset.map(
             score_shard,
@@ -159,12 +179,12 @@ def _score_with_head(
             new_fingerprint=short_hash(f"{getattr(dataset, '_fingerprint', '')}|{head.fingerprint()}|parallel"),
             desc=f"Scoring the {split} dataset with {spec.name!r}",
         )
-        return np.stack([np.asarray(scored["_upo_chosen"]), np.asarray(scored["_upo_rejected"])], axis=1)
-    out = np.empty((n, 2), dtype=np.float64)
+        return np.stack([np.asarray(scored[f"_upo_{role}"], dtype=np.float64) for role in roles], axis=1)
+    out = np.empty((n, len(roles)), dtype=np.float64)
     for start in range(0, n, batch_size):
-        chosen, rejected = _score_batch(head, spec, dataset[start : start + batch_size], start, split, tokenizer)
-        out[start : start + len(chosen), 0] = chosen
-        out[start : start + len(rejected), 1] = rejected
+        scores = _score_batch(head, spec, dataset[start : start + batch_size], start, split, tokenizer, roles)
+        for j, values in enumerate(scores):
+            out[start : start + len(values), j] = values
     return out
 
 
@@ -243,31 +263,37 @@ def check_finite(scores: np.ndarray, name: str, where: str, label: Any = None) -
 
 
 def _score_batch(
-    head: RewardHead, spec: HeadSpec, batch: dict[str, list], start: int, split: str, tokenizer: Any
-) -> tuple[list[float], list[float]]:
-    """Score the chosen and the rejected responses of one batch of rows (``start`` is the first row's index)."""
-    columns = {k: v for k, v in batch.items() if k not in ("prompt", "chosen", "rejected")}
+    head: RewardHead,
+    spec: HeadSpec,
+    batch: dict[str, list],
+    start: int,
+    split: str,
+    tokenizer: Any,
+    roles: tuple[str, ...] = ROLES,
+) -> list[list[float]]:
+    """Score the responses of each role (chosen, rejected; or completion) of one batch of rows (``start`` is the first
+    row's index); one list of scores per role."""
+    columns = {k: v for k, v in batch.items() if k not in ("prompt", *roles)}
     result = []
-    for role in ROLES:
+    for role in roles:
         what = f"{role} responses of the {split} dataset (rows {start}..)"
         scores = call_head(
             head, spec.name, batch["prompt"], batch[role], role=role, columns=columns, tokenizer=tokenizer, what=what
         )
         result.append(scores.tolist())
-    return result[0], result[1]
+    return result
 
 
-def fit_head_statistics(dataset: Dataset, specs: Sequence[HeadSpec], default_mode: str) -> list[dict]:
-    """Eq. (2) statistics of every head over the training split (chosen and rejected responses pooled)."""
+def fit_head_statistics(
+    dataset: Dataset, specs: Sequence[HeadSpec], default_mode: str, roles: Sequence[str] = ROLES
+) -> list[dict]:
+    """Eq. (2) statistics of every head over the training split (the responses of all ``roles`` pooled)."""
     from .objective import fit_normalization
 
     stats = []
     for spec in specs:
         values = np.concatenate(
-            [
-                np.asarray(dataset[score_column(spec.name, "chosen")], dtype=np.float64),
-                np.asarray(dataset[score_column(spec.name, "rejected")], dtype=np.float64),
-            ]
+            [np.asarray(dataset[score_column(spec.name, role)], dtype=np.float64) for role in roles]
         )
         st = fit_normalization(values, spec.normalize or default_mode)
         if st["std"] == 0 or not math.isfinite(st["std"]):
