@@ -371,9 +371,10 @@ def test_awr_mode_keeps_every_dpo_option(tmp_path, kwargs):
 def test_to_dict_is_json_serialisable_with_callable_params(tmp_path):
     heads = [{"name": "avoid", "type": "function", "params": {"function": avoid_word_reward}}]
     cfg = make(tmp_path, reward_heads=heads)
-    # the live object stays available to the trainer ...
-    assert cfg.head_specs[0].params["function"] is avoid_word_reward
-    assert cfg.reward_heads[0]["params"]["function"] is avoid_word_reward
+    # the live object stays available to the trainer (behind the wrapper that lets any callable be pickled) ...
+    assert cfg.head_specs[0].params["function"].fn is avoid_word_reward
+    assert cfg.reward_heads[0]["params"]["function"].fn is avoid_word_reward
+    assert cfg.reward_heads[0]["params"]["function"](prompts=["p"], completions=[" very"]) == [0.0]
     # ... while the serialised form holds its dotted path
     d = cfg.to_dict()
     text = json.dumps(d)

@@ -3,7 +3,8 @@
 
 from .protocol import RewardHead
 from .registry import ENTRY_POINT_GROUP, register_head, registered_heads, resolve_head_class
-from .spec import HeadSpec, build_head, parse_head_specs
+from .schema import Param
+from .spec import HeadSpec, build_head, parse_head_specs, weight_cap_warning
 from .classifier import ClassifierHead
 from .column import ColumnHead
 from .function import FunctionHead
@@ -21,6 +22,7 @@ __all__ = [
     "HeadSpec",
     "LengthHead",
     "LexiconHead",
+    "Param",
     "ReadabilityHead",
     "RewardHead",
     "RewardModelHead",
@@ -30,4 +32,5 @@ __all__ = [
     "register_head",
     "registered_heads",
     "resolve_head_class",
+    "weight_cap_warning",
 ]

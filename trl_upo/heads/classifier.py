@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 from ..formats import completion_text
+from ..models import DTYPES
 from ._hf import HFSequenceClassifierHead
 from .registry import register_head
+from .schema import Param
 
 OUTPUTS = ("probability", "logit")
 
@@ -19,32 +21,30 @@ class ClassifierHead(HFSequenceClassifierHead):
     Probabilities are a softmax over the model's labels, or a per-label sigmoid when the model has one label or its
     ``config.problem_type`` is ``"multi_label_classification"``.
 
-    Args:
-        model: local directory or Hub id of the classifier (its tokenizer is loaded from the same place).
-        labels: the label name(s) (``config.id2label``) or index(es) whose probabilities are summed.
-        output: ``"probability"`` or ``"logit"``.
-        batch_size: responses per forward pass.
-        device: ``"cuda"``, ``"cpu"``, ``"cuda:1"``, ...; default: the process's current CUDA device (each rank's
-            own GPU under accelerate) when available, else CPU.
-        max_length: truncate inputs to this many tokens, from the right (None: no truncation).
-        include_prompt: classify the (prompt, response) pair (as a text pair) instead of the response alone.
-        dtype: ``"auto"``, ``"float32"``, ``"float16"`` or ``"bfloat16"``; None loads in float32.
-        revision: the Hub revision (branch, tag or commit) to load.
+    Parameters: the annotated ``__init__`` signature (the schema; see ``docs/heads/classifier.md``).
     """
 
     _kind = "classifier"
 
     def __init__(
         self,
-        model: str,
-        labels: str | int | list[str | int],
-        output: str = "probability",
-        batch_size: int = 32,
-        device: str | None = None,
-        max_length: int | None = 512,
-        include_prompt: bool = False,
-        dtype: str | None = None,
-        revision: str | None = None,
+        model: Annotated[str, Param("local directory or Hub id; the tokenizer is loaded from the same place")],
+        labels: Annotated[
+            str | int | list[str | int],
+            Param("label name(s) from `config.id2label` (a unique case-insensitive match is accepted) or index(es)"),
+        ],
+        output: Annotated[str, Param("`probability` or `logit`", choices=OUTPUTS)] = "probability",
+        batch_size: Annotated[int, Param("responses per forward pass", speed_only=True, minimum=1)] = 32,
+        device: Annotated[str | None, Param("`cpu`, `cuda`, `cuda:1`, ...", speed_only=True, default_doc="the current CUDA device if any (each rank's own GPU), else CPU")] = None,
+        max_length: Annotated[
+            int | None, Param("truncate inputs to this many tokens (from the right); `null` for no truncation",
+                              minimum=2)
+        ] = 512,
+        include_prompt: Annotated[bool, Param("classify the (prompt, response) pair")] = False,
+        dtype: Annotated[
+            str | None, Param("`auto`, `float32`, `float16` or `bfloat16`", choices=DTYPES, default_doc="float32")
+        ] = None,
+        revision: Annotated[str | None, Param("Hub branch, tag or commit")] = None,
     ) -> None:
         self._init_model(model, batch_size, device, max_length, dtype, revision)
         label_list = labels if isinstance(labels, (list, tuple)) else [labels]

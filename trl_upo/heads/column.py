@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 from .protocol import RewardHead
 from .registry import register_head
+from .schema import Param
 
 
 @register_head("column")
 class ColumnHead(RewardHead):
     """Reads precomputed scores from dataset columns (for example from a reward-model labelling job).
-
-    Args:
-        chosen: name of the column holding the chosen response's score.
-        rejected: name of the column holding the rejected response's score.
-    """
+    Parameters: the annotated ``__init__`` signature (the schema; see ``docs/heads/column.md``)."""
 
     needs_text = False
 
-    def __init__(self, chosen: str, rejected: str) -> None:
+    def __init__(
+        self,
+        chosen: Annotated[str, Param("name of the column holding the chosen response's score")],
+        rejected: Annotated[str, Param("name of the column holding the rejected response's score")],
+    ) -> None:
         if not chosen or not rejected:
             raise ValueError("column head needs both 'chosen' and 'rejected' column names")
         self.chosen, self.rejected = chosen, rejected

@@ -7,46 +7,68 @@ reward functions work unchanged.
 
 from __future__ import annotations
 
+import ast
 import functools
-import hashlib
 import inspect
+import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Annotated, Any
 
-from ..fingerprints import stable_repr
+from ..fingerprints import SavedCallable, short_hash, stable_repr
 from ..formats import completion_text
 from .protocol import RewardHead
 from .registry import import_dotted, register_head
+from .schema import Param
 
 
 def _code_digest(fn: Any) -> str:
-    """A digest of a function's code and captured state (closure cells, defaults, partial arguments, a callable
-    object's attributes), so that editing or re-configuring the function invalidates cached scores."""
+    """A digest of what decides a reward function's scores: its own code, the source of the module that defines it
+    (so editing a helper in that module re-scores) and its captured state (closure cells, defaults, partial
+    arguments, a callable object's attributes and class)."""
     if isinstance(fn, functools.partial):
         text = f"{_code_digest(fn.func)}|{stable_repr(list(fn.args))}|{stable_repr(fn.keywords)}"
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-    state = ""
-    t = getattr(fn, "__func__", fn)
-    if inspect.isfunction(t):
-        cells = [c.cell_contents for c in (t.__closure__ or ())]
-        state = stable_repr([cells, list(t.__defaults__ or ()), t.__kwdefaults__ or {}])
-    elif hasattr(fn, "__dict__"):
-        state = stable_repr(vars(fn))
-    return hashlib.sha256((_code_digest_only(fn) + state).encode()).hexdigest()[:16]
-
-
-def _code_digest_only(fn: Any) -> str:
+        return short_hash(text)
     target = getattr(fn, "__func__", fn)
-    code = getattr(target, "__code__", None)
-    if code is None:
-        code = getattr(getattr(target, "__call__", None), "__code__", None)
-    if code is None:
-        return "nocode"
+    if inspect.isfunction(target):
+        cells = [c.cell_contents for c in (target.__closure__ or ())]
+        state = stable_repr([cells, list(target.__defaults__ or ()), target.__kwdefaults__ or {}])
+        code = _code_text(target.__code__)
+    else:  # a callable object: its class's __call__ and its attributes
+        state = stable_repr(vars(fn)) if hasattr(fn, "__dict__") else ""
+        call = getattr(type(fn).__call__, "__code__", None)
+        code = _code_text(call) if call is not None else repr(type(fn))
+        target = type(fn)
+    return short_hash("|".join([code, module_digest(target), state]))
+
+
+def _code_text(code: Any) -> str:
+    """The byte code, names and constants of a code object, nested functions included; no line numbers or
+    addresses (the same function gives the same text in every process)."""
+    consts = [
+        _code_text(c) if inspect.iscode(c) else repr(sorted(map(repr, c))) if isinstance(c, frozenset) else repr(c)
+        for c in code.co_consts
+    ]
+    return f"{code.co_code.hex()}:{code.co_names}:{code.co_varnames}:{consts}"
+
+
+def module_digest(obj: Any) -> str:
+    """A digest of the syntax tree of the module that defines ``obj``: any change of code in that module (a
+    helper the reward function calls) changes it; comments, blank lines and formatting do not. ``"nosource"`` when
+    the module has no readable source (an interactive session); then only the function's own code counts."""
+    module = sys.modules.get(getattr(obj, "__module__", None) or "")
+    if module is None:
+        return "nosource"
     try:
-        src = inspect.getsource(target)
-    except (OSError, TypeError):
-        src = repr(code.co_code) + repr(code.co_consts)
-    return hashlib.sha256(src.encode()).hexdigest()[:16]
+        path = inspect.getsourcefile(module)
+        if path:
+            with open(path, encoding="utf-8") as f:
+                source = f.read()
+        else:
+            source = inspect.getsource(module)
+        tree = ast.parse(source)
+    except (OSError, TypeError, SyntaxError, UnicodeDecodeError):
+        return "nosource"
+    return short_hash(ast.dump(tree))
 
 
 def _noop_log_extra(*args: Any, **kwargs: Any) -> None:
@@ -59,15 +81,29 @@ def _noop_log_metric(*args: Any, **kwargs: Any) -> None:
 
 @register_head("function")
 class FunctionHead(RewardHead):
-    """Wraps a TRL-style reward function.
+    """Wraps a TRL-style reward function. Parameters: the annotated ``__init__`` signature (the schema; see
+    ``docs/heads/function.md``). The fingerprint covers the function's code, the source of its module (as a syntax
+    tree: comments do not count), its captured state and ``version``."""
 
-    Args:
-        function: the callable, or its dotted path (``"package.module:function"``).
-        batch_size: at most this many responses per call of the function (None: the whole scoring batch,
-            ``upo_score_batch_size``).
-    """
-
-    def __init__(self, function: Callable[..., Any] | str, batch_size: int | None = None) -> None:
+    def __init__(
+        self,
+        function: Annotated[
+            Callable[..., Any] | str,
+            Param("the callable, or its dotted path `package.module:function` (needed in YAML)"),
+        ],
+        batch_size: Annotated[
+            int | None,
+            Param("at most this many responses per call (default: the whole scoring batch, `upo_score_batch_size`)",
+                  speed_only=True, minimum=1),
+        ] = None,
+        version: Annotated[
+            str | int | None,
+            Param("any label you change to re-score when something the fingerprint cannot see changed (a helper "
+                  "in another module, a data file the function reads)"),
+        ] = None,
+    ) -> None:
+        if isinstance(function, SavedCallable):  # the config's picklable wrapper (trl_upo.fingerprints)
+            function = function.fn
         self._path = function if isinstance(function, str) else None
         fn = import_dotted(function) if isinstance(function, str) else function
         if not callable(fn):
@@ -85,7 +121,7 @@ class FunctionHead(RewardHead):
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"function head: batch_size must be >= 1, got {batch_size}")
         self.fn = fn
-        self.batch_size = batch_size
+        self.batch_size, self.version = batch_size, version
 
     def fingerprint(self) -> str:
         return f"{super().fingerprint()}:{_code_digest(self.fn)}"

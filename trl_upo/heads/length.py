@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 from ..formats import completion_text
 from .protocol import RewardHead
 from .registry import register_head
+from .schema import Param
 
 UNITS = ("words", "chars", "tokens")
 DIRECTIONS = ("shorter", "longer")
@@ -16,16 +17,22 @@ DIRECTIONS = ("shorter", "longer")
 @register_head("length")
 class LengthHead(RewardHead):
     """Score = -length (``direction="shorter"``), +length (``"longer"``), or -|length - target| with ``target``.
-
-    Args:
-        unit: ``"words"`` (whitespace-separated), ``"chars"``, or ``"tokens"`` (the trainer's tokenizer).
-        direction: ``"shorter"`` or ``"longer"``; ignored when ``target`` is set.
-        target: a length to aim for, in ``unit``.
-    """
+    Parameters: the annotated ``__init__`` signature (the schema; see ``docs/heads/length.md``)."""
 
     parallel_safe = True
 
-    def __init__(self, unit: str = "words", direction: str = "shorter", target: float | None = None) -> None:
+    def __init__(
+        self,
+        unit: Annotated[
+            str,
+            Param("`words` (whitespace-separated), `chars`, or `tokens` (the trainer's tokenizer, no special tokens)",
+                  choices=UNITS),
+        ] = "words",
+        direction: Annotated[
+            str, Param("`shorter` or `longer`; ignored when `target` is set", choices=DIRECTIONS)
+        ] = "shorter",
+        target: Annotated[float | None, Param("a length to aim for, in `unit`", minimum=0)] = None,
+    ) -> None:
         if unit not in UNITS:
             raise ValueError(f"length head: unit must be one of {list(UNITS)}, got {unit!r}")
         if direction not in DIRECTIONS:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 from ..formats import completion_text
 from .protocol import RewardHead
 from .registry import register_head
+from .schema import Param
 
 MODES = ("presence", "count", "rate")
 
@@ -42,24 +43,31 @@ class LexiconHead(RewardHead):
     All terms are compiled into one regular expression and matched in one left-to-right pass; matches do not
     overlap, and at one position the longest plain term (or, with ``regex``, the first pattern listed) wins.
 
-    Args:
-        avoid: words, phrases or (with ``regex``) patterns that lower the score.
-        encourage: words, phrases or patterns that raise it.
-        regex: treat the terms as Python regular expressions (no implicit word boundaries).
-        case_sensitive: match case exactly (default: ignore case).
-        mode: ``"presence"`` (each term counts at most once per response), ``"count"`` (every match), or
-            ``"rate"`` (matches per 100 whitespace-separated words).
+    ``mode``: ``"presence"`` (each term counts at most once per response), ``"count"`` (every match), or
+    ``"rate"`` (matches per 100 whitespace-separated words). Parameters: the annotated ``__init__`` signature (the
+    schema; see ``docs/heads/lexicon.md``).
     """
 
     parallel_safe = True
 
     def __init__(
         self,
-        avoid: list[str] | None = None,
-        encourage: list[str] | None = None,
-        regex: bool = False,
-        case_sensitive: bool = False,
-        mode: str = "count",
+        avoid: Annotated[
+            list[str] | str | None,
+            Param("words, phrases or patterns that lower the score (a single string is one term)", default_doc="`[]`"),
+        ] = None,
+        encourage: Annotated[
+            list[str] | str | None,
+            Param("words, phrases or patterns that raise it; at least one of the two lists must be non-empty",
+                  default_doc="`[]`"),
+        ] = None,
+        regex: Annotated[
+            bool,
+            Param("treat the terms as regular expressions (numbered backreferences are not supported; use named "
+                  "groups)"),
+        ] = False,
+        case_sensitive: Annotated[bool, Param("match case exactly")] = False,
+        mode: Annotated[str, Param("`count`, `presence` or `rate`", choices=MODES)] = "count",
     ) -> None:
         avoid_terms, encourage_terms = _as_terms(avoid, "avoid"), _as_terms(encourage, "encourage")
         if not avoid_terms and not encourage_terms:

@@ -12,14 +12,17 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from ..fingerprints import stable_repr
+from . import schema
 
 
 class RewardHead:
     """Base class of reward heads.
 
     Subclasses set ``name`` (through :func:`register_head`), take their parameters as keyword arguments of
-    ``__init__`` and implement :meth:`score`. Parameters are validated against the ``__init__`` signature when a
-    :class:`~trl_upo.UPOConfig` is built, before any model is loaded.
+    ``__init__`` and implement :meth:`score`. The ``__init__`` signature is the parameter schema
+    (:mod:`trl_upo.heads.schema`: names, defaults, types, and ``Annotated[..., Param(...)]`` for the allowed values,
+    docs and speed-only flags); parameters are validated against it when a :class:`~trl_upo.UPOConfig` is built,
+    before any model is loaded.
     """
 
     name: ClassVar[str] = ""
@@ -83,22 +86,25 @@ class RewardHead:
         once the datasets are scored, so a scoring model does not stay in memory during training."""
 
     def fingerprint(self) -> str:
-        """A string that changes whenever the scores could change; the score cache is keyed on it."""
-        return f"{type(self).__module__}.{type(self).__qualname__}:{stable_repr(self.config())}"
+        """A string that changes whenever the scores could change; the score cache is keyed on it. It covers the
+        head's class and :meth:`semantic_config` (speed-only parameters such as ``batch_size`` are left out);
+        heads whose scores follow content (a model's weights, a function's code) add a digest of it."""
+        return f"{type(self).__module__}.{type(self).__qualname__}:{stable_repr(self.semantic_config())}"
 
     def config(self) -> dict[str, Any]:
-        """The head's parameters as given (used for the fingerprint and the saved head list)."""
+        """The head's parameters as given (used for the saved head list)."""
         return dict(getattr(self, "_params", {}))
+
+    def semantic_config(self) -> dict[str, Any]:
+        """The parameters that decide the scores: defaults filled in, speed-only parameters left out."""
+        return schema.semantic_params(type(self), self.config())
 
     @classmethod
     def validate_params(cls, params: dict[str, Any]) -> None:
-        """Check parameters against ``__init__`` without building the head (no model is loaded)."""
-        try:
-            inspect.signature(cls.__init__).bind(None, **params)
-        except TypeError as e:
-            sig = inspect.signature(cls.__init__)
-            valid = [n for n, p in list(sig.parameters.items())[1:] if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-            raise ValueError(
-                f"Invalid parameters {sorted(params)} for reward head {cls.name or cls.__name__!r}: {e}. "
-                f"Valid parameters: {valid}."
-            ) from None
+        """Check parameters against the schema of ``__init__`` without building the head (no model is loaded):
+        names (with a did-you-mean), required ones, types, allowed values and minimums.
+
+        Raises:
+            ValueError: naming the head, the parameter and what is allowed.
+        """
+        schema.validate_params(cls, params, cls.name or cls.__name__)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 from ..formats import completion_text
 from .protocol import RewardHead
 from .registry import register_head
+from .schema import Param
 
 #: textstat metric -> True when a higher value means easier text (reading-ease indices), False for grade-like
 #: metrics (a higher value means harder text). The head negates the latter so that "easier" always scores higher.
@@ -40,23 +41,22 @@ class ReadabilityHead(RewardHead):
     """Score = the textstat ``metric`` of the response, signed so that easier text scores higher; or, with a target
     band, minus the distance of the metric to ``[target_min, target_max]`` (0 inside the band).
 
-    Args:
-        metric: a textstat function name, one of :data:`METRICS`.
-        target_min: lower end of the target band, in the metric's own units (e.g. a grade).
-        target_max: upper end of the target band.
-        lang: textstat language (syllable rules and word lists), e.g. ``"en_US"``, ``"es"``, ``"it"``, ``"de"``.
-        empty_score: the score of a response without words (textstat's formulas are undefined there).
+    Parameters: the annotated ``__init__`` signature (the schema; see ``docs/heads/readability.md``).
     """
 
     parallel_safe = True
 
     def __init__(
         self,
-        metric: str = "flesch_reading_ease",
-        target_min: float | None = None,
-        target_max: float | None = None,
-        lang: str = "en_US",
-        empty_score: float = 0.0,
+        metric: Annotated[str, Param("a textstat formula from the table above", choices=tuple(METRICS))] = (
+            "flesch_reading_ease"
+        ),
+        target_min: Annotated[float | None, Param("lower end of the target band, in the metric's units")] = None,
+        target_max: Annotated[float | None, Param("upper end of the target band")] = None,
+        lang: Annotated[
+            str, Param("textstat language (syllable rules, easy-word lists): `en_US`, `es`, `it`, `de`, ...")
+        ] = "en_US",
+        empty_score: Annotated[float, Param("score of a response without words")] = 0.0,
     ) -> None:
         if metric not in METRICS:
             raise ValueError(

@@ -4,11 +4,13 @@ the (prompt, response) pair."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 from ..formats import completion_text, is_conversational
+from ..models import DTYPES
 from ._hf import HFSequenceClassifierHead
 from .registry import register_head
+from .schema import Param
 
 
 @register_head("reward_model")
@@ -21,14 +23,7 @@ class RewardModelHead(HFSequenceClassifierHead):
     tokenizer's special tokens. Long inputs are cut
     from the left, so the response is kept and the start of the prompt is dropped.
 
-    Args:
-        model: local directory or Hub id of the reward model (its tokenizer is loaded from the same place).
-        batch_size: pairs per forward pass.
-        device: ``"cuda"``, ``"cpu"``, ``"cuda:1"``, ...; default: the process's current CUDA device (each rank's
-            own GPU under accelerate) when available, else CPU.
-        max_length: truncate inputs to this many tokens, from the left (None: no truncation).
-        dtype: ``"auto"``, ``"float32"``, ``"float16"`` or ``"bfloat16"``; None loads in float32.
-        revision: the Hub revision (branch, tag or commit) to load.
+    Parameters: the annotated ``__init__`` signature (the schema; see ``docs/heads/reward_model.md``).
     """
 
     _kind = "reward_model"
@@ -36,12 +31,21 @@ class RewardModelHead(HFSequenceClassifierHead):
 
     def __init__(
         self,
-        model: str,
-        batch_size: int = 8,
-        device: str | None = None,
-        max_length: int | None = 2048,
-        dtype: str | None = None,
-        revision: str | None = None,
+        model: Annotated[
+            str, Param("local directory or Hub id of the reward model; the tokenizer is loaded from the same place")
+        ],
+        batch_size: Annotated[int, Param("(prompt, response) pairs per forward pass", speed_only=True, minimum=1)] = 8,
+        device: Annotated[str | None, Param("`cpu`, `cuda`, `cuda:1`, ...", speed_only=True, default_doc="the current CUDA device if any (each rank's own GPU), else CPU")] = None,
+        max_length: Annotated[
+            int | None,
+            Param("truncate inputs to this many tokens, from the left; `null` for no truncation", minimum=2),
+        ] = 2048,
+        dtype: Annotated[
+            str | None,
+            Param("`auto`, `float32`, `float16` or `bfloat16` (`bfloat16` halves the memory of a 7B model)",
+                  choices=DTYPES, default_doc="float32"),
+        ] = None,
+        revision: Annotated[str | None, Param("Hub branch, tag or commit")] = None,
     ) -> None:
         self._init_model(model, batch_size, device, max_length, dtype, revision)
 

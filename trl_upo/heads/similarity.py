@@ -4,13 +4,14 @@ sentence embeddings (`sentence-transformers <https://www.sbert.net>`_, the ``sim
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 from ..models import check_model_path, default_device
 from ._hf import LazyModelMixin
 from ..formats import completion_text
 from .protocol import RewardHead
 from .registry import register_head
+from .schema import Param
 
 AGGREGATES = ("max", "mean")
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -20,23 +21,24 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 class SimilarityHead(LazyModelMixin, RewardHead):
     """Score = max (or mean) over the exemplars e of cos(embed(response), embed(e)), in [-1, 1].
 
-    Args:
-        exemplars: example responses with the wanted style or content (a single string is one exemplar).
-        model: a sentence-transformers model, as a local directory or a Hub id.
-        aggregate: ``"max"`` (close to any exemplar) or ``"mean"`` (close to all of them on average).
-        batch_size: texts per forward pass.
-        device: ``"cuda"``, ``"cpu"``, ...; default: the process's current CUDA device when available, else CPU.
+    Parameters: the annotated ``__init__`` signature (the schema; see ``docs/heads/similarity.md``).
     """
 
     _lazy_attrs = ("_model", "_exemplar_emb")
 
     def __init__(
         self,
-        exemplars: list[str] | str,
-        model: str = DEFAULT_MODEL,
-        aggregate: str = "max",
-        batch_size: int = 64,
-        device: str | None = None,
+        exemplars: Annotated[list[str] | str, Param("example responses (a single string is one exemplar)")],
+        model: Annotated[str, Param("a sentence-transformers model: local directory or Hub id")] = DEFAULT_MODEL,
+        aggregate: Annotated[
+            str, Param("`max` (close to any exemplar) or `mean` (close to all, on average)", choices=AGGREGATES)
+        ] = "max",
+        batch_size: Annotated[int, Param("texts per forward pass", speed_only=True, minimum=1)] = 64,
+        device: Annotated[
+            str | None,
+            Param("`cpu`, `cuda`, ...", speed_only=True,
+                  default_doc="the current CUDA device if any (each rank's own GPU), else CPU"),
+        ] = None,
     ) -> None:
         items = [exemplars] if isinstance(exemplars, str) else exemplars
         if not isinstance(items, (list, tuple)) or not items:

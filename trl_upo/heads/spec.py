@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..fingerprints import jsonable
+from ..fingerprints import SavedCallable, jsonable
 from ..formats import mapping_list
 from .protocol import RewardHead
 from .registry import NAME_RE, resolve_head_class
@@ -84,9 +84,11 @@ def parse_head_specs(value: Any) -> list[HeadSpec]:
             )
         weight = item.get("weight", 1.0)
         try:
+            if isinstance(weight, bool):  # YAML `weight: true` is a typo, not 1.0
+                raise TypeError
             weight = float(weight)
         except (TypeError, ValueError):
-            raise ValueError(f"reward_heads[{i}] ({name}): weight must be a number, got {weight!r}.") from None
+            raise ValueError(f"reward_heads[{i}] ({name}): weight must be a number, got {weight!r} (a number >= 0, e.g. 1.0).") from None
         if not (math.isfinite(weight) and weight >= 0):
             raise ValueError(f"reward_heads[{i}] ({name}): weight must be finite and >= 0, got {weight}.")
         normalize = item.get("normalize")
@@ -101,8 +103,13 @@ def parse_head_specs(value: Any) -> list[HeadSpec]:
         if not isinstance(params, dict):
             raise ValueError(f"reward_heads[{i}] ({name}): params must be a mapping, got {params!r}.")
         cls = resolve_head_class(str(type_name))
-        cls.validate_params(params)
-        specs.append(HeadSpec(str(name), str(type_name), weight, normalize, hib, dict(params)))
+        try:
+            cls.validate_params(params)
+        except ValueError as e:
+            raise ValueError(f"reward_heads[{i}] ({name}): {e}") from None
+        # Callables are kept behind a wrapper that pickles even a lambda (as its description) into checkpoints.
+        params = {k: SavedCallable(v) if callable(v) and not isinstance(v, type) else v for k, v in params.items()}
+        specs.append(HeadSpec(str(name), str(type_name), weight, normalize, hib, params))
     names = [s.name for s in specs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -116,3 +123,17 @@ def parse_head_specs(value: Any) -> list[HeadSpec]:
 def build_head(spec: HeadSpec) -> RewardHead:
     """Instantiate the head described by ``spec``."""
     return resolve_head_class(spec.type)(**spec.params)
+
+
+def weight_cap_warning(weight_cap: float, normalize_weights: bool) -> str | None:
+    """The warning for a ``upo_weight_cap`` below 1 with ``upo_normalize_weights`` (``UPOConfig`` calls this and
+    warns), or None. Normalised weights average 1 only when the cap lets weights above 1 through: with a cap below
+    1 every weight is cut to at most the cap, so the mean falls below 1 and ``upo_alpha`` is silently scaled down."""
+    if normalize_weights and weight_cap < 1:
+        return (
+            f"upo_weight_cap={weight_cap} is below 1 with upo_normalize_weights=True: every advantage weight is cut "
+            f"to at most {weight_cap}, so the weights no longer average 1 and the auxiliary term is scaled down by "
+            f"up to {weight_cap}x (an implicit smaller upo_alpha). Set upo_weight_cap >= 1 (the default is 100), "
+            f"or lower upo_alpha instead."
+        )
+    return None
