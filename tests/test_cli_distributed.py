@@ -14,12 +14,12 @@ from tests.helpers import assert_same_training_steps
 from tests.test_cli_train import CPU, write_data, write_recipe
 
 
-def _train(args, cwd):
+def _train(args, cwd, timeout=900):
     exe = shutil.which("trl-upo", path=os.path.dirname(sys.executable))
     cmd = [exe] if exe else [sys.executable, "-m", "trl_upo.cli"]
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("TRL_UPO_LAUNCHED", None)
-    proc = subprocess.run([*cmd, "train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([*cmd, "train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout
 
@@ -70,4 +70,33 @@ def test_started_by_accelerate_launch_as_a_script_does_not_launch_again(tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "already running under a launcher" in proc.stderr and "launching:" not in proc.stdout
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_end_distributed_destroys_the_process_group():
+    """What every command calls last: the group is gone afterwards (no rank left in its destructor)."""
+    import socket
+
+    import torch.distributed as dist
+
+    from trl_upo.cli.common import end_distributed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    end_distributed()
+    assert not dist.is_initialized()
+    end_distributed()  # nothing to do: no error
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attempt", [1, 2])
+def test_two_cpu_processes_on_the_quickstart_exit(tmp_path, attempt):
+    """`trl-upo train --num_processes 2 --use_cpu true --max_steps 1` on the quickstart recipe once hung at exit (rank 1
+    in ProcessGroupGloo's destructor, 1 run in 2): the command tears the group down and returns (twice, in time)."""
+    out = _train(["--num_processes", "2", "--use_cpu", "true", "--max_steps", "1", "--report_before_after", "false",
+                  "--output_dir", str(tmp_path / "out")], tmp_path, timeout=300)
+    assert "accelerate launch --num_processes 2 --multi_gpu" in out
     assert (tmp_path / "out" / "model.safetensors").is_file()

@@ -57,7 +57,7 @@ def test_eval_writes_json_markdown_and_plots(policy_path, tiny_model_path, tiny_
         assert text in report
     for png in ("designer.png", "margins.png"):
         assert (out / png).read_bytes()[:8] == PNG
-    assert "preference accuracy" in capsys.readouterr().out
+    assert "pref. accuracy (implicit reward)" in capsys.readouterr().out
 
 
 def test_eval_peft_adapter_conversational_saved_dataset_yaml_heads(tiny_model_path, tmp_path, capsys):
@@ -148,3 +148,52 @@ def test_flags_take_underscores_like_the_other_commands_and_dashes_too():
     a = parser.parse_args(["--model", "m", "--dataset", "d", "--output_dir", "o", "--num_samples", "3",
                            "--ref-model", "r", "--max_new_tokens", "5"])
     assert (a.output_dir, a.num_samples, a.ref_model, a.max_new_tokens) == ("o", 3, "r", 5)
+
+
+def test_eval_report_quality_plots_table_and_upo_paths(policy_path, tmp_path, capsys, monkeypatch):
+    """upo:// for the reference and the dataset; a console table with the reference next to the policy; plots at
+    150 dpi with axis labels, model names and a length panel that shows words (not negative scores); a train recipe
+    as --config gives one short line, not its keys."""
+    from PIL import Image
+
+    out = tmp_path / "eval"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"reward_heads": json.loads(HEADS), "beta": 0.1, "learning_rate": 1e-3,
+                                      "max_steps": 5, "output_dir": "x"}))
+    rc = cli(["eval", "--model", policy_path, "--ref_model", "upo://tiny-llama", "--dataset", "upo://quickstart-data",
+              "--config", str(recipe), "--num_prompts", "4", "--num_samples", "2", "--max_new_tokens", "6",
+              "--output_dir", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "eval reads reward_heads and beta from it; not used by eval: learning_rate, max_steps, output_dir." in (
+        captured.err)
+    lines = captured.out.splitlines()
+    header = next(line for line in lines if "tiny-llama" in line)
+    assert "change" in header and os.path.basename(policy_path) in header
+    length_row = next(line for line in lines if line.startswith("length: length (words)"))
+    assert "lower is better" in length_row and "-" not in length_row.split()[3]  # words are positive
+    res = json.loads((out / "eval.json").read_text())
+    assert res["designer"]["length"]["mean"] < 0  # the head's raw score, as stored
+    img = Image.open(out / "designer.png")
+    assert img.size[0] >= 1000 and img.size[1] >= 600
+    assert round(img.info["dpi"][0]) == 150
+
+
+def test_eval_without_matplotlib_warns_and_skips_the_plots(policy_path, data_file, tmp_path, capsys, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    out = tmp_path / "eval"
+    rc = cli(["eval", "--model", policy_path, "--dataset", data_file, "--heads", HEADS, "--num_prompts", "2",
+              "--max_new_tokens", "4", "--output_dir", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert "warning: Plots need matplotlib" in err and "The plots are skipped" in err
+    assert (out / "eval.json").is_file() and not (out / "designer.png").exists()

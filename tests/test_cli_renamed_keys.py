@@ -252,13 +252,54 @@ def test_every_recipe_parses_and_its_renamed_keys_land(path):
         assert not futures, f"{rel(path)}: {futures}"
 
 
-def test_the_recipes_exercise_the_renaming():
-    """On either side of transformers 5.23, some recipe key is translated: the GPU recipes' `activation_checkpointing`
-    before it, the quickstart's `gradient_checkpointing` from it on."""
+def test_the_recipes_use_the_newest_names():
+    """Our recipes write `activation_checkpointing` (no FutureWarning from transformers >= 5.23, which deprecates
+    `gradient_checkpointing`); before 5.23 the parser translates it to `gradient_checkpointing`."""
     names = option_names(cli_train.make_parser())
-    translated = {
-        (rel(p), key) for p in training_recipes() for key in load_recipe(p) if installed_name(key, names) != key
-    }
-    assert translated, "no recipe key is renamed on this stack: the renaming is not exercised by the recipes"
-    keys = {key for _, key in translated}
-    assert keys == ({OLD} if NEW in names else {NEW, NEW + "_kwargs"}), translated
+    used = {key for p in training_recipes() for key in load_recipe(p)}
+    assert OLD not in used and OLD + "_kwargs" not in used
+    translated = {key for p in training_recipes() for key in load_recipe(p) if installed_name(key, names) != key}
+    assert translated == (set() if NEW in names else {NEW, NEW + "_kwargs"}), translated
+
+
+# Values to give each renamed key, and where the parsed value lands: (dataclass index in parse(), attribute, value).
+OTHER_STACK_VALUES = {
+    "torch_dtype": (2, "dtype", "float32"),
+    "evaluation_strategy": (1, "eval_strategy", "no"),
+    "no_cuda": (1, "use_cpu", True),
+    "push_to_hub_model_id": (1, "hub_model_id", "me/model"),
+    "warmup_ratio": (1, "warmup_steps", 0.1),
+    "preprocessing_num_workers": (1, "dataset_num_proc", 1),
+    "use_liger_loss": (1, "use_liger_kernel", False),
+}
+
+
+@pytest.mark.parametrize("old", sorted(OTHER_STACK_VALUES))
+def test_other_stacks_old_names_reach_the_new_field(tmp_path, old):
+    index, new, value = OTHER_STACK_VALUES[old]
+    assert any(row[:2] == (new, old) for row in RENAMED_KEYS)
+    base = {k: v for k, v in CPU_RECIPE.items() if k != new}
+    recipe = write_recipe(tmp_path / "r.yaml", **base, **{old: value}, output_dir=str(tmp_path / "o"))
+    parsed = cli_train.parse(["--config", recipe], prog="trl-upo train")
+    assert getattr(parsed[index], new) == value
+
+
+def test_removed_keys_say_what_to_write_instead(tmp_path, capsys):
+    from trl_upo.cli.common import REMOVED_KEYS
+
+    recipe = write_recipe(tmp_path / "r.yaml", **CPU_RECIPE, max_prompt_length=128, use_flash_attention_2=True)
+    code, _, err = run_main(["--config", recipe], capsys)
+    assert code == 2
+    assert REMOVED_KEYS["max_prompt_length"] in err and "attn_implementation: flash_attention_2" in err
+    assert "did you mean" not in err
+
+
+def test_docs_list_every_renamed_and_removed_key():
+    from pathlib import Path
+
+    from trl_upo.cli.common import REMOVED_KEYS
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    missing = [row for row in RENAMED_KEYS if f"| `{row[0]}` | `{row[1]}` | {row[2]} |" not in text]
+    missing += [key for key in REMOVED_KEYS if f"`{key}`" not in text]
+    assert not missing, f"docs/cli.md does not list {missing}"

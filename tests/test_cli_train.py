@@ -259,7 +259,7 @@ def test_cli_doc_commands(tmp_path, monkeypatch, capsys, score_cache):
     for cmd in commands:
         if cmd[:2] == ["trl-upo", "train"]:
             args = _absolute(cmd[2:])
-            script, targs, _, _, launch = cli_train.parse(args or ["--config", cli_train.QUICKSTART_RECIPE])
+            script, targs, _, _, launch = cli_train.parse(cli_train.with_quickstart(args))
             if args and not launch and targs.max_steps <= 20:
                 assert cli_train.main([*args, "--max_steps", "2", "--report_before_after", "false"]) == 0
                 assert (Path(targs.output_dir) / "model.safetensors").is_file()

@@ -26,10 +26,11 @@ import time
 
 import torch
 
+from .cli.console import checkpointing_off, silence_upstream_deprecations
 from .quickstart_task import DESIGNER_WORD, TOPICS, build_model, build_tokenizer, is_on_topic, preference_rows
 
 # Settings that make every run of the quickstart CPU-only, quiet and checkpoint-free.
-CPU_RUN = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[], save_strategy="no",
+CPU_RUN = dict(use_cpu=True, bf16=False, **checkpointing_off(), report_to=[], save_strategy="no",
                disable_tqdm=True)
 NOVERY_HEAD = {"name": "novery", "type": "function",
                "params": {"function": "trl_upo.quickstart_task:avoid_word_reward"}}
@@ -204,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--alpha", type=float, default=1.0, help="UPO auxiliary coefficient")
     a = parser.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")
+    silence_upstream_deprecations()
     results = run(a.output_dir, a.steps, a.sft_steps, a.seed, a.alpha)
     print()
     print(format_table(results))

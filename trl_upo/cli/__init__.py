@@ -5,11 +5,16 @@ modules are imported only when their command runs, so ``trl-upo --help`` stays f
 dependencies never break another. :mod:`trl_upo.cli.common` holds what the commands share (the usage error and exit
 code 2, YAML configs, strict option parsing); :mod:`trl_upo.cli.launch` re-launches ``train`` under
 ``accelerate launch``.
+
+``--debug`` (anywhere on the command line), or ``TRL_UPO_DEBUG=1``, prints the traceback of usage errors too. The
+current directory is importable, as with ``python -m trl_upo.cli``, so that a recipe can name a function in a module
+next to it (``function: my_rewards:brevity``).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 #: command name -> (module, one-line help). Run as ``trl-upo <name> --help`` for each command's options.
@@ -25,13 +30,18 @@ def _usage() -> str:
     width = max(len(name) for name in COMMANDS)
     lines = ["usage: trl-upo <command> [options]", "", "commands:"]
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "`trl-upo <command> --help` lists a command's options; `trl-upo --version` prints the version."]
+    lines += ["", "`trl-upo <command> --help` lists a command's options; `trl-upo --version` prints the version;",
+              "`--debug` (or TRL_UPO_DEBUG=1) shows the traceback of usage errors."]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``trl-upo`` console script (also ``python -m trl_upo.cli``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:
+        argv.remove("--debug")
+        os.environ["TRL_UPO_DEBUG"] = "1"  # inherited by processes `accelerate launch` starts
+    _import_from_cwd()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
@@ -50,3 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest, prog=f"trl-upo {name}") or 0)
+
+
+def _import_from_cwd() -> None:
+    """Put the current directory first on ``sys.path``, as ``python -m`` does (a console script starts with the
+    script's directory there instead), so that modules next to the recipe import the same way under both."""
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.insert(0, cwd)

@@ -18,13 +18,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import os
 import sys
+import traceback
 import typing
 from collections.abc import Callable, Iterable
 from typing import Any
 
 #: Exit code of a usage problem (a bad flag, key, value, file or split), printed without a traceback.
 EXIT_USAGE = 2
+#: Set to 1 (or pass ``--debug`` to ``trl-upo``) to print the traceback of usage problems too.
+DEBUG_ENV = "TRL_UPO_DEBUG"
 
 
 class UsageError(ValueError):
@@ -71,6 +75,8 @@ def unknown_key(key: str, where: str, choices: Iterable[str]) -> str:
     Returns:
         The message.
     """
+    if key in REMOVED_KEYS:
+        return f"`{key}` in the {where} is no longer an option: {REMOVED_KEYS[key]}"
     return f"unknown key `{key}` in the {where}{did_you_mean(key, choices)}"
 
 
@@ -180,7 +186,25 @@ def option_names(parser: argparse.ArgumentParser) -> list[str]:
 RENAMED_KEYS: tuple[tuple[str, str, str], ...] = (
     ("activation_checkpointing", "gradient_checkpointing", "transformers 5.23"),
     ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs", "transformers 5.23"),
+    ("dtype", "torch_dtype", "transformers 4.56 and TRL's ModelConfig"),
+    ("eval_strategy", "evaluation_strategy", "transformers 4.46"),
+    ("use_cpu", "no_cuda", "transformers 4.34"),
+    ("hub_model_id", "push_to_hub_model_id", "transformers 4.8"),
+    ("warmup_steps", "warmup_ratio", "transformers 5.0 (a float below 1 is a ratio)"),
+    ("dataset_num_proc", "preprocessing_num_workers", "TRL (the alignment handbook's name)"),
+    ("use_liger_kernel", "use_liger_loss", "TRL 0.20"),
 )
+
+#: Keys of other stacks' recipes (the alignment handbook, older TRL and transformers) with no one-to-one new name:
+#: key -> what happened to it and what to write instead. An unknown key found here gets this message.
+REMOVED_KEYS: dict[str, str] = {
+    "max_prompt_length": "TRL 1.0 truncates prompt + completion together; set `max_length` (and `truncation_mode`).",
+    "max_completion_length": "TRL 1.0 truncates prompt + completion together; set `max_length`.",
+    "padding_value": "TRL 1.0 pads with the tokenizer's pad token; remove the key.",
+    "use_flash_attention_2": "write `attn_implementation: flash_attention_2`.",
+    "overwrite_output_dir": "transformers 5 always writes into `output_dir`; remove the key (or change `output_dir`).",
+    "chat_template": "set the template on the tokenizer you train with (`tokenizer.chat_template`), then remove it.",
+}
 
 
 def _renamed(key: str) -> tuple[str, str, str] | None:
@@ -388,12 +412,23 @@ def exit_code(stop: SystemExit) -> int:
     return 1
 
 
+def debug_enabled() -> bool:
+    """Whether usage problems print their traceback too (``--debug``, or ``TRL_UPO_DEBUG=1``)."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+#: Errors a user fixes by changing what they typed or named (exit code 2, one message, no traceback).
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+)
+
+
 def run_command(prog: str, body: Callable[[], int | None], errors: tuple[type[BaseException], ...] = ()) -> int:
     """Run a command; a usage problem is printed as ``<prog>: error: <message>`` and gives exit code 2.
 
-    Usage problems are :class:`UsageError`, :class:`~trl_upo.data.loading.DatasetLoadError` (a dataset that cannot
-    be loaded as asked), ``FileNotFoundError`` (a missing file or ``upo://`` asset), ``argparse``'s own exits, and
-    the command's ``errors``.
+    Usage problems are :data:`USER_ERRORS`, :class:`~trl_upo.data.loading.DatasetLoadError` (a dataset that cannot
+    be loaded as asked), ``argparse``'s own exits, and the command's ``errors``. Their traceback is printed only in
+    debug mode (:func:`debug_enabled`); any other exception is an internal error and keeps its traceback.
 
     Args:
         prog: The program name that starts the message (``"trl-upo train"``).
@@ -407,8 +442,25 @@ def run_command(prog: str, body: Callable[[], int | None], errors: tuple[type[Ba
 
     try:
         return int(body() or 0)
-    except (UsageError, DatasetLoadError, FileNotFoundError, *errors) as e:
+    except (*USER_ERRORS, DatasetLoadError, *errors) as e:
+        if debug_enabled():
+            traceback.print_exc()
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except SystemExit as e:
         return exit_code(e)
+
+
+def end_distributed() -> None:
+    """Tear down the ``torch.distributed`` process group, if this process started one (commands call it last).
+
+    Objects that hold the group (the trainer, its DDP model and reducer) must be released first: the garbage is
+    collected here, then the group is destroyed, so that no rank is left waiting in the group's destructor after
+    another rank has exited (seen with the Gloo backend on CPU).
+    """
+    import gc
+
+    gc.collect()
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -22,7 +22,9 @@ config) or a Hub id. ``--dataset`` takes a .json/.jsonl/.parquet/.csv file, a di
 are listed and not used).
 
 Writes ``eval.json`` (everything), ``report.md`` and the plots ``designer.png`` and ``margins.png`` to
-``--output_dir`` (plots need matplotlib: ``pip install 'trl-upo[eval]'``; ``--no_plots`` skips them).
+``--output_dir``, and prints a table of the reference next to the policy (plots need matplotlib: ``pip install
+'trl-upo[eval]'``; without it they are skipped with a warning; ``--no_plots`` skips them). Every path option takes
+``upo://<asset>`` too. A dataset without ``chosen``/``rejected`` gets designer metrics only, and the command says so.
 """
 
 from __future__ import annotations
@@ -43,11 +45,12 @@ from trl_upo.cli.common import (
     read_yaml,
     run_command,
 )
+from trl_upo.cli.eval_report import PREFERENCE_SKIPPED
 
 #: Keys of a ``--config`` YAML that ``trl-upo eval`` uses; the others (training settings) are listed and not used.
 CONFIG_KEYS = ("reward_heads", "beta")
 #: Options that name a file, directory or model, where ``upo://<asset>`` names a packaged asset.
-PATH_OPTIONS = ("model", "ref_model", "tokenizer", "config", "reward_model")
+PATH_OPTIONS = ("model", "ref_model", "tokenizer", "config", "reward_model", "dataset")
 
 
 @dataclass
@@ -312,125 +315,6 @@ def run(args: EvalArguments, heads: list[dict], beta: float, log=print) -> dict:
     return result
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Outputs
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def markdown_report(result: dict, plots: list[str]) -> str:
-    """The Markdown report of one evaluation.
-
-    Args:
-        result: What :func:`run` returned.
-        plots: The plot files written next to the report.
-
-    Returns:
-        The report.
-    """
-    from trl_upo.formats import prompt_text
-
-    g = result["generation"]
-    sampling = f"temperature {g['temperature']}, top-p {g['top_p']}" if g["do_sample"] else "greedy"
-    lines = [
-        f"# Evaluation of `{result['model']}`",
-        "",
-        f"Dataset `{result['dataset']['name']}`, split `{result['dataset']['split']}`, {result['dataset']['rows']} "
-        f"rows; reference: {result['reference']['kind']}"
-        + (f" (`{result['reference']['path']}`)" if result["reference"]["path"] else "")
-        + f". Generation: {g['num_prompts']} prompts x {g['num_samples']} samples, max {g['max_new_tokens']} new "
-        f"tokens, {sampling}, seed {g['seed']}.",
-        "",
-    ]
-    if result["designer"]:
-        lines += ["## Designer metrics (raw head scores of generated responses)", ""]
-        ref = result["designer_reference"]
-        head = "| head | better | policy mean ± std |" + (" reference mean ± std | change |" if ref else "")
-        lines += [head, "|---|---|---|" + ("---|---|" if ref else "")]
-        for name, m in result["designer"].items():
-            row = f"| {name} | {'higher' if m['higher_is_better'] else 'lower'} | {m['mean']:.4f} ± {m['std']:.4f} |"
-            if ref:
-                r = ref[name]
-                row += f" {r['mean']:.4f} ± {r['std']:.4f} | {m['mean'] - r['mean']:+.4f} |"
-            lines.append(row)
-        lines.append("")
-    pref = result["preference"]
-    if pref:
-        lines += [
-            "## Preferences (held-out pairs)",
-            "",
-            f"- {pref['metric']}: **{pref['accuracy']:.4f}** on {pref['n']} pairs "
-            f"(ties count half; {pref['ties']} ties)",
-            f"- margin (beta {pref['beta']}): mean {pref['margin_mean']:.4f}, std {pref['margin_std']:.4f}",
-            f"- policy log-prob accuracy: {pref['policy_logp_accuracy']:.4f}",
-            "",
-        ]
-    else:
-        lines += ["## Preferences", "", "The dataset has no `chosen`/`rejected` columns: no preference metrics.", ""]
-    if result["win_rate"]:
-        w = result["win_rate"]
-        lines += [
-            "## Reward-model win rate against the reference",
-            "",
-            f"`{w['reward_model']}`: policy wins **{w['win_rate']:.4f}** of {w['n']} comparisons (ties count half); "
-            f"mean reward {w['policy_reward_mean']:.4f} (policy) vs {w['reference_reward_mean']:.4f} (reference).",
-            "",
-        ]
-    if plots:
-        lines += ["## Plots", ""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots] + [""]
-    lines += ["## Samples", "", "| prompt | policy | reference |", "|---|---|---|"]
-    for s in result["samples"]:
-        cells = [prompt_text(s["prompt"]), s["response"], s.get("reference", "")]
-        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ")[:200] for c in cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def draw_plots(result: dict, out_dir: str) -> list[str]:
-    """Draw ``designer.png`` (each head: policy vs reference, mean ± std) and ``margins.png`` (histogram of the
-    implicit-reward margins).
-
-    Args:
-        result: What :func:`run` returned.
-        out_dir: The directory to write to.
-
-    Returns:
-        The file names written.
-    """
-    from trl_upo.evaluation import require_matplotlib
-
-    plt = require_matplotlib()
-    written = []
-    panels = [(n, m, result["designer_reference"].get(n)) for n, m in result["designer"].items()]
-    if result["win_rate"]:
-        w = result["win_rate"]
-        panels.append(("reward model", {"mean": w["policy_reward_mean"], "std": 0.0, "higher_is_better": True},
-                       {"mean": w["reference_reward_mean"], "std": 0.0}))
-    if panels:
-        fig, axes = plt.subplots(1, len(panels), figsize=(2.4 * len(panels) + 0.6, 2.8), dpi=80, squeeze=False)
-        for ax, (name, m, r) in zip(axes[0], panels, strict=True):
-            labels, means, stds = ["policy"], [m["mean"]], [m["std"]]
-            if r is not None:
-                labels, means, stds = ["reference", "policy"], [r["mean"], m["mean"]], [r["std"], m["std"]]
-            ax.bar(labels, means, yerr=stds, color=["gray", "tab:red"][-len(labels):], capsize=3)
-            ax.set_title(f"{name} ({'higher' if m.get('higher_is_better', True) else 'lower'} is better)", fontsize=8)
-            ax.tick_params(labelsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "designer.png"))
-        plt.close(fig)
-        written.append("designer.png")
-    if result["preference"].get("margins"):
-        fig, ax = plt.subplots(figsize=(4.5, 2.8), dpi=80)
-        ax.hist(result["preference"]["margins"], bins=30, color="tab:blue")
-        ax.axvline(0.0, color="black", lw=0.8)
-        ax.set_xlabel("implicit-reward margin r(chosen) - r(rejected)", fontsize=8)
-        ax.set_title(f"accuracy {result['preference']['accuracy']:.3f} ({result['preference']['reference']})",
-                     fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "margins.png"))
-        plt.close(fig)
-        written.append("margins.png")
-    return written
-
-
 def main(argv: list[str] | None = None, prog: str | None = "trl-upo eval") -> int:
     """Run ``trl-upo eval``.
 
@@ -448,39 +332,59 @@ def main(argv: list[str] | None = None, prog: str | None = "trl-upo eval") -> in
 
 
 def _run(argv: list[str], prog: str) -> int:
-    from trl_upo.evaluation import require_matplotlib, text_head_specs
+    from trl_upo.evaluation import text_head_specs
+    from trl_upo.resources import resolve_resource
 
     args = parse_args(argv, prog)
     heads, used, unused = read_heads(args.heads, args.config)
+    heads = resolve_resource(heads)  # upo://<asset> in a head's params (a packaged model or word list)
     text_head_specs(heads)  # an unknown head or key fails here, with a suggestion
     if not heads and not args.reward_model:
         print(f"{prog}: no reward heads (--heads or --config): only preference metrics.", file=sys.stderr)
     if unused:
-        print(f"{prog}: --config keys not used by eval: {', '.join(unused)}.", file=sys.stderr)
+        reads = " and ".join(k for k in CONFIG_KEYS if k in used or k == "reward_heads")
+        more = f" and {len(unused) - 4} more training settings" if len(unused) > 4 else ""
+        print(f"{prog}: --config: eval reads {reads} from it; not used by eval: {', '.join(unused[:4])}{more}.",
+              file=sys.stderr)
     beta = args.beta if args.beta is not None else float(used.get("beta", 0.1))
-    if not args.no_plots:
-        require_matplotlib()
+    plt = None if args.no_plots else _matplotlib(prog)
+    from trl_upo.cli.checks import check_model_path, check_output_dir
+
+    check_output_dir(args.output_dir)
+    for key in ("model", "ref_model", "reward_model"):
+        check_model_path(getattr(args, key), key)
     os.environ.setdefault("TQDM_DISABLE", "1")
     result = run(args, heads, beta, log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    _write(result, args)
+    if not result["preference"]:
+        print(f"{prog}: preference metrics skipped: {PREFERENCE_SKIPPED}", file=sys.stderr)
+    _write(result, args, plt)
     return 0
 
 
-def _write(result: dict, args: EvalArguments) -> None:
-    """Write ``eval.json``, ``report.md`` and the plots, and print a one-line summary."""
+def _matplotlib(prog: str):
+    """``matplotlib.pyplot``, or None with a warning (the plots are skipped, the rest is written)."""
+    from trl_upo.evaluation import require_matplotlib
+
+    try:
+        return require_matplotlib()
+    except ImportError as e:
+        print(f"{prog}: warning: {e} The plots are skipped (--no_plots silences this).", file=sys.stderr)
+        return None
+
+
+def _write(result: dict, args: EvalArguments, plt) -> None:
+    """Write ``eval.json``, ``report.md`` and the plots, and print the summary table."""
+    from trl_upo.cli.eval_report import console_table, draw_plots, markdown_report
+
     os.makedirs(args.output_dir, exist_ok=True)
-    plots = [] if args.no_plots else draw_plots(result, args.output_dir)
+    plots = [] if plt is None else draw_plots(result, args.output_dir, plt)
     with open(os.path.join(args.output_dir, "eval.json"), "w") as f:
         json.dump(result, f, indent=2)
     with open(os.path.join(args.output_dir, "report.md"), "w") as f:
         f.write(markdown_report(result, plots))
-    pref = result["preference"]
-    summary = [f"{n} {m['mean']:.4f}" for n, m in result["designer"].items()]
-    if pref:
-        summary.append(f"preference accuracy {pref['accuracy']:.4f} ({pref['reference']})")
-    if result["win_rate"]:
-        summary.append(f"win rate {result['win_rate']['win_rate']:.4f}")
-    print("; ".join(summary))
+    table = console_table(result)
+    if table:
+        print(table)
     print(f"Wrote eval.json, report.md{''.join(', ' + p for p in plots)} to {os.path.abspath(args.output_dir)}")
 
 

@@ -1,7 +1,7 @@
 """``trl-upo train``: train with UPO from a YAML recipe, like ``trl dpo``.
 
     trl-upo train --config recipe.yaml [--any_field value ...]
-    trl-upo train                                    # no arguments: the CPU quickstart recipe
+    trl-upo train [--any_field value ...]            # no --config: the CPU quickstart recipe, with the flags applied
     accelerate launch [launch options] -m trl_upo.cli.train --config recipe.yaml
 
 One parser over four dataclasses, as in ``trl dpo``: :class:`UPOScriptArguments` (data and reporting),
@@ -12,7 +12,10 @@ One parser over four dataclasses, as in ``trl dpo``: :class:`UPOScriptArguments`
 Keys that no dataclass takes are ``accelerate launch`` options (``num_processes``, ``accelerate_config``,
 ``num_machines``, ``machine_rank``, ``main_process_ip``, ...): the command then re-launches itself through
 ``accelerate launch`` (:mod:`trl_upo.cli.launch`). Any other key is an error that names the closest valid key,
-raised before anything loads.
+raised before anything loads. ``trainer: kto`` trains with ``trl_upo.kto.UPOKTOTrainer`` (like ``trl kto``), and the
+recipe is then parsed against ``UPOKTOConfig``. Other stacks' recipes: the alignment handbook's ``dataset_mixture``
+(:mod:`trl_upo.cli.mixture`), TRL's ``reward_funcs``/``reward_weights`` (:mod:`trl_upo.cli.rewards`), and renamed
+keys (``trl_upo.cli.common.RENAMED_KEYS``).
 
 Packaged assets: a string value that starts with ``upo://`` names a file or directory under the package's
 ``trl_upo/resources/`` (:mod:`trl_upo.resources`), so a recipe can point at the embedded model and data wherever
@@ -30,7 +33,9 @@ from typing import Any
 from trl import ScriptArguments, TrlParser
 
 from trl_upo.cli.common import (
+    RENAMED_KEYS,
     UsageError,
+    end_distributed,
     leftover_problems,
     option_names,
     pop_config,
@@ -43,19 +48,29 @@ from trl_upo.cli.common import (
     unknown_key,
 )
 from trl_upo.cli.launch import launch_keys, launch_options, relaunch, under_launcher
+from trl_upo.cli.trainers import TRAINERS, trainer_classes
 from trl_upo.resources import RESOURCE_PREFIX, resolve_resource
 
-#: The recipe ``trl-upo train`` runs when it is given no arguments.
+#: The recipe ``trl-upo train`` runs when it is given no ``--config``.
 QUICKSTART_RECIPE = RESOURCE_PREFIX + "quickstart.yaml"
-#: Where ``report_before_after`` writes its numbers, in ``output_dir``.
-REPORT_FILE = "report.json"
+#: Flags that make a command line a run of its own (no quickstart recipe under it).
+OWN_RUN_KEYS = ("model_name_or_path", "dataset_name", "datasets", "dataset_mixture")
 
 
 @dataclass
 class UPOScriptArguments(ScriptArguments):
-    """Script arguments of ``trl-upo train``: TRL's ``ScriptArguments`` plus a before/after report.
+    """Script arguments of ``trl-upo train``: TRL's ``ScriptArguments`` plus the trainer, other stacks' recipe keys,
+    the console output and a before/after report.
 
     Args:
+        trainer: ``dpo`` (``UPOTrainer``, the default) or ``kto`` (``trl_upo.kto.UPOKTOTrainer``, unpaired data with
+            ``prompt``, ``completion`` and a boolean ``label``).
+        console: ``compact`` (a progress bar and a table of the logged steps) or ``full`` (transformers' metric
+            dicts at every logging step). Every metric goes to ``report_to`` and ``output_dir/log_history.json``
+            either way.
+        reward_funcs: TRL's reward functions as ``function`` heads (see :mod:`trl_upo.cli.rewards`).
+        reward_weights: One weight per ``reward_funcs`` entry.
+        dataset_mixture: The alignment handbook's dataset mixture (see :mod:`trl_upo.cli.mixture`).
         report_before_after: Before and after training, sample answers to the test split's prompts and print the
             designer metrics (each reward head's mean score on the generated text) and the held-out preference
             accuracy, with ``trl_upo.evaluation.evaluate_policy``.
@@ -79,6 +94,28 @@ class UPOScriptArguments(ScriptArguments):
     report_max_new_tokens: int = field(default=16, metadata={"help": "Length limit of the sampled answers."})
     torch_num_threads: int | None = field(
         default=None, metadata={"help": "CPU threads of torch per process (torch.set_num_threads); unset: default."}
+    )
+    trainer: str = field(
+        default="dpo",
+        metadata={"help": "dpo (UPOTrainer) or kto (trl_upo.kto.UPOKTOTrainer).", "choices": list(TRAINERS)},
+    )
+    console: str = field(
+        default="compact",
+        metadata={"help": "compact: a progress bar and a table of the logged steps; full: transformers' metric dicts.",
+                  "choices": ["compact", "full"]},
+    )
+    reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={"help": "TRL reward functions as function heads: trl.rewards names, dotted paths, or factory calls "
+                  "like 'get_soft_overlong_punishment(max_completion_len=512, soft_punish_cache=64)'."},
+    )
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per reward_funcs entry (default 1.0 each)."}
+    )
+    dataset_mixture: str | None = field(
+        default=None,
+        metadata={"help": "The alignment handbook's mixture: {datasets: [{id, config, split, columns, weight}], seed, "
+                  "test_split_size} (JSON on the command line)."},
     )
 
 
@@ -105,27 +142,57 @@ def _resolve_token(tok: str) -> str:
     return resolve_resource(tok)
 
 
-def make_parser(subparsers=None, prog: str | None = None, extra_dataclasses: tuple[type, ...] = ()):
-    """The ``trl.TrlParser`` of ``trl-upo train``, over (UPOScriptArguments, UPOConfig, ModelConfig,
-    DatasetMixtureConfig), with abbreviated flags disabled (``--learning_rat`` is an error, not a prefix match).
+def make_parser(subparsers=None, prog: str | None = None, extra_dataclasses: tuple[type, ...] = (),
+                trainer: str = "dpo"):
+    """The ``trl.TrlParser`` of ``trl-upo train``, over (UPOScriptArguments, the trainer's config class, ModelConfig,
+    DatasetMixtureConfig), with abbreviated flags disabled (``--learning_rat`` is an error, not a prefix match) and a
+    ``--help`` that lists trl-upo's own options first.
 
     Args:
         subparsers: An ``argparse`` subparsers action to register a ``upo`` subcommand on (as ``trl``'s scripts
             accept); ``None`` returns a standalone parser.
         prog: Program name shown in usage and errors.
         extra_dataclasses: More argument dataclasses, after the four (a calling command's own options).
+        trainer: The ``trainer:`` value whose config class the parser takes (:data:`TRAINERS`).
 
     Returns:
         The parser.
     """
     from trl import DatasetMixtureConfig, ModelConfig
 
-    from trl_upo import UPOConfig
-
-    dataclass_types = (UPOScriptArguments, UPOConfig, ModelConfig, DatasetMixtureConfig, *extra_dataclasses)
+    config_class, _ = trainer_classes(trainer)
+    dataclass_types = (UPOScriptArguments, config_class, ModelConfig, DatasetMixtureConfig, *extra_dataclasses)
     if subparsers is not None:
         return subparsers.add_parser("upo", help="Run UPO training", dataclass_types=dataclass_types)
-    return UPOParser(dataclass_types, prog=prog, allow_abbrev=False)
+    from trl_upo.cli.help import HELP_INTRO, RecipeHelpFormatter, order_recipe_help
+
+    parser = UPOParser(dataclass_types, prog=prog, allow_abbrev=False, formatter_class=RecipeHelpFormatter,
+                       usage=f"{prog or 'trl-upo train'} [--config RECIPE.yaml] [--key value ...]",
+                       description=HELP_INTRO)
+    order_recipe_help(parser, UPOScriptArguments, config_class, extra_dataclasses)
+    _default_under_new_name(parser, config_class)
+    return parser
+
+
+def _default_under_new_name(parser, config_class: type) -> None:
+    """Where the installed transformers has both ``activation_checkpointing`` and its deprecated alias
+    ``gradient_checkpointing`` (5.23+), give the new name the config's default of the old one (TRL's ``DPOConfig``
+    sets ``gradient_checkpointing=True``): otherwise a recipe that sets neither gets transformers' FutureWarning about
+    a key it never wrote. The value is the same; only the name changes."""
+    fields = config_class.__dataclass_fields__
+    for new, old, _ in RENAMED_KEYS:
+        if new in fields and old in fields and fields[new].default is None and fields[old].default is not None:
+            parser.set_defaults(**{new: fields[old].default})
+
+
+def _trainer_kind(config: dict[str, Any] | None, rest: list[str]) -> str:
+    """The ``trainer`` a command line or recipe selects (the flag wins), before the parser is built."""
+    for i, tok in enumerate(rest):
+        if tok.startswith("--trainer="):
+            return tok.split("=", 1)[1]
+        if tok == "--trainer" and i + 1 < len(rest):
+            return rest[i + 1]
+    return str((config or {}).get("trainer") or "dpo")
 
 
 def _recipe_problems(path: str, config: dict[str, Any], valid: list[str], launch: dict[str, bool]) -> list[str]:
@@ -170,6 +237,8 @@ def parse(argv: list[str], prog: str | None = None, extra_dataclasses: tuple[typ
 
     Renamed keys (``trl_upo.cli.common.RENAMED_KEYS``) take their installed name, then unknown keys are checked,
     before any dataclass is built or anything is loaded. The recipe's ``env:`` block is exported to ``os.environ``.
+    ``reward_funcs``/``reward_weights`` become ``function`` heads appended to ``reward_heads``, and
+    ``dataset_mixture`` is checked.
 
     Args:
         argv: The command's arguments (``--config PATH`` or ``--config=PATH``, flags).
@@ -184,23 +253,35 @@ def parse(argv: list[str], prog: str | None = None, extra_dataclasses: tuple[typ
         UsageError: a key that no dataclass and no ``accelerate launch`` option takes (naming the closest valid
             key), both names of a renamed key, a stray value, or a value a dataclass rejects.
     """
+    import dataclasses
+
+    from trl_upo.cli.mixture import check_mixture
+    from trl_upo.cli.rewards import reward_func_heads
+
     path, rest = pop_config(argv)
     config = read_yaml(path, "recipe", allow_empty=False) if path else None
-    parser = make_parser(prog=prog, extra_dataclasses=extra_dataclasses)
+    parser = make_parser(prog=prog, extra_dataclasses=extra_dataclasses, trainer=_trainer_kind(config, rest))
     config = rename_keys(config, option_names(parser), f"in the recipe {path}") if config is not None else None
     rest = rename_flags(rest, parser)
     _check_keys(path, config, rest, parser, prog, extra_dataclasses)
     try:
-        *dataclasses, config_remaining, cli_remaining = parser.parse_args_and_config(
+        script_args, training_args, *others, config_remaining, cli_remaining = parser.parse_args_and_config(
             (["--config", path] if path else []) + rest, return_remaining_strings=True, separate_remaining_strings=True
         )
+        script_args.dataset_mixture = check_mixture(script_args.dataset_mixture)
+        heads = reward_func_heads(script_args.reward_funcs, script_args.reward_weights,
+                                  [s.name for s in training_args.head_specs])
+        if heads:
+            training_args = dataclasses.replace(training_args, reward_heads=[*training_args.reward_heads, *heads])
     except (ValueError, TypeError) as e:
-        raise UsageError(str(e)) from e
-    return (*dataclasses, launch_options(config_remaining, cli_remaining))
+        hint = " On a machine without a GPU, set `bf16: false` and `use_cpu: true` (--bf16 false --use_cpu true)."
+        raise UsageError(str(e) + (hint if "bf16" in str(e) and "gpu" in str(e).lower() else "")) from e
+    return (script_args, training_args, *others, launch_options(config_remaining, cli_remaining))
 
 
 def main(argv: list[str] | None = None, prog: str | None = "trl-upo train") -> int:
-    """Run ``trl-upo train`` with ``argv`` (no arguments: the packaged CPU quickstart recipe).
+    """Run ``trl-upo train`` with ``argv``; without ``--config``, the packaged CPU quickstart recipe with the flags
+    applied (unless the flags name their own model or dataset).
 
     Args:
         argv: Command-line arguments after ``train``.
@@ -210,10 +291,22 @@ def main(argv: list[str] | None = None, prog: str | None = "trl-upo train") -> i
         The exit code: 0 on success, 2 on a usage error, the launcher's code when re-launched.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv:
-        print(f"{prog}: no recipe given, running the CPU quickstart ({QUICKSTART_RECIPE}).", flush=True)
-        argv = ["--config", QUICKSTART_RECIPE]
-    return run_command(prog, lambda: _run(argv, prog))
+    if any(a in ("-h", "--help") for a in argv):
+        return run_command(prog, lambda: make_parser(prog=prog, trainer=_trainer_kind(None, argv)).print_help())
+    full = with_quickstart(argv)
+    if full != argv and not under_launcher():
+        flags = f" with {' '.join(argv)}" if argv else ""
+        print(f"{prog}: no --config: running the CPU quickstart recipe ({QUICKSTART_RECIPE}){flags}; give --config "
+              f"RECIPE.yaml to run your own.", flush=True)
+    return run_command(prog, lambda: _run(full, prog))
+
+
+def with_quickstart(argv: list[str]) -> list[str]:
+    """``argv`` with ``--config upo://quickstart.yaml`` in front when it has no ``--config`` and names no model or
+    data of its own (:data:`OWN_RUN_KEYS`): the flags then apply to the quickstart recipe."""
+    has_config = any(a == "--config" or a.startswith("--config=") for a in argv)
+    own_run = any(a.lstrip("-").split("=")[0].replace("-", "_") in OWN_RUN_KEYS for a in argv if a.startswith("--"))
+    return argv if has_config or own_run else ["--config", QUICKSTART_RECIPE, *argv]
 
 
 def _run(argv: list[str], prog: str | None) -> int:
@@ -224,13 +317,17 @@ def _run(argv: list[str], prog: str | None) -> int:
         keys = ", ".join(k for k, _ in launch)
         print(f"{prog}: already running under a launcher; launch options ({keys}) are the launcher's business.",
               file=sys.stderr)
-    train(script_args, training_args, model_args, dataset_args)
+    try:
+        train(script_args, training_args, model_args, dataset_args)
+    finally:
+        end_distributed()  # the trainer is released by now: no rank waits in the process group's destructor
     return 0
 
 
 def recipe_datasets(script_args, dataset_args):
-    """The ``DatasetDict`` of a recipe: its ``datasets:`` mixture (``trl.get_dataset``, as ``trl dpo`` loads it), or
-    ``dataset_name`` read by :func:`trl_upo.data.loading.load_splits` (a single file becomes the train split).
+    """The ``DatasetDict`` of a recipe: the handbook's ``dataset_mixture`` (:mod:`trl_upo.cli.mixture`), TRL's
+    ``datasets:`` mixture (``trl.get_dataset``, as ``trl dpo`` loads it), or ``dataset_name`` read by
+    :func:`trl_upo.data.loading.load_splits` (a single file becomes the train split).
 
     Args:
         script_args: The parsed :class:`UPOScriptArguments`.
@@ -240,20 +337,26 @@ def recipe_datasets(script_args, dataset_args):
         The splits.
 
     Raises:
-        UsageError: no dataset given.
+        UsageError: no dataset given, or two of the three ways given.
         DatasetLoadError: a dataset that cannot be loaded (see :mod:`trl_upo.data.loading`).
     """
     from trl import get_dataset
 
+    from trl_upo.cli.mixture import load_mixture
     from trl_upo.data.loading import load_splits
 
+    given = [k for k, v in (("dataset_mixture", script_args.dataset_mixture), ("datasets", dataset_args.datasets),
+                            ("dataset_name", script_args.dataset_name)) if v]
+    if len(given) > 1:
+        raise UsageError(f"the recipe gives {' and '.join(given)}: give one way of naming the data.")
+    if script_args.dataset_mixture:
+        return load_mixture(script_args.dataset_mixture, script_args.dataset_train_split,
+                            script_args.dataset_test_split)
     if dataset_args.datasets:
-        if script_args.dataset_name:
-            print("Both `datasets` and `dataset_name` are given: the `datasets` mixture is used.", file=sys.stderr)
         return get_dataset(dataset_args)
     if not script_args.dataset_name:
         raise UsageError(
-            "no dataset: give `dataset_name` (hub name, local path or upo://...) or a `datasets:` mixture."
+            "no dataset: give `dataset_name` (hub name, local path or upo://...), `dataset_mixture` or `datasets:`."
         )
     return load_splits(
         script_args.dataset_name,
@@ -269,48 +372,15 @@ def _split(ds, name: str, what: str):
     return select_split(ds, name, fix=f"set dataset_{what}_split, or test_split_size for a mixture")
 
 
-def _sharded_parameters(training_args) -> bool:
-    """Whether the run shards parameters across processes (FSDP, or DeepSpeed ZeRO-3 as far as it is visible)."""
-    env = os.environ
-    return bool(
-        getattr(training_args, "fsdp", None)
-        or env.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-        or (
-            env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-            and env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
-        )
-    )
-
-
-def quiet_progress(training_args) -> None:
-    """With ``disable_tqdm``, also silence the progress bars of datasets and of weight loading."""
-    if training_args.disable_tqdm:
+def quiet_progress(training_args, console: str = "full") -> None:
+    """With ``disable_tqdm`` or the compact console, silence the progress bars of datasets and of weight loading
+    (the compact console draws the one training bar)."""
+    if training_args.disable_tqdm or console == "compact":
         import datasets
         import transformers
 
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
-
-
-def _check_report(script_args, training_args, model_args) -> None:
-    """Refuse, before anything loads, a before/after report the run cannot make correctly."""
-    if not script_args.report_before_after:
-        return
-    if _sharded_parameters(training_args):
-        raise UsageError(
-            "report_before_after generates on the main process only, which sharded parameters (FSDP, DeepSpeed "
-            "ZeRO-3) do not allow. Set report_before_after: false and evaluate the saved model with `trl-upo eval`."
-        )
-    if model_args.load_in_4bit or model_args.load_in_8bit:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError(
-                "report_before_after with a bitsandbytes-quantized model on CPU: the 'before' report runs the model "
-                "in inference mode, after which bitsandbytes' CPU kernel keeps its inference layout and some LoRA "
-                "gradients are silently lost (measured with bitsandbytes 0.50). Set report_before_after: false and "
-                "evaluate the saved adapter with `trl-upo eval`."
-            )
 
 
 def _model_init_kwargs(training_args, model_args) -> dict[str, Any]:
@@ -326,32 +396,48 @@ def _model_init_kwargs(training_args, model_args) -> dict[str, Any]:
     return kwargs
 
 
+def _build_trainer(trainer_class, model_id: str, training_args, model_args, train_ds, eval_ds):
+    """The trainer, with the quantization config where its constructor takes one (else in ``model_init_kwargs``)."""
+    import inspect
+
+    from trl import get_peft_config, get_quantization_config
+
+    kwargs = dict(model=model_id, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
+                  peft_config=get_peft_config(model_args))
+    quantization = get_quantization_config(model_args)
+    if "quantization_config" in inspect.signature(trainer_class.__init__).parameters:
+        kwargs["quantization_config"] = quantization
+    elif quantization is not None:
+        training_args.model_init_kwargs["quantization_config"] = quantization
+    return trainer_class(**kwargs)
+
+
 def train(script_args, training_args, model_args, dataset_args):
     """Train with the parsed recipe, save the model (and ``upo_state.json``) to ``output_dir``; return the
     trainer.
 
     Args:
         script_args: The parsed :class:`UPOScriptArguments`.
-        training_args: The parsed :class:`~trl_upo.UPOConfig`.
+        training_args: The parsed config (:class:`~trl_upo.UPOConfig`, or ``UPOKTOConfig`` with ``trainer: kto``).
         model_args: The parsed ``trl.ModelConfig`` (model, LoRA and 4-bit options).
         dataset_args: The parsed ``trl.DatasetMixtureConfig``.
 
     Returns:
-        The ``UPOTrainer``.
+        The trainer.
     """
-    from trl import get_peft_config, get_quantization_config
+    from trl_upo.cli.checks import preflight
+    from trl_upo.cli.console import silence_upstream_deprecations, use_compact_console
+    from trl_upo.cli.report import REPORT_FILE, format_report, policy_report
 
-    from trl_upo import UPOTrainer
-
-    quiet_progress(training_args)
-    _check_report(script_args, training_args, model_args)
+    _, trainer_class = trainer_classes(script_args.trainer)
+    silence_upstream_deprecations()
+    quiet_progress(training_args, script_args.console)
+    preflight(script_args, training_args, model_args)
     if script_args.torch_num_threads:
         import torch
 
         torch.set_num_threads(script_args.torch_num_threads)
     model_id = model_args.model_name_or_path
-    if not model_id:
-        raise UsageError("no model: give `model_name_or_path` (hub name, local path or upo://...).")
     training_args.model_init_kwargs = _model_init_kwargs(training_args, model_args)
 
     ds = recipe_datasets(script_args, dataset_args)
@@ -359,25 +445,20 @@ def train(script_args, training_args, model_args, dataset_args):
     eval_ds = _split(ds, script_args.dataset_test_split, "test") if training_args.eval_strategy != "no" else None
     report_ds = _split(ds, script_args.dataset_test_split, "test") if script_args.report_before_after else None
 
-    trainer = UPOTrainer(
-        model=model_id,
-        args=training_args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        quantization_config=get_quantization_config(model_args),
-        peft_config=get_peft_config(model_args),
-    )
+    trainer = _build_trainer(trainer_class, model_id, training_args, model_args, train_ds, eval_ds)
+    if script_args.console == "compact":
+        use_compact_console(trainer)
     if script_args.ignore_bias_buffers:
         import torch
 
         trainer.model._ddp_params_and_buffers_to_ignore = [
             name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
         ]
-    before = _report(trainer, script_args, model_id, report_ds, before=True) if report_ds is not None else None
+    before = policy_report(trainer, script_args, model_id, report_ds, before=True) if report_ds is not None else None
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     if report_ds is not None:
-        after = _report(trainer, script_args, model_id, report_ds, before=False)
+        after = policy_report(trainer, script_args, model_id, report_ds, before=False)
         if trainer.accelerator.is_main_process:
             with open(os.path.join(training_args.output_dir, REPORT_FILE), "w") as f:
                 json.dump({"before": before, "after": after}, f, indent=2, default=str)
@@ -389,100 +470,6 @@ def train(script_args, training_args, model_args, dataset_args):
     if hasattr(trainer, "end"):
         trainer.end()
     return trainer
-
-
-def _report(trainer, script_args, model_id: str, report_ds, before: bool) -> dict | None:
-    """Designer metrics and held-out preference accuracy of the current policy (main process only).
-
-    Before training, the reference is the policy itself (implicit-reward accuracy 0.5 by definition, every pair a
-    tie); after, it is the trainer's reference: the adapter-disabled model under PEFT, the ``ref_model``, or the
-    starting model reloaded from ``model_name_or_path``.
-    """
-    from trl_upo.evaluation import evaluate_policy
-
-    if not trainer.accelerator.is_main_process:
-        return None
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    from trl_upo.scoring import ensure_prompt
-
-    n = min(script_args.report_num_prompts, len(report_ds))
-    rows = ensure_prompt(report_ds.select(range(n)))  # an implicit prompt is extracted as DPOTrainer does
-    if before:
-        ref = model
-    elif getattr(model, "peft_config", None):
-        ref = None  # evaluate_policy disables the adapter
-    elif trainer.ref_model is not None:
-        ref = trainer.accelerator.unwrap_model(trainer.ref_model)
-    else:
-        ref = model_id
-    was_training = model.training
-    model.eval()
-    try:
-        result = evaluate_policy(
-            model,
-            trainer.processing_class,
-            prompts=rows["prompt"],
-            heads=report_heads(trainer.args, announce=before),
-            pairs=rows,
-            ref_model=ref,
-            beta=trainer.args.beta,
-            max_new_tokens=script_args.report_max_new_tokens,
-            num_samples=script_args.report_num_samples,
-            seed=trainer.args.seed,
-        )
-    finally:
-        model.train(was_training)
-    return result
-
-
-def report_heads(training_args, announce: bool = False) -> list[dict]:
-    """The reward heads the before/after report can apply to generated text: every head except those that read
-    dataset columns (``column``), which have no value for a freshly generated answer.
-
-    Args:
-        training_args: The parsed :class:`~trl_upo.UPOConfig`.
-        announce: Print which heads are left out of the report, and why (training still uses them).
-
-    Returns:
-        The spec dicts of the heads the report uses.
-    """
-    from trl_upo.heads import build_head
-
-    keep, left_out = [], []
-    for spec in training_args.head_specs:
-        head = build_head(spec)
-        reads = head.required_columns() or ([] if head.needs_text else ["no response text"])
-        (left_out if reads else keep).append((spec, reads))
-    if announce and left_out:
-        names = ", ".join(f"{s.name} (reads {', '.join(c)})" for s, c in left_out)
-        print(f"report_before_after: heads that read dataset columns cannot score generated answers and are left "
-              f"out of the report (training uses them): {names}.", flush=True)
-    return [spec.to_dict() for spec, _ in keep]
-
-
-def format_report(before: dict, after: dict) -> str:
-    """The before/after table: each head's mean score on generated answers, and the held-out preference accuracy
-    (implicit reward against the reference, ties count half; and policy log-prob accuracy)."""
-    heads = list(after["designer"])
-    cols = [f"{h} (mean)" for h in heads] + ["pref. accuracy", "log-prob accuracy"]
-    width = max(14, *(len(c) for c in cols))
-    gen = after["generation"]
-    lines = [
-        "",
-        f"Designer metrics on {gen['num_prompts']} held-out prompts x {gen['num_samples']} sampled answers "
-        f"(head scores, higher is better); preference accuracy on {after['preference'].get('n', 0)} held-out pairs:",
-        f"{'':<8}" + "".join(f"{c:>{width + 2}}" for c in cols),
-    ]
-    for name, r in (("before", before), ("after", after)):
-        values = [r["designer"][h]["mean"] for h in heads]
-        pref = r["preference"]
-        values += [pref.get("accuracy", float("nan")), pref.get("policy_logp_accuracy", float("nan"))]
-        lines.append(f"{name:<8}" + "".join(f"{v:>{width + 2}.3f}" for v in values))
-    for name, r in (("before", before), ("after", after)):
-        if r.get("samples"):
-            sample = r["samples"][0]
-            lines.append(f"{name:<8}sample: {sample['prompt']!r} -> {sample['response'].strip()!r}")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,47 @@ def _missing_local_path(path: str) -> bool:
     return path.startswith(PATH_PREFIXES) and not os.path.exists(os.path.expanduser(path))
 
 
+#: Columns that hold text in one of TRL's two formats: a string, or a list of ``{"role", "content"}`` messages.
+TEXT_COLUMNS = ("prompt", "chosen", "rejected", "completion", "messages")
+
+
+def _is_empty(path: str) -> bool:
+    """Whether a file has no content but whitespace (read up to the first non-blank byte)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
+def check_one_format(ds: Any, source: Any) -> None:
+    """Refuse a text column that mixes strings and message lists (``datasets`` reads such a JSON file with a
+    ``Json`` feature; TRL then fails deep inside tokenisation).
+
+    Args:
+        ds: One loaded split.
+        source: Where it came from, for the message.
+
+    Raises:
+        DatasetLoadError: naming the column and the first row of each kind.
+    """
+    features = getattr(ds, "features", None) or {}
+    for column in TEXT_COLUMNS:
+        feature = features.get(column)
+        if feature is None or type(feature).__name__ in ("Value", "List", "Sequence", "LargeList"):
+            continue
+        first: dict[str, int] = {}
+        for i, value in enumerate(ds[column]):
+            kind = "string" if isinstance(value, str) else "messages" if isinstance(value, list) else "other"
+            first.setdefault(kind, i)
+            if len(first) > 1:
+                rows = ", ".join(f"row {r} is {k}" for k, r in first.items())
+                raise DatasetLoadError(
+                    f"Column {column!r} of {str(source)!r} mixes formats ({rows}): TRL takes either strings or "
+                    f"lists of {{'role', 'content'}} messages in one dataset. Convert the rows to one format."
+                )
+
+
 def load_splits(source: Any, *, config_name: str | None = None, file_split: str = "train", streaming: bool = False):
     """Every split of a dataset source (see the module docstring).
 
@@ -81,7 +122,16 @@ def load_splits(source: Any, *, config_name: str | None = None, file_split: str 
 
     path = _resolve(source)
     if os.path.isfile(path):
-        return load_dataset(_file_builder(path), data_files={file_split: path})
+        builder = _file_builder(path)
+        if _is_empty(path):
+            raise DatasetLoadError(
+                f"The dataset file {path!r} is empty: it has no rows. Write one row per line (JSON lines), e.g. "
+                f'{{"prompt": "...", "chosen": "...", "rejected": "..."}}, or give another file.'
+            )
+        splits = load_dataset(builder, data_files={file_split: path})
+        for ds in splits.values():
+            check_one_format(ds, path)
+        return splits
     if _is_saved(path):
         ds = load_from_disk(path)
         return DatasetDict({file_split: ds}) if isinstance(ds, Dataset) else ds

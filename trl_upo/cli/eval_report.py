@@ -1,0 +1,229 @@
+"""What ``trl-upo eval`` writes and prints: the Markdown report, the console table (reference next to policy) and
+the plots (``designer.png``, ``margins.png``), sized and labelled for a report.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+#: Why there are no preference metrics, when the dataset has no pairs.
+PREFERENCE_SKIPPED = (
+    "the dataset has no `chosen` and `rejected` columns, so there are no held-out pairs to measure preference "
+    "accuracy on. Give a preference dataset (prompt, chosen, rejected) for them."
+)
+#: Plot resolution (dots per inch) and the colours of the reference and the policy.
+DPI = 150
+COLORS = {"reference": "#8c8c8c", "policy": "#d62728"}
+
+
+def model_label(path: Any, fallback: str) -> str:
+    """A short name for a model in tables and plots: the last part of its path or Hub id."""
+    if not path or not isinstance(path, str):
+        return fallback
+    return os.path.basename(os.path.normpath(path)) or path
+
+
+def reference_label(result: dict) -> str:
+    """The reference's name: its path, ``<policy> (adapter off)``, or None when there is none."""
+    ref = result["reference"]
+    if ref["kind"] == "adapter_disabled":
+        return f"{model_label(result['model'], 'policy')} (adapter off)"
+    return model_label(ref.get("path"), "reference")
+
+
+def _spec(result: dict, name: str) -> dict:
+    return next((h for h in result.get("heads") or [] if h.get("name") == name), {})
+
+
+def display(result: dict, name: str, metric: dict) -> tuple[float, float, str, bool]:
+    """How one head's scores are shown: ``(mean, std, axis label with unit, higher is better)``.
+
+    A ``length`` head scores ``-length`` (``direction: shorter``) or ``-|length - target|``; it is shown as the
+    length itself (or the distance to the target), in its unit, so that no bar shows a negative number of words.
+    """
+    spec = _spec(result, name)
+    params = spec.get("params") or {}
+    kind = metric.get("type") or spec.get("type")
+    mean, std, higher = metric["mean"], metric["std"], metric.get("higher_is_better", True)
+    if kind == "length":
+        unit = params.get("unit", "words")
+        if params.get("target") is not None:
+            return -mean, std, f"distance to {params['target']:g} {unit}", False
+        if params.get("direction", "shorter") == "shorter":
+            return -mean, std, f"length ({unit})", not higher
+        return mean, std, f"length ({unit})", higher
+    return mean, std, f"{kind} head score" if kind else "head score", higher
+
+
+def markdown_report(result: dict, plots: list[str]) -> str:
+    """The Markdown report of one evaluation.
+
+    Args:
+        result: What :func:`run` returned.
+        plots: The plot files written next to the report.
+
+    Returns:
+        The report.
+    """
+    from trl_upo.formats import prompt_text
+
+    g = result["generation"]
+    sampling = f"temperature {g['temperature']}, top-p {g['top_p']}" if g["do_sample"] else "greedy"
+    lines = [
+        f"# Evaluation of `{result['model']}`",
+        "",
+        f"Dataset `{result['dataset']['name']}`, split `{result['dataset']['split']}`, {result['dataset']['rows']} "
+        f"rows; reference: {result['reference']['kind']}"
+        + (f" (`{result['reference']['path']}`)" if result["reference"]["path"] else "")
+        + f". Generation: {g['num_prompts']} prompts x {g['num_samples']} samples, max {g['max_new_tokens']} new "
+        f"tokens, {sampling}, seed {g['seed']}.",
+        "",
+    ]
+    if result["designer"]:
+        lines += ["## Designer metrics (raw head scores of generated responses)", ""]
+        ref = result["designer_reference"]
+        head = "| head | better | policy mean ± std |" + (" reference mean ± std | change |" if ref else "")
+        lines += [head, "|---|---|---|" + ("---|---|" if ref else "")]
+        for name, m in result["designer"].items():
+            row = f"| {name} | {'higher' if m['higher_is_better'] else 'lower'} | {m['mean']:.4f} ± {m['std']:.4f} |"
+            if ref:
+                r = ref[name]
+                row += f" {r['mean']:.4f} ± {r['std']:.4f} | {m['mean'] - r['mean']:+.4f} |"
+            lines.append(row)
+        lines.append("")
+    pref = result["preference"]
+    if pref:
+        lines += [
+            "## Preferences (held-out pairs)",
+            "",
+            f"- {pref['metric']}: **{pref['accuracy']:.4f}** on {pref['n']} pairs "
+            f"(ties count half; {pref['ties']} ties)",
+            f"- margin (beta {pref['beta']}): mean {pref['margin_mean']:.4f}, std {pref['margin_std']:.4f}",
+            f"- policy log-prob accuracy: {pref['policy_logp_accuracy']:.4f}",
+            "",
+        ]
+    else:
+        lines += ["## Preferences", "", f"Skipped: {PREFERENCE_SKIPPED}", ""]
+    if result["win_rate"]:
+        w = result["win_rate"]
+        lines += [
+            "## Reward-model win rate against the reference",
+            "",
+            f"`{w['reward_model']}`: policy wins **{w['win_rate']:.4f}** of {w['n']} comparisons (ties count half); "
+            f"mean reward {w['policy_reward_mean']:.4f} (policy) vs {w['reference_reward_mean']:.4f} (reference).",
+            "",
+        ]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots] + [""]
+    lines += ["## Samples", "", "| prompt | policy | reference |", "|---|---|---|"]
+    for s in result["samples"]:
+        cells = [prompt_text(s["prompt"]), s["response"], s.get("reference", "")]
+        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ")[:200] for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def console_table(result: dict) -> str:
+    """The console summary: each head's mean (reference, policy, change), preference accuracy and win rate."""
+    ref_name = reference_label(result) if result["reference"]["kind"] != "none" else None
+    pol_name = model_label(result["model"], "policy")
+    rows: list[tuple[str, Any, Any, str]] = []
+    for name, m in result["designer"].items():
+        mean, _, label, higher = display(result, name, m)
+        r = result["designer_reference"].get(name)
+        rmean = display(result, name, r)[0] if r else None
+        rows.append((f"{name}: {label}", rmean, mean, "higher is better" if higher else "lower is better"))
+    pref = result["preference"]
+    if pref:
+        what = "pref. accuracy (implicit reward)" if pref.get("reference") != "none" else "pref. accuracy (log-prob)"
+        rows.append((what, None, pref["accuracy"], f"{pref['n']} held-out pairs, ties count half"))
+    if result["win_rate"]:
+        w = result["win_rate"]
+        rows.append(("reward model", w["reference_reward_mean"], w["policy_reward_mean"],
+                     f"policy wins {w['win_rate']:.3f} of {w['n']}"))
+    if not rows:
+        return ""
+    width = max(len(r[0]) for r in rows) + 2
+    cols = [ref_name or "reference", pol_name, "change"]
+    cw = max(12, *(len(c) for c in cols)) + 2
+    lines = [" " * width + "".join(f"{c:>{cw}}" for c in cols)]
+    for label, ref, pol, note in rows:
+        change = pol - ref if isinstance(ref, (int, float)) and isinstance(pol, (int, float)) else None
+        cells = [_num(ref), _num(pol), _num(change, signed=True)]
+        lines.append(f"{label:<{width}}" + "".join(f"{c:>{cw}}" for c in cells) + f"   {note}")
+    return "\n".join(lines)
+
+
+def _num(value: Any, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:+.4f}" if signed else f"{value:.4f}"
+
+
+def _bar_panel(ax, result: dict, name: str, metric: dict, ref_metric: dict | None) -> None:
+    """One head: reference and policy bars, mean with ±1 std error bars, the value on each bar."""
+    mean, std, label, higher = display(result, name, metric)
+    bars = [(f"{model_label(result['model'], 'policy')}\n(policy)", mean, std, COLORS["policy"])]
+    if ref_metric is not None:
+        rmean, rstd, _, _ = display(result, name, ref_metric)
+        bars.insert(0, (f"{reference_label(result)}\n(reference)", rmean, rstd, COLORS["reference"]))
+    xs = range(len(bars))
+    ax.bar(xs, [b[1] for b in bars], yerr=[b[2] for b in bars], color=[b[3] for b in bars], capsize=6, width=0.6,
+           error_kw={"elinewidth": 1.2})
+    for x, (_, value, _, _) in zip(xs, bars, strict=True):  # the mean, inside the bar next to the axis
+        ax.annotate(f"{value:.3g}", (x, 0.0), xytext=(0, 4 if value >= 0 else -4), textcoords="offset points",
+                    ha="center", va="bottom" if value >= 0 else "top", fontsize=9, color="white", weight="bold")
+    ax.set_xticks(list(xs), [b[0] for b in bars], fontsize=9)
+    ax.set_ylabel(label, fontsize=10)
+    ax.set_title(f"{name}\n({'↑ higher' if higher else '↓ lower'} is better)", fontsize=11)
+    ax.axhline(0.0, color="black", lw=0.6)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_xlim(-0.6, len(bars) - 0.4)
+
+
+def draw_plots(result: dict, out_dir: str, plt: Any) -> list[str]:
+    """Draw ``designer.png`` (a panel per head: reference and policy, mean ± 1 std) and ``margins.png`` (the
+    histogram of the preference margins on held-out pairs), at :data:`DPI` dots per inch.
+
+    Args:
+        result: What ``trl_upo.cli.eval.run`` returned.
+        out_dir: The directory to write to.
+        plt: ``matplotlib.pyplot`` (see :func:`trl_upo.evaluation.require_matplotlib`).
+
+    Returns:
+        The file names written.
+    """
+    written = []
+    panels = [(n, m, result["designer_reference"].get(n)) for n, m in result["designer"].items()]
+    if panels:
+        n = result["generation"]["num_prompts"] * result["generation"]["num_samples"]
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 0.4, 4.2), dpi=DPI, squeeze=False)
+        for ax, (name, m, r) in zip(axes[0], panels, strict=True):
+            _bar_panel(ax, result, name, m, r)
+        fig.suptitle(f"Designer metrics on {n} sampled responses (error bars: ±1 standard deviation)", fontsize=11)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "designer.png"))
+        plt.close(fig)
+        written.append("designer.png")
+    pref = result["preference"]
+    if pref.get("margins"):
+        implicit = pref.get("reference") != "none"
+        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=DPI)
+        ax.hist(pref["margins"], bins=min(30, max(5, len(pref["margins"]) // 2)), color="#1f77b4", alpha=0.85)
+        ax.axvline(0.0, color="black", lw=1.0)
+        ax.set_xlabel(
+            "implicit-reward margin  β·[log-ratio(chosen) − log-ratio(rejected)]  (nats)" if implicit
+            else "log π(chosen) − log π(rejected)  (nats; no reference)", fontsize=10)
+        ax.set_ylabel("held-out pairs", fontsize=10)
+        ax.yaxis.get_major_locator().set_params(integer=True)  # counts of pairs: whole numbers
+        ax.text(0.98, 0.95, "→ chosen preferred", transform=ax.transAxes, ha="right", va="top", fontsize=9)
+        against = f" vs {reference_label(result)}" if result["reference"]["kind"] != "none" else ""
+        ax.set_title(f"{model_label(result['model'], 'policy')}{against}: preference accuracy {pref['accuracy']:.3f} "
+                     f"on {pref['n']} held-out pairs (higher is better)", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "margins.png"))
+        plt.close(fig)
+        written.append("margins.png")
+    return written
