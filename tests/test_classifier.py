@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -111,13 +114,105 @@ def test_lazy_loading_and_pickling(tiny_classifier_path, tmp_path):
     assert head._model is None and _score(head) == before
 
 
-def test_fingerprint_follows_the_model_files(tiny_classifier_path, tmp_path):
+def test_fingerprint_follows_the_model_content_not_its_path_or_file_times(tmp_path):
     path = save_tiny_classifier(str(tmp_path / "m"), labels=["a", "b"], seed=0)
     fp = ClassifierHead(model=path, labels="a").fingerprint()
-    assert path in fp
+    assert "sha256:" in fp and path not in fp
     assert ClassifierHead(model=path, labels="b").fingerprint() != fp
+    # Touching every file (new modification times, same bytes) keeps the fingerprint.
+    for name in os.listdir(path):
+        st = os.stat(os.path.join(path, name))
+        os.utime(os.path.join(path, name), ns=(st.st_atime_ns + 10**9, st.st_mtime_ns + 10**9))
+    assert ClassifierHead(model=path, labels="a").fingerprint() == fp
+    # The same files in another directory: the same model, the same fingerprint.
+    copy = shutil.copytree(path, tmp_path / "copy")
+    assert ClassifierHead(model=str(copy), labels="a").fingerprint() == fp
+    # Speed-only settings do not change it.
+    assert ClassifierHead(model=path, labels="a", batch_size=3, device="cpu").fingerprint() == fp
     save_tiny_classifier(path, labels=["a", "b"], seed=1)  # same path, new weights
     assert ClassifierHead(model=path, labels="a").fingerprint() != fp
+
+
+def test_file_hashes_are_reused_until_a_file_is_touched(tmp_path, monkeypatch):
+    from trl_upo.heads import _hf
+
+    path = save_tiny_classifier(str(tmp_path / "m"), labels=["a", "b"], seed=0)
+    reads = []
+    real_open = open
+
+    def counting_open(file, mode="r", *args, **kwargs):
+        if "b" in mode and "r" in mode and str(file).startswith(path):
+            reads.append(os.path.basename(str(file)))
+        return real_open(file, mode, *args, **kwargs)
+
+    ClassifierHead(model=path, labels="a").fingerprint()
+    monkeypatch.setattr("builtins.open", counting_open)
+    ClassifierHead(model=path, labels="a").fingerprint()
+    assert reads == []  # nothing re-read: (path, size, mtime) unchanged
+    weights = next(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    os.utime(os.path.join(path, weights))
+    ClassifierHead(model=path, labels="a").fingerprint()
+    assert reads == [weights]
+    assert _hf.model_identity("org/not-downloaded", "v1") == "org/not-downloaded@v1"
+
+
+def test_batches_are_sorted_by_length_and_scores_keep_their_order(tiny_classifier_path, manual):
+    head = _head(tiny_classifier_path, labels="positive", output="logit", batch_size=2)
+    model, _ = head.load()
+    sizes = []
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def recording(*args, **kwargs):
+        sizes.append(tuple(kwargs["input_ids"].shape))
+        return forward(*args, **kwargs)
+
+    model.forward = recording
+    texts = ["a", "the soup is very good and they like bread", "dogs bark", "rain falls on the very big city"]
+    got = head.score(["p"] * 4, texts, role="chosen", columns={})
+    assert [s[1] for s in sizes] == sorted((s[1] for s in sizes), reverse=True)  # longest batch first
+    for value, text in zip(got, texts, strict=True):
+        assert value == pytest.approx(manual(text)[2].item(), abs=1e-5)
+
+
+def test_cuda_out_of_memory_halves_the_batch_size_and_goes_on(tiny_classifier_path, manual, caplog):
+    head = _head(tiny_classifier_path, labels="positive", output="logit", batch_size=8)
+    model, _ = head.load()
+    sizes = []
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def small_gpu(*args, **kwargs):
+        sizes.append(kwargs["input_ids"].shape[0])
+        if kwargs["input_ids"].shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(*args, **kwargs)
+
+    model.forward = small_gpu
+    texts = TEXTS + ["one more", "and another one"]
+    with caplog.at_level("WARNING", logger="trl_upo.heads._hf"):
+        got = head.score(["p"] * len(texts), texts, role="chosen", columns={})
+    assert sizes[:3] == [6, 4, 2] and set(sizes[3:]) <= {2}
+    assert sum(s for s in sizes if s <= 2) == len(texts)
+    assert [value for value in got] == pytest.approx([manual(t)[2].item() for t in texts], abs=1e-5)
+    assert "batch size 6; going on with batch size 4" in caplog.text
+    assert "batch size 4; going on with batch size 2" in caplog.text
+    assert "going on with batch size 1" not in caplog.text
+    head.score(["p"], ["x"], role="chosen", columns={})
+    assert sizes[-1] == 1 and head._current_batch_size() == 2  # the smaller batch size is kept
+
+
+def test_cuda_out_of_memory_on_one_input_is_raised(tiny_classifier_path):
+    head = _head(tiny_classifier_path, labels="positive", batch_size=4)
+    model, _ = head.load()
+
+    @functools.wraps(model.forward)
+    def no_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    model.forward = no_memory
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="single input .* lower max_length|single input"):
+        head.score(["p", "q"], ["a", "b"], role="chosen", columns={})
 
 
 @pytest.mark.parametrize(
@@ -159,3 +254,15 @@ def test_default_device_is_the_process_gpu(monkeypatch):
     assert models.default_device() == "cuda:3"
     assert ClassifierHead(model="m", labels="x")._device() == "cuda:3"
     assert ClassifierHead(model="m", labels="x", device="cpu")._device() == "cpu"
+
+
+@pytest.mark.gpu
+def test_on_cuda_in_bfloat16_the_scores_follow_float32_on_the_cpu(tiny_classifier_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    cpu = _head(tiny_classifier_path, labels="positive", output="logit")
+    gpu = _head(tiny_classifier_path, labels="positive", output="logit", device="cuda", dtype="bfloat16",
+                batch_size=1024)
+    assert gpu.fingerprint() != cpu.fingerprint()  # dtype decides scores; device does not
+    texts = TEXTS * 64
+    assert _score(gpu, texts, PROMPTS * 64) == pytest.approx(_score(cpu, texts, PROMPTS * 64), abs=0.05)

@@ -75,5 +75,7 @@ def test_classifier_with_several_labels_is_rejected(tiny_classifier_path):
 def test_lazy_and_fingerprint(tiny_reward_model_path):
     head = RewardModelHead(model=tiny_reward_model_path)
     assert head._model is None
-    assert tiny_reward_model_path in head.fingerprint()
+    assert "model=sha256:" in head.fingerprint() and tiny_reward_model_path not in head.fingerprint()
+    assert head._model is None  # fingerprinting reads the files, it loads no model
+    assert head.fingerprint() == RewardModelHead(model=tiny_reward_model_path, batch_size=1, device="cpu").fingerprint()
     assert head.fingerprint() != RewardModelHead(model=tiny_reward_model_path, max_length=16).fingerprint()

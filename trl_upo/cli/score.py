@@ -1,14 +1,22 @@
-"""``trl-upo score``: score a preference dataset with the configured reward heads and print a per-head summary.
+"""``trl-upo score``: score a preference dataset with the configured reward heads, print a per-head summary, and
+optionally write the scored dataset ("score once, train many").
 
-    trl-upo score --config recipe.yaml [--output DIR] [--any_field value ...]
+    trl-upo score --config recipe.yaml [--output DIR] [--num_processes N] [--any_field value ...]
     trl-upo score --dataset_name upo://quickstart-data --reward_heads '[{"name": "length"}]'
 
-The recipe format is ``trl-upo train``'s (the same strict parser, plus :class:`ScoreArguments`):
-``reward_heads``, the dataset (``dataset_name`` or a ``datasets:`` mixture), ``model_name_or_path`` for the
-tokenizer (heads that count tokens need it; optional otherwise), ``upo_score_cache_dir`` / ``upo_use_score_cache``
-/ ``upo_score_batch_size`` / ``dataset_num_proc``.
-Scores go through :func:`trl_upo.scoring.score_dataset` and its cache, so a later ``trl-upo train`` with the same
-data and heads does not score again. Launch options in the recipe are ignored (scoring runs in one process).
+The recipe format is ``trl-upo train``'s (the same strict parser: a whole training recipe is accepted), but scoring
+reads only: ``reward_heads`` (and ``reward_funcs``), the dataset (``dataset_name``, ``dataset_config``,
+``dataset_train_split``, ``dataset_test_split``, or a ``datasets:`` mixture), ``trainer`` (``kto``: unpaired rows),
+``model_name_or_path`` / ``model_revision`` / ``trust_remote_code`` for the tokenizer (heads that count tokens need
+it), ``upo_score_cache_dir`` / ``upo_use_score_cache`` / ``upo_score_batch_size`` / ``dataset_num_proc``,
+``use_cpu``, and the ``accelerate launch`` options (``num_processes``, ``accelerate_config``, ...).
+
+With ``num_processes > 1`` the command re-launches itself under ``accelerate launch``; each process scores an even
+share of the responses on its own device and the main process prints the summary and writes ``--output``.
+
+``--output DIR`` writes ``<split>.jsonl`` (each row with its scores and the ``upo__scored_by`` column that records
+which head wrote them) and ``summary.json``. ``trl-upo train --dataset_name DIR`` with the same heads then loads no
+head model at all: the recorded scores are used as they are (see docs/scoring.md).
 
 For each split (train, and test when present) and each head, the summary gives the mean, std, min and max of the
 raw scores (chosen and rejected pooled), the chosen and rejected means, and how the head relates to the preference
@@ -19,6 +27,7 @@ means the designer objective is independent of the labels; below 0.5, it conflic
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -27,43 +36,28 @@ from typing import Any
 
 import numpy as np
 
-from trl_upo.cli.common import UsageError, run_command
+from trl_upo.cli.common import HelpFormatter, UsageError, end_distributed, run_command
 
-
-def summarize(dataset, specs) -> dict[str, dict[str, float]]:
-    """Per-head statistics of a scored dataset (see the module docstring)."""
-    from trl_upo.scoring import score_column
-
-    out: dict[str, dict[str, float]] = {}
-    for spec in specs:
-        chosen = np.asarray(dataset[score_column(spec.name, "chosen")], dtype=np.float64)
-        rejected = np.asarray(dataset[score_column(spec.name, "rejected")], dtype=np.float64)
-        pooled = np.concatenate([chosen, rejected])
-        diff = (chosen - rejected) * (1.0 if spec.higher_is_better else -1.0)
-        decided = diff != 0
-        out[spec.name] = {
-            "mean": float(pooled.mean()),
-            "std": float(pooled.std()),
-            "min": float(pooled.min()),
-            "max": float(pooled.max()),
-            "chosen_mean": float(chosen.mean()),
-            "rejected_mean": float(rejected.mean()),
-            "agree": float((diff[decided] > 0).mean()) if decided.any() else float("nan"),
-            "ties": float((~decided).mean()),
-            "n": int(len(chosen)),
-        }
-    return out
-
-
-def format_summary(split: str, summary: dict[str, dict[str, float]], status: dict[str, str]) -> str:
-    """The summary of one split as a table."""
-    cols = ["mean", "std", "min", "max", "chosen_mean", "rejected_mean", "agree", "ties"]
-    width = max(12, *(len(n) for n in summary)) + 2
-    lines = [f"{split} split ({next(iter(summary.values()))['n']} pairs):",
-             f"{'head':<{width}}" + "".join(f"{c:>14}" for c in cols) + "  scores"]
-    for name, s in summary.items():
-        lines.append(f"{name:<{width}}" + "".join(f"{s[c]:>14.4f}" for c in cols) + f"  {status.get(name, '')}")
-    return "\n".join(lines)
+#: What ``trl-upo score --help`` lists: the keys scoring reads, as (key, help).
+SCORE_KEYS = (
+    ("config", "a recipe (trl-upo train's format; keys scoring does not read are accepted and ignored)"),
+    ("reward_heads", "the heads, as in a recipe (JSON on the command line)"),
+    ("reward_funcs", "TRL reward functions as function heads (with reward_weights)"),
+    ("dataset_name", "a file, a directory, a saved dataset, a Hub name or upo://..."),
+    ("dataset_config", "the dataset's configuration name"),
+    ("dataset_train_split", "the training split (default: train)"),
+    ("dataset_test_split", "the test split, scored too when present (default: test)"),
+    ("trainer", "dpo (pairs: chosen/rejected) or kto (unpaired rows: completion)"),
+    ("model_name_or_path", "the policy whose tokenizer heads that count tokens read (only the tokenizer is loaded)"),
+    ("model_revision", "the revision of model_name_or_path"),
+    ("upo_score_cache_dir", "the score cache directory (default: trl_upo/scores under the HF cache)"),
+    ("upo_use_score_cache", "read and write the score cache (default: true)"),
+    ("upo_score_batch_size", "responses per head call; the cache is written after each batch (default: 256)"),
+    ("dataset_num_proc", "worker processes for text heads"),
+    ("use_cpu", "score on the CPU even when a GPU is there"),
+    ("num_processes", "processes to score in (re-launches under accelerate launch); other launch options too"),
+    ("output", "directory for <split>.jsonl (rows, scores, upo__scored_by) and summary.json"),
+)
 
 
 @dataclass
@@ -79,6 +73,48 @@ class ScoreArguments:
     )
 
 
+def summarize(dataset, specs, roles=("chosen", "rejected")) -> dict[str, dict[str, float]]:
+    """Per-head statistics of a scored dataset (see the module docstring); unpaired rows get no ``agree``/``ties``."""
+    from trl_upo.scoring import score_column
+
+    out: dict[str, dict[str, float]] = {}
+    for spec in specs:
+        per_role = {r: np.asarray(dataset[score_column(spec.name, r)], dtype=np.float64) for r in roles}
+        pooled = np.concatenate(list(per_role.values()))
+        s = {"mean": float(pooled.mean()), "std": float(pooled.std()), "min": float(pooled.min()),
+             "max": float(pooled.max()), "n": int(len(dataset))}
+        if tuple(roles) == ("chosen", "rejected"):
+            chosen, rejected = per_role["chosen"], per_role["rejected"]
+            diff = (chosen - rejected) * (1.0 if spec.higher_is_better else -1.0)
+            decided = diff != 0
+            s.update(chosen_mean=float(chosen.mean()), rejected_mean=float(rejected.mean()),
+                     agree=float((diff[decided] > 0).mean()) if decided.any() else float("nan"),
+                     ties=float((~decided).mean()))
+        out[spec.name] = s
+    return out
+
+
+def format_summary(split: str, summary: dict[str, dict[str, float]], status: dict[str, str]) -> str:
+    """The summary of one split as a table."""
+    first = next(iter(summary.values()))
+    paired = "agree" in first
+    cols = ["mean", "std", "min", "max", *(["chosen_mean", "rejected_mean", "agree", "ties"] if paired else [])]
+    width = max(12, *(len(n) for n in summary)) + 2
+    lines = [f"{split} split ({first['n']} {'pairs' if paired else 'rows'}):",
+             f"{'head':<{width}}" + "".join(f"{c:>14}" for c in cols) + "  scores"]
+    for name, s in summary.items():
+        lines.append(f"{name:<{width}}" + "".join(f"{s[c]:>14.4f}" for c in cols) + f"  {status.get(name, '')}")
+    return "\n".join(lines)
+
+
+def print_help(prog: str | None) -> None:
+    """``--help``: the keys scoring reads (not the training options)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter, add_help=False)
+    for key, text in SCORE_KEYS:
+        parser.add_argument(f"--{key}", help=text, metavar="VALUE")
+    parser.print_help()
+
+
 def main(argv: list[str] | None = None, prog: str | None = "trl-upo score") -> int:
     """Run ``trl-upo score``.
 
@@ -87,17 +123,14 @@ def main(argv: list[str] | None = None, prog: str | None = "trl-upo score") -> i
         prog: Program name for usage and error messages.
 
     Returns:
-        0 on success, 2 on a usage error.
+        0 on success, 2 on a usage error, the launcher's exit code when re-launched.
     """
-    from trl_upo.cli.train import make_parser
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         print(f"usage: {prog} --config recipe.yaml [--output DIR] [--any_field value ...]")
         return 2
-    if argv[0] in ("-h", "--help"):
-        print(__doc__)
-        make_parser(prog=prog, extra_dataclasses=(ScoreArguments,)).print_help()
+    if any(a in ("-h", "--help") for a in argv):
+        print_help(prog)
         return 0
     if not any(a == "--bf16" or a.startswith("--bf16=") for a in argv):
         # Mixed precision only concerns training; without this, a GPU recipe (bf16: true) fails to parse on a CPU.
@@ -106,6 +139,7 @@ def main(argv: list[str] | None = None, prog: str | None = "trl-upo score") -> i
 
 
 def _run(argv: list[str], prog: str | None) -> int:
+    from trl_upo.cli.launch import under_launcher
     from trl_upo.cli.train import parse, quiet_progress, recipe_datasets
 
     script_args, training_args, model_args, dataset_args, score_args, launch = parse(
@@ -114,9 +148,14 @@ def _run(argv: list[str], prog: str | None) -> int:
     specs = training_args.head_specs
     if not specs:
         raise UsageError("no reward heads: give `reward_heads` in the recipe or as a JSON flag.")
-    if launch:
-        print(f"{prog}: scoring runs in one process; launch options ({', '.join(k for k, _ in launch)}) are "
-              "ignored.", file=sys.stderr)
+    if not model_args.model_name_or_path:
+        _check_no_tokenizer_needed(specs)
+    _check_output(score_args.output)
+    if launch and not under_launcher() and _processes(launch) > 1:
+        return _relaunch(argv, launch, bool(training_args.use_cpu), prog)
+    if launch and not under_launcher():
+        print(f"{prog}: scoring runs in one process (num_processes 1); launch options "
+              f"({', '.join(k for k, _ in launch)}) are ignored.", file=sys.stderr)
     quiet_progress(training_args)
     ds = recipe_datasets(script_args, dataset_args)
     splits = [s for s in (script_args.dataset_train_split, script_args.dataset_test_split) if s in ds]
@@ -125,12 +164,63 @@ def _run(argv: list[str], prog: str | None) -> int:
             f"the dataset has neither a {script_args.dataset_train_split!r} nor a {script_args.dataset_test_split!r} "
             f"split (splits: {list(ds.keys())}); set dataset_train_split / dataset_test_split."
         )
-    return _score(ds, splits, specs, training_args, model_args, score_args.output)
+    roles = ("completion",) if getattr(script_args, "trainer", "dpo") == "kto" else ("chosen", "rejected")
+    distributed = under_launcher()
+    if distributed:
+        import torch
+        from accelerate import PartialState
+
+        PartialState(cpu=bool(training_args.use_cpu) or not torch.cuda.is_available())
+    try:
+        return _score(ds, splits, specs, training_args, model_args, score_args.output, roles, distributed)
+    finally:
+        end_distributed()
 
 
-def _score(ds, splits, specs, training_args, model_args, output: str | None) -> int:
+def _processes(launch: list[tuple[str, Any]]) -> int:
+    values = [v for k, v in launch if k == "num_processes"]
+    return int(values[-1]) if values else 2  # an accelerate config or other launch options: let accelerate decide
+
+
+def _relaunch(argv: list[str], launch: list[tuple[str, Any]], use_cpu: bool, prog: str | None) -> int:
+    """Start this command under ``accelerate launch`` (as ``trl-upo train`` does, with this module)."""
+    import shlex
+    import subprocess
+
+    from trl_upo.cli.launch import LAUNCHED_ENV, build_launch_args, strip_launch_args
+
+    launch_args = build_launch_args(launch, use_cpu)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "-m", "trl_upo.cli.score",
+           *strip_launch_args(argv, launch)]
+    print(f"{prog}: launching: accelerate launch {shlex.join(cmd[3:])}", flush=True)
+    return subprocess.call(cmd, env={**os.environ, LAUNCHED_ENV: "1"})
+
+
+def _check_no_tokenizer_needed(specs) -> None:
+    """A head that counts tokens needs the policy's tokenizer: say so before any data is loaded."""
+    for spec in specs:
+        if spec.type == "length" and (spec.params or {}).get("unit") == "tokens":
+            raise UsageError(
+                f"reward head {spec.name!r} counts tokens (unit: tokens), which needs the policy's tokenizer: give "
+                f"`model_name_or_path` (only its tokenizer is loaded), or use unit: words or chars."
+            )
+
+
+def _check_output(output: str | None) -> None:
+    """An output that cannot be written fails now, before any scoring."""
+    if not output:
+        return
+    from trl_upo.scoring.cache import writable_dir
+
+    problem = writable_dir(output)
+    if problem:
+        raise UsageError(f"--output {output!r} cannot be written ({problem}): give a directory you can write to.")
+
+
+def _score(ds, splits, specs, training_args, model_args, output, roles, distributed) -> int:
     from trl_upo.heads import build_head
     from trl_upo.scoring import score_dataset
+    from trl_upo.scoring.shards import current_world
 
     tokenizer = None
     if model_args.model_name_or_path:
@@ -141,6 +231,7 @@ def _score(ds, splits, specs, training_args, model_args, output: str | None) -> 
             trust_remote_code=training_args.trust_remote_code,
         )
     heads = [build_head(s) for s in specs]
+    main_process = current_world(distributed).is_main
     results: dict[str, Any] = {}
     scored = {}
     try:
@@ -148,22 +239,29 @@ def _score(ds, splits, specs, training_args, model_args, output: str | None) -> 
             scored[split], report = score_dataset(
                 ds[split], heads, specs, split=split, tokenizer=tokenizer,
                 batch_size=training_args.upo_score_batch_size, cache_dir=training_args.upo_score_cache_dir,
-                use_cache=training_args.upo_use_score_cache, num_proc=training_args.dataset_num_proc,
+                use_cache=training_args.upo_use_score_cache, num_proc=training_args.dataset_num_proc, roles=roles,
+                distributed=distributed, record=bool(output),
             )
-            results[split] = summarize(scored[split], specs)
-            print(format_summary(split, results[split], report.status), flush=True)
+            results[split] = summarize(scored[split], specs, roles)
+            if main_process:
+                print(format_summary(split, results[split], report.status), flush=True)
+                print("seconds per head: " + ", ".join(f"{n} {t:.2f}" for n, t in report.seconds.items()), flush=True)
     finally:
         for head in heads:
             head.release()
-    if output:
-        os.makedirs(output, exist_ok=True)
-        for split, data in scored.items():
-            data.to_json(os.path.join(output, f"{split}.jsonl"), lines=True)
-        with open(os.path.join(output, "summary.json"), "w") as f:
-            json.dump({"heads": [s.to_dict() for s in specs], "splits": results}, f, indent=2)
-        print(f"Scored dataset and summary written to {os.path.abspath(output)} "
-              f"({', '.join(f'{s}.jsonl' for s in scored)}, summary.json).")
+    if output and main_process:
+        _write(output, scored, specs, results)
     return 0
+
+
+def _write(output: str, scored: dict, specs, results: dict) -> None:
+    os.makedirs(output, exist_ok=True)
+    for split, data in scored.items():
+        data.to_json(os.path.join(output, f"{split}.jsonl"), lines=True, double_precision=15)
+    with open(os.path.join(output, "summary.json"), "w") as f:
+        json.dump({"heads": [s.to_dict() for s in specs], "splits": results}, f, indent=2)
+    print(f"Scored dataset and summary written to {os.path.abspath(output)} "
+          f"({', '.join(f'{s}.jsonl' for s in scored)}, summary.json).")
 
 
 if __name__ == "__main__":

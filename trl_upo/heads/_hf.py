@@ -6,25 +6,112 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
 
 from ..models import DTYPES, check_model_path, default_device, ensure_pad_token, load_tokenizer, pretrained_kwargs
+from ..fingerprints import stable_repr
 from .protocol import RewardHead
+
+logger = logging.getLogger(__name__)
+#: Parameters that change how fast a model head scores, never its scores: not part of the fingerprint.
+SPEED_PARAMS = ("batch_size", "device")
+
+
+#: Files of a model directory that never change its outputs: documentation, training leftovers, hidden files.
+_IGNORED_SUFFIXES = (".md", ".txt.lock", ".lock")
+_IGNORED_NAMES = ("training_args.bin",)
+#: Content hashes already computed, by (path, size, mtime): a file is hashed again only when it was touched.
+_HASHES: dict[str, str] = {}
+_INDEX_MAX = 20_000
+
+
+def _hash_index_path() -> str:
+    from huggingface_hub import constants
+
+    return os.path.join(constants.HF_HOME, "trl_upo", "file_hashes.json")
+
+
+def _load_index() -> None:
+    if _HASHES:
+        return
+    try:
+        with open(_hash_index_path()) as f:
+            data = json.load(f)
+        if isinstance(data, dict):
+            _HASHES.update({str(k): str(v) for k, v in data.items()})
+    except (OSError, ValueError):
+        pass
+
+
+def _save_index() -> None:
+    """Keep the content hashes for the next process (best effort: an unwritable HF home only costs re-hashing)."""
+    path = _hash_index_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(dict(list(_HASHES.items())[-_INDEX_MAX:]), f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file's content; remembered (in memory and under ``$HF_HOME/trl_upo/file_hashes.json``) by the
+    file's path, size and modification time, so an untouched file is never read twice and a touched file is hashed
+    again but, its content being the same, hashes the same."""
+    st = os.stat(path)
+    key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    _load_index()
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _HASHES[key] = h.hexdigest()
+        _save_index()
+    return _HASHES[key]
 
 
 def _local_files_digest(path: str) -> str:
-    """Name, size and modification time of a local model directory's files: re-saving a model under the same path
-    changes the digest, so the score cache does not serve the old model's scores."""
+    """Digest of the contents of a local model directory's files (weights, config, tokenizer, remote code; not
+    README files or hidden files): the same files anywhere give the same digest, re-saving different weights under
+    the same path changes it, and touching a file does not."""
     h = hashlib.sha256()
     for root, dirs, files in os.walk(path):
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
+            if name.startswith(".") or name in _IGNORED_NAMES or name.endswith(_IGNORED_SUFFIXES):
+                continue
             full = os.path.join(root, name)
-            st = os.stat(full)
-            h.update(f"{os.path.relpath(full, path)}:{st.st_size}:{st.st_mtime_ns};".encode())
+            h.update(f"{os.path.relpath(full, path)}:{file_sha256(full)};".encode())
     return h.hexdigest()[:16]
+
+
+def _hub_identity(model: str, revision: str | None) -> str:
+    """A Hub model as ``id@<commit>``: the commit of the snapshot in the local Hub cache that ``revision`` (default
+    ``main``) points to, or ``id@<revision>`` when the model is not downloaded yet."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(model, "config.json", revision=revision)
+    except Exception:  # noqa: BLE001 - an unusual id or cache layout falls back to the name
+        found = None
+    if isinstance(found, str):
+        return f"{model}@{os.path.basename(os.path.dirname(found))}"
+    return f"{model}@{revision or 'main'}"
+
+
+def model_identity(model: str, revision: str | None = None) -> str:
+    """What decides a model's outputs: ``sha256:<digest of its files>`` for a local directory, ``<id>@<commit>``
+    for a Hub id."""
+    if os.path.isdir(model):
+        return f"sha256:{_local_files_digest(model)}"
+    return _hub_identity(model, revision)
 
 
 @contextlib.contextmanager
@@ -48,7 +135,7 @@ def _whole_model_under_zero3():
 
 class LazyModelMixin:
     """Shared by the model-backed heads: what they load is freed by :meth:`release`, left out of pickles (loaded
-    again lazily), and the fingerprint names the model (for a local folder, its files' sizes and times)."""
+    again lazily), and the fingerprint names the model by content (:func:`model_identity`)."""
 
     model_name: str
     _lazy_attrs: tuple[str, ...] = ("_model",)
@@ -65,10 +152,12 @@ class LazyModelMixin:
         return state
 
     def fingerprint(self) -> str:
-        where = self.model_name
-        if os.path.isdir(self.model_name):
-            where = f"{os.path.abspath(self.model_name)}#{_local_files_digest(self.model_name)}"
-        return f"{super().fingerprint()}:model={where}"
+        """The head's class, the parameters that decide its scores, and its model by content
+        (:func:`model_identity`): not by path or file times; ``batch_size`` and ``device`` are left out."""
+        params = getattr(self, "semantic_config", self.config)()
+        params = {k: v for k, v in params.items() if k not in (*SPEED_PARAMS, "model", "revision")}
+        model = model_identity(self.model_name, getattr(self, "revision", None))
+        return f"{type(self).__module__}.{type(self).__qualname__}:{stable_repr(params)}:model={model}"
 
 
 class HFSequenceClassifierHead(LazyModelMixin, RewardHead):
@@ -151,33 +240,67 @@ class HFSequenceClassifierHead(LazyModelMixin, RewardHead):
         pairs: Sequence[tuple[str, str]] | None = None,
         add_special_tokens: bool = True,
     ):
-        """``(N, num_labels)`` float32 logits on the CPU, for ``texts`` or for ``(first, second)`` text pairs."""
+        """``(N, num_labels)`` float32 logits on the CPU, for ``texts`` or for ``(first, second)`` text pairs, in the
+        order given.
+
+        The inputs are tokenised once and batched longest first (batches of similar lengths carry little padding; an
+        out-of-memory error shows on the first batch). On a CUDA out-of-memory error the batch size halves (down to
+        1) and scoring goes on; the smaller batch size is kept for the rest of the run and logged once per halving.
+        """
         import torch
 
         model, tokenizer = self.load()
         items = list(pairs) if pairs is not None else list(texts or [])
-        out = []
-        device = next(model.parameters()).device
-        for i in range(0, len(items), self.batch_size):
-            chunk = items[i : i + self.batch_size]
-            enc_args = ([a for a, _ in chunk], [b for _, b in chunk]) if pairs is not None else (chunk,)
-            enc = tokenizer(
-                *enc_args,
-                padding=True,
-                truncation=self.max_length is not None,
-                max_length=self.max_length,
-                add_special_tokens=add_special_tokens,
-                return_tensors="pt",
-            )
-            if "token_type_ids" in enc and "token_type_ids" not in _forward_args(model):
-                del enc["token_type_ids"]
-            _fill_empty_rows(enc, tokenizer)
-            with torch.inference_mode():
-                logits = model(**{k: v.to(device) for k, v in enc.items()}).logits
-            out.append(logits.float().cpu())
-        if not out:
+        if not items:
             return torch.zeros((0, model.config.num_labels))
-        return torch.cat(out)
+        enc_args = ([a for a, _ in items], [b for _, b in items]) if pairs is not None else (items,)
+        enc = tokenizer(*enc_args, padding=False, truncation=self.max_length is not None, max_length=self.max_length,
+                        add_special_tokens=add_special_tokens)
+        keys = [k for k in enc.keys() if k != "token_type_ids" or "token_type_ids" in _forward_args(model)]
+        order = sorted(range(len(items)), key=lambda i: -len(enc["input_ids"][i]))
+        out = torch.empty((len(items), model.config.num_labels), dtype=torch.float32)
+        done = 0
+        while done < len(order):
+            idx = order[done : done + self._current_batch_size()]
+            try:
+                out[idx] = self._forward(model, tokenizer, [{k: enc[k][i] for k in keys} for i in idx])
+            except torch.cuda.OutOfMemoryError:
+                self._halve_batch_size(len(idx))
+                continue
+            done += len(idx)
+        return out
+
+    def _current_batch_size(self) -> int:
+        return getattr(self, "_oom_batch_size", None) or self.batch_size
+
+    def _halve_batch_size(self, failed: int) -> None:
+        """After a CUDA out-of-memory error on a batch of ``failed`` inputs: halve the batch size, free the cache."""
+        import torch
+
+        if failed <= 1:
+            raise torch.cuda.OutOfMemoryError(
+                f"{self._kind} head: out of CUDA memory on a single input of {self.model_name!r}. Lower max_length, "
+                f"use dtype: bfloat16, or score on a larger GPU."
+            )
+        smaller = self._current_batch_size() // 2
+        while smaller >= failed:
+            smaller //= 2
+        self._oom_batch_size = max(1, smaller)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        logger.warning("%s head %r: out of CUDA memory at batch size %d; going on with batch size %d.",
+                       self._kind, self.model_name, failed, self._oom_batch_size)
+
+    def _forward(self, model: Any, tokenizer: Any, features: list[dict[str, Any]]):
+        """The float32 logits of one batch of tokenised inputs (padded here)."""
+        import torch
+
+        enc = tokenizer.pad(features, padding=True, return_tensors="pt")
+        _fill_empty_rows(enc, tokenizer)
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            logits = model(**{k: v.to(device) for k, v in enc.items()}).logits
+        return logits.float().cpu()
 
 
 def _fill_empty_rows(enc: Any, tokenizer: Any) -> None:

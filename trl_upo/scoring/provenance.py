@@ -1,0 +1,81 @@
+"""Score columns that say which head wrote them: "score once, train many".
+
+``score_dataset(..., record=True)`` (and ``trl-upo score --output``) adds the string column ``upo__scored_by``: per
+row, a small JSON object with a digest of the row's prompt and responses and, per head name, a digest of the head's
+fingerprint (its class, the parameters that decide its scores, its model's content), the tokenizer and the response
+roles. A plain column survives every way a dataset is stored (``save_to_disk``, JSON lines, Parquet, CSV, the Hub).
+When a dataset that carries it is scored again, a head whose digest matches on every row, with rows unchanged, takes
+its scores from the columns: the head is never built into a model, never loaded, never run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..fingerprints import short_hash, stable_repr
+
+#: The column that records which head wrote each score column (one JSON string per row).
+PROVENANCE_COLUMN = "upo__scored_by"
+
+
+def head_digest(head: Any, tok_key: str, roles: Sequence[str]) -> str:
+    """What must match for a head's recorded scores to be reused: its fingerprint, the tokenizer, the roles."""
+    return short_hash(f"{head.fingerprint()}|{tok_key}|{','.join(roles)}")
+
+
+def row_digests(dataset: Any, columns: Sequence[str]) -> list[str]:
+    """One short digest per row of the values in ``columns`` (the prompt, the responses, columns a head reads)."""
+    data = [dataset[c] for c in columns]
+    return [short_hash(stable_repr([col[i] for col in data])) for i in range(len(dataset))]
+
+
+def _entries(dataset: Any) -> list[dict] | None:
+    if PROVENANCE_COLUMN not in dataset.column_names:
+        return None
+    out = []
+    for raw in dataset[PROVENANCE_COLUMN]:
+        try:
+            entry = json.loads(raw) if isinstance(raw, str) else None
+        except ValueError:
+            entry = None
+        if not isinstance(entry, dict):
+            return None
+        out.append(entry)
+    return out
+
+
+def recorded_scores(dataset: Any, name: str, digest: str, rows: list[str], score_columns: Sequence[str]) -> Any:
+    """The ``(n_rows, n_roles)`` scores of head ``name`` recorded in the dataset, or None when any row lacks them,
+    records another digest for the head, or has changed since it was scored (``rows``: the current row digests,
+    including the columns the head reads)."""
+    if any(c not in dataset.column_names for c in score_columns) or len(dataset) == 0:
+        return None
+    entries = _entries(dataset)
+    if entries is None:
+        return None
+    for entry, row in zip(entries, rows, strict=True):
+        if entry.get("heads", {}).get(name) != [digest, row]:
+            return None
+    try:
+        return np.stack([np.asarray(dataset[c], dtype=np.float64) for c in score_columns], axis=1)
+    except (TypeError, ValueError):
+        return None
+
+
+def record(dataset: Any, recorded: dict[str, tuple[str, list[str]]]) -> Any:
+    """The dataset with ``upo__scored_by`` saying that head ``name`` wrote its columns (``recorded[name]``:
+    ``(head digest, row digests)``); entries of other heads already recorded are kept."""
+    entries = _entries(dataset) or [{} for _ in range(len(dataset))]
+    values = []
+    for i, entry in enumerate(entries):
+        heads = dict(entry.get("heads", {}))
+        for name, (digest, rows) in recorded.items():
+            heads[name] = [digest, rows[i]]
+        values.append(json.dumps({"heads": heads}, sort_keys=True, separators=(",", ":")))
+    if PROVENANCE_COLUMN in dataset.column_names:
+        dataset = dataset.remove_columns(PROVENANCE_COLUMN)
+    return dataset.add_column(PROVENANCE_COLUMN, values)
