@@ -39,6 +39,8 @@ HUB_DATASETS = {
     "trl-lib/ultrafeedback_binarized": ("conversational_implicit", ("score_chosen", "score_rejected")),
     # prompt (multi-turn messages), chosen, rejected (one assistant message each); splits train / test
     "trl-lib/hh-rlhf-helpful-base": ("conversational", ()),
+    # prompt, completion (messages), label (bool); unpaired, for KTO
+    "trl-lib/kto-mix-14k": ("conversational_unpaired", ()),
 }
 #: Hub classifier used by a ``classifier`` head -> its label names (``config.id2label``), kept by the stand-in.
 HUB_CLASSIFIERS = {
@@ -203,6 +205,12 @@ def _rows(fmt: str, extra: tuple, n: int, seed: int) -> list[dict]:
             # a multi-turn prompt, as in HH-RLHF
             first = [{"role": "user", "content": "tell me about rain"}, {"role": "assistant", "content": "rain is wet"}]
             row = {"prompt": first + r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
+        elif fmt == "conversational_unpaired":
+            out += [
+                {"prompt": r["prompt"], "completion": r["chosen"], "label": True},
+                {"prompt": r["prompt"], "completion": r["rejected"], "label": False},
+            ]
+            continue
         else:
             row = dict(r)
         for col in extra:

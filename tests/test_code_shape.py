@@ -87,8 +87,8 @@ LAYERS = [
     {"objective"},
     {"heads"},
     {"scoring", "config", "collator", "state", "data", "evaluation"},
-    {"trainer"},
-    {"cli", "quickstart", "quickstart_task"},
+    {"trainer", "kto"},
+    {"cli", "quickstart", "quickstart_task", "integrations"},
 ]
 
 

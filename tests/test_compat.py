@@ -105,3 +105,31 @@ def test_logits_capture_keeps_policy_and_reference_and_restores_the_functions():
         assert got_policy is policy and got_ref is ref
     assert {n: getattr(DPO_MODULE, n) for n in originals} == originals
     assert capture.logps(peft_reference=False) == (None, None)
+
+
+def test_ktotrainer_is_read_the_same_way():
+    """KTO's loss computes its log-probs like DPO's on every supported TRL; ``paused`` keeps a forward (KTO's
+    KL-estimate forward) out of the capture, and the capture resumes after it."""
+    import types
+
+    import torch
+    from packaging.version import Version
+
+    expected = FUSED if Version(trl.__version__) >= Version("1.15.0") else LOGITS
+    assert logprob_path(trl.KTOTrainer) == expected == check_trl(None, trl.KTOTrainer)
+
+    class FusedHead(torch.nn.Module):
+        def forward(self, x, fused_lm_head=False):
+            return types.SimpleNamespace(log_probs=x * 2)
+
+    capture = LogProbCapture(FUSED)
+    module = FusedHead()
+    capture.attach(module, capture.policy)
+    with capture.capturing():
+        with capture.paused():
+            module(torch.ones(1, 2), fused_lm_head=True)  # the KL estimate: not kept
+            assert not capture.armed
+        assert capture.armed and capture.policy == []
+        module(torch.ones(1, 3), fused_lm_head=True)  # the policy forward
+        assert [t.shape[1] for t in capture.policy] == [3]
+    capture.remove()

@@ -654,3 +654,32 @@ def test_margin_correction_gradients():
     margin_correction(delta, m, beta=1.0, alpha=math.log(3.0)).backward()
     assert delta.grad.tolist() == pytest.approx([-0.25])
     assert m.grad is None
+
+
+def test_unpaired_awr_term_hand_example():
+    """docs/kto.md: one process, r_aux [0, ln 3, 5], the first two selected, tau 1, loglik [-1, -2, -9]: weights
+    [0.5, 1.5] on the selected rows, L_aux = (0.5 * 1 + 1.5 * 2) / 2 = 1.75; the unselected row gets no gradient."""
+    import math
+
+    import torch
+
+    from trl_upo.objective import unpaired_awr_term
+
+    r = torch.tensor([0.0, math.log(3), 5.0], dtype=torch.float64)
+    ll = torch.tensor([-1.0, -2.0, -9.0], requires_grad=True)
+    term = unpaired_awr_term(r, torch.tensor([True, True, False]), ll, local=slice(0, 3), all_loglik=ll.detach(),
+                             temperature=1.0)
+    assert float(term.loss.detach()) == pytest.approx(1.75)
+    assert float(term.stats["aux_loss"]) == pytest.approx(1.75)
+    term.loss.backward()
+    assert ll.grad.tolist() == pytest.approx([-0.25, -0.75, 0.0])
+    # Two processes holding rows 0-1 and 2: process 0's share is P/N * its weighted sum = 2/2 * 3.5; process 1 has
+    # no selected row and contributes 0; their mean is the one-process loss.
+    local0 = unpaired_awr_term(r, torch.tensor([True, True, False]), ll[:2], local=slice(0, 2),
+                               all_loglik=ll.detach(), num_processes=2, temperature=1.0)
+    local1 = unpaired_awr_term(r, torch.tensor([True, True, False]), ll[2:], local=slice(2, 3),
+                               all_loglik=ll.detach(), num_processes=2, temperature=1.0)
+    assert (float(local0.loss.detach()) + float(local1.loss.detach())) / 2 == pytest.approx(1.75)
+    # No selected row anywhere: a zero that keeps the graph.
+    empty = unpaired_awr_term(r, torch.zeros(3, dtype=torch.bool), ll, local=slice(0, 3), all_loglik=ll.detach())
+    assert float(empty.loss.detach()) == 0.0 and empty.loss.requires_grad

@@ -49,3 +49,26 @@ def test_unknown_config_is_refused(capsys):
         sweep.main(["--configs", "dpo,upo-a2"])
     assert e.value.code == 2
     assert "unknown config(s) 'upo-a2' (did you mean" in capsys.readouterr().err
+
+
+def test_tiny_kto_sweep_writes_results_and_table(tmp_path, capsys):
+    """examples/kto_sweep.py: the same tasks in unpaired form (each pair a desirable and an undesirable row), KTO and
+    UPO-KTO from the same start; a second run resumes."""
+    sweep = load_script("examples/kto_sweep.py")
+    rows = sweep.unpair([{"prompt": "p", "chosen": " a", "rejected": " b"}], seed=0)
+    assert sorted((r["completion"], r["label"]) for r in rows) == [(" a", True), (" b", False)]
+    out = str(tmp_path / "kto")
+    argv = ["--task", "very", "--configs", "kto,upo-kto-a1", "--output-dir", out, *TINY]
+    argv[argv.index("--n-eval-pairs") + 1] = "4"
+    assert sweep.main(argv) == 0
+    with open(os.path.join(out, "very", "results.jsonl")) as f:
+        results = [json.loads(line) for line in f]
+    assert [r["config"] for r in results] == ["kto", "upo-kto-a1"]
+    for r in results:
+        assert r["unpaired"]["n_desirable"] == r["unpaired"]["n_undesirable"] == 4
+        assert set(r["designer"]) == {"very_rate", "on_topic"}
+    table = open(os.path.join(out, "very", "table.md")).read()
+    assert "| upo-kto-a1 | 1 |" in table and "Δ very_rate vs KTO" in table
+    capsys.readouterr()
+    assert sweep.main(argv) == 0
+    assert "seed 0" not in capsys.readouterr().out

@@ -294,3 +294,20 @@ def test_evaluate_with_a_new_dataset_gives_heads_the_tokenizer(tiny_model_path, 
     metrics = trainer.evaluate(eval_dataset=fresh)
     expected = sum(len(tokenizer(r["chosen"], add_special_tokens=False)["input_ids"]) for r in fresh) / 8
     assert metrics["eval_upo/tokens/chosen"] == pytest.approx(-expected)  # the default direction: shorter
+
+
+def test_alpha_raised_after_construction(tiny_model_path, train_dataset, tmp_path, score_cache):
+    """Issue 17: built with alpha 0 (nothing hooked), ``trainer.args.upo_alpha = 0.5`` before ``train()`` trains with
+    the term (the hooks are attached at the first step that needs them); an invalid value set after construction
+    fails at ``train()``, naming the field."""
+    args = cpu_args(tmp_path, reward_heads=[NOVERY], upo_alpha=0.0, max_steps=1, upo_score_cache_dir=score_cache)
+    trainer = UPOTrainer(model=tiny_model_path, args=args, train_dataset=train_dataset)
+    assert trainer._upo_hook_handles == []
+    trainer.args.upo_temperature = 0
+    with pytest.raises(ValueError, match="upo_temperature must be > 0"):
+        trainer.train()
+    trainer.args.upo_temperature = 0.25
+    trainer.args.upo_alpha = 0.5
+    trainer.train()
+    log = [h for h in trainer.state.log_history if "loss" in h][0]
+    assert "upo/aux_loss" in log and log["upo/aux_loss"] > 0

@@ -17,7 +17,11 @@ _EXPORTS = {
     "RewardHead": "trl_upo.heads",
     "register_head": "trl_upo.heads",
     "registered_heads": "trl_upo.heads",
+    "UPOArguments": "trl_upo.config",
     "UPOConfig": "trl_upo.config",
+    "UPOKTOConfig": "trl_upo.config",
+    "UPOKTOMixin": "trl_upo.kto",
+    "UPOKTOTrainer": "trl_upo.kto",
     "UPODataCollator": "trl_upo.collator",
     "UPOMixin": "trl_upo.trainer",
     "UPOTrainer": "trl_upo.trainer",
@@ -28,8 +32,9 @@ __all__ = sorted([*_EXPORTS, "__version__"])
 
 if TYPE_CHECKING:  # what the names are, for type checkers and the API reference
     from .collator import UPODataCollator
-    from .config import UPOConfig
+    from .config import UPOArguments, UPOConfig, UPOKTOConfig
     from .heads import HeadSpec, RewardHead, register_head, registered_heads
+    from .kto import UPOKTOMixin, UPOKTOTrainer
     from .state import load_upo_state
     from .trainer import UPOMixin, UPOTrainer
 

@@ -3,6 +3,9 @@
 The normalised scores and auxiliary reward of every response depend only on the raw scores and the statistics
 fitted on the train split, so :func:`add_values_column` computes them once for the whole dataset (vectorised) and
 stores them, with the raw scores, in one column; :class:`UPODataCollator` stacks that column into the batch.
+
+Paired data has two responses per row (``ROLES``: chosen, rejected; ``4K + 2`` values), unpaired data (KTO) one
+(``UNPAIRED_ROLES``: completion; ``2K + 1`` values); every function takes the roles.
 """
 
 from __future__ import annotations
@@ -29,19 +32,22 @@ VALUES_COLUMN = "upo__values"
 VALUES_KEY = "upo_values"
 
 
-def step_value_layout(head_names: list[str]) -> list[str]:
+def value_width(num_heads: int, roles: Sequence[str] = ROLES) -> int:
+    """The number of per-row values: raw and normalised scores of every head and r_aux, for every role."""
+    return (2 * num_heads + 1) * len(roles)
+
+
+def step_value_layout(head_names: list[str], roles: Sequence[str] = ROLES) -> list[str]:
     """The metric name of each of the ``4K + 2`` per-pair values, in column order: every head's raw score of the chosen
     response, of the rejected one, then the normalised scores (eq. 2) of each, then r_aux (eq. 3) of each.
 
     Example: heads ``["a", "b"]`` -> ``upo/a/chosen, upo/b/chosen, upo/a/rejected, upo/b/rejected,
     upo/a/chosen_norm, upo/b/chosen_norm, upo/a/rejected_norm, upo/b/rejected_norm, upo/reward_aux/chosen,
-    upo/reward_aux/rejected``.
+    upo/reward_aux/rejected``. Unpaired (``roles=("completion",)``): ``upo/a/completion, upo/b/completion,
+    upo/a/completion_norm, upo/b/completion_norm, upo/reward_aux/completion``.
     """
-    parts = ("chosen", "rejected", "chosen_norm", "rejected_norm")
-    return [f"upo/{n}/{part}" for part in parts for n in head_names] + [
-        "upo/reward_aux/chosen",
-        "upo/reward_aux/rejected",
-    ]
+    parts = (*roles, *(f"{r}_norm" for r in roles))
+    return [f"upo/{n}/{part}" for part in parts for n in head_names] + [f"upo/reward_aux/{r}" for r in roles]
 
 
 def head_signs_and_weights(specs: Sequence[HeadSpec]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +57,9 @@ def head_signs_and_weights(specs: Sequence[HeadSpec]) -> tuple[torch.Tensor, tor
     return signs, weights
 
 
-def add_values_column(dataset: Dataset, specs: Sequence[HeadSpec], stats: list[dict]) -> Dataset:
+def add_values_column(
+    dataset: Dataset, specs: Sequence[HeadSpec], stats: list[dict], roles: Sequence[str] = ROLES
+) -> Dataset:
     """Eqs. (2)-(3) once per response for the whole dataset: add the ``upo__values`` column (raw scores, normalised
     scores and r_aux of both responses; :func:`step_value_layout`).
 
@@ -61,6 +69,7 @@ def add_values_column(dataset: Dataset, specs: Sequence[HeadSpec], stats: list[d
         dataset: a dataset with the heads' score columns (``upo_<head>_<role>``).
         specs: the heads.
         stats: the normalisation statistics fitted on the train split, one per head.
+        roles: the response columns (``ROLES``, or ``UNPAIRED_ROLES`` for unpaired data).
 
     Returns:
         The dataset with the column; its fingerprint covers the statistics, weights and signs instead of hashing
@@ -72,11 +81,11 @@ def add_values_column(dataset: Dataset, specs: Sequence[HeadSpec], stats: list[d
         role: torch.from_numpy(
             np.stack([np.asarray(dataset[score_column(n, role)], dtype=np.float64) for n in names], axis=1)
         )
-        for role in ROLES
+        for role in roles
     }
-    norm = {role: normalize_scores(raw[role], stats, signs) for role in ROLES}
-    r_aux = [aux_reward(norm[role], weights)[:, None] for role in ROLES]
-    values = torch.cat([raw["chosen"], raw["rejected"], norm["chosen"], norm["rejected"], *r_aux], dim=1)
+    norm = {role: normalize_scores(raw[role], stats, signs) for role in roles}
+    r_aux = [aux_reward(norm[role], weights)[:, None] for role in roles]
+    values = torch.cat([*raw.values(), *norm.values(), *r_aux], dim=1)
     if VALUES_COLUMN in dataset.column_names:
         dataset = dataset.remove_columns(VALUES_COLUMN)
     fingerprint = Hasher.hash((dataset._fingerprint, stats, weights.tolist(), signs.tolist()))
@@ -92,10 +101,12 @@ class UPODataCollator:
     Args:
         base: the preference collator to wrap (TRL's ``DataCollatorForPreference`` by default).
         head_names: the reward heads' names (``K`` of them), for the error message and the shape check.
+        roles: the response roles of a row (``ROLES``; ``UNPAIRED_ROLES`` for KTO's unpaired rows: ``2K + 1`` values).
     """
 
     base: Callable[[list[dict[str, Any]]], dict[str, Any]]
     head_names: list[str]
+    roles: tuple[str, ...] = ROLES
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.base(examples)
@@ -107,7 +118,7 @@ class UPODataCollator:
                 f"custom data pipeline removed the column; keep the 'upo_*' columns UPOTrainer adds."
             ) from None
         values = torch.tensor(rows, dtype=torch.float64)
-        if values.shape != (len(examples), 4 * len(self.head_names) + 2):
+        if values.shape != (len(examples), value_width(len(self.head_names), self.roles)):
             raise ValueError(
                 f"The {VALUES_COLUMN!r} column has {tuple(values.shape)} values for heads {self.head_names}; it was "
                 f"prepared for other heads. Let UPOTrainer score the dataset (drop the 'upo_*' columns first)."

@@ -1,8 +1,8 @@
 """Which TRL is installed, and how UPO reads the policy's per-token log-probabilities from it.
 
-UPO's auxiliary term needs the per-token log-probs of the forward DPO already runs (no second forward, no second
-log-softmax over the vocabulary). TRL produces them in one of two ways, found by looking at ``DPOTrainer`` itself
-rather than at its version string:
+UPO's auxiliary term needs the per-token log-probs of the forward DPO (or KTO) already runs (no second forward, no
+second log-softmax over the vocabulary). TRL produces them in one of two ways, found by looking at ``DPOTrainer`` (or
+``KTOTrainer``) itself rather than at its version string:
 
 - **fused** (TRL 1.15 and later): ``DPOTrainer._compute_loss`` calls ``model(..., fused_lm_head=True)``, whose output
   carries ``log_probs``; a forward hook on the policy module (and on an explicit ``ref_model``) keeps them.
@@ -11,7 +11,10 @@ rather than at its version string:
   computed, :class:`LogProbCapture` puts wrappers in their place that keep what they return and return it unchanged.
 
 :func:`check_trl` runs when a trainer is built, before any scoring, and fails with a message that names the installed
-version and the tested range when TRL no longer offers what UPO relies on.
+version and the tested range when TRL no longer offers what UPO relies on. Every function takes the TRL trainer class
+it reads (``DPOTrainer`` by default, ``KTOTrainer`` for unpaired data). KTO also runs a no-gradient KL-estimate
+forward on mismatched completions (``KTOTrainer._compute_kl_logps``); :meth:`LogProbCapture.paused` keeps it out of
+what is captured.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ FUSED, LOGITS = "fused", "logits"
 POLICY_FN, SHARED_FN = "selective_log_softmax_and_entropy", "selective_log_softmax"
 #: ``DPOTrainer`` methods and attributes UPO calls or reads, on every path.
 REQUIRED_METHODS = ("compute_loss", "_compute_loss", "compute_ref_log_probs", "_set_signature_columns_if_needed")
+#: What UPO also hooks in ``KTOTrainer``: the KL-estimate forward, paused while it runs.
+KTO_REQUIRED_METHODS = (*REQUIRED_METHODS, "_compute_kl_logps")
 
 
 class TRLContractError(RuntimeError):
@@ -63,26 +68,36 @@ def _code_strings(code: Any) -> set[str]:
     return out
 
 
-def _dpo_compute_loss() -> Any:
+def _trainer_class(trainer_class: Any = None) -> Any:
+    """The TRL trainer class UPO reads: ``trainer_class``, or ``DPOTrainer``."""
+    if trainer_class is not None:
+        return trainer_class
     from trl import DPOTrainer
 
-    fn = getattr(DPOTrainer, "_compute_loss", None)
+    return DPOTrainer
+
+
+def _dpo_compute_loss(trainer_class: Any = None) -> Any:
+    fn = getattr(_trainer_class(trainer_class), "_compute_loss", None)
     return inspect.unwrap(fn) if fn is not None else None
 
 
-def logprob_path() -> str:
+def logprob_path(trainer_class: Any = None) -> str:
     """How the installed TRL computes the policy's per-token log-probs: :data:`FUSED` or :data:`LOGITS`.
+
+    Args:
+        trainer_class: the TRL trainer whose loss UPO reads (``DPOTrainer`` when None, or ``KTOTrainer``).
 
     Raises:
         TRLContractError: neither way is there (a TRL that UPO does not know).
     """
-    from trl import DPOTrainer
-
-    missing = [name for name in REQUIRED_METHODS if not callable(getattr(DPOTrainer, name, None))]
-    fn = _dpo_compute_loss()
+    cls = _trainer_class(trainer_class)
+    required = KTO_REQUIRED_METHODS if cls.__name__ == "KTOTrainer" else REQUIRED_METHODS
+    missing = [name for name in required if not callable(getattr(cls, name, None))]
+    fn = _dpo_compute_loss(cls)
     if missing or fn is None:
         raise TRLContractError(
-            f"TRL {trl_version()}'s DPOTrainer has no {missing}, which UPO hooks. {_range_hint()}."
+            f"TRL {trl_version()}'s {cls.__name__} has no {missing}, which UPO hooks. {_range_hint()}."
         )
     module_globals = fn.__globals__
     if "fused_lm_head" in _code_strings(fn.__code__) and callable(module_globals.get("add_fused_lm_head")):
@@ -92,25 +107,26 @@ def logprob_path() -> str:
             raise TRLContractError(f"TRL {trl_version()} names {POLICY_FN} but does not define it. {_range_hint()}.")
         return LOGITS
     raise TRLContractError(
-        f"TRL {trl_version()}'s DPOTrainer computes per-token log-probabilities in a way UPO does not know (neither "
+        f"TRL {trl_version()}'s {cls.__name__} computes per-token log-probabilities in a way UPO does not know (neither "
         f"the fused LM head nor {SHARED_FN}), so the auxiliary term cannot read them without a second forward. "
         f"{_range_hint()}."
     )
 
 
-def check_trl(args: Any = None) -> str:
+def check_trl(args: Any = None, trainer_class: Any = None) -> str:
     """Check, before any scoring, that the installed TRL offers what UPO relies on; return the log-prob path.
 
     Args:
         args: the trainer's config (checked for options the path cannot serve: ``use_liger_kernel`` on the logits
             path, which gives no per-token log-probs).
+        trainer_class: the TRL trainer UPO hooks (``DPOTrainer`` when None, or ``KTOTrainer``).
 
     Raises:
         TRLContractError: an unknown TRL, TRL 1.15's fused head without Triton, or Liger on the logits path.
     """
     from packaging.version import InvalidVersion, Version
 
-    path = logprob_path()
+    path = logprob_path() if trainer_class is None else logprob_path(trainer_class)
     version = trl_version()
     try:
         parsed = Version(version)
@@ -139,18 +155,38 @@ def check_trl(args: Any = None) -> str:
     return path
 
 
+def is_peft_model(model: Any) -> bool:
+    """Whether ``model`` is a PEFT model (its reference is then the adapter-disabled policy, without a ``ref_model``)."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def policy_modules(model: Any) -> list[Any]:
+    """The modules that TRL's policy forward goes through by ``__call__`` (so that forward hooks see it): the model;
+    under PEFT the base model and the tuner around it (depending on the PEFT version and task type, one or the
+    other is called directly, past its hooks; a forward seen by both is kept once)."""
+    if not is_peft_model(model):
+        return [model]
+    base, tuner = model.get_base_model(), model.base_model
+    return [base] if tuner is base else [base, tuner]
+
+
 class LogProbCapture:
     """Keeps the per-token log-probs of the policy (and the reference) computed inside one ``compute_loss`` call.
 
     Args:
         path: :data:`FUSED` or :data:`LOGITS` (from :func:`check_trl`).
+        trainer_class: the TRL trainer whose loss is read (``DPOTrainer`` when None, or ``KTOTrainer``).
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, trainer_class: Any = None) -> None:
         self.path = path
         self.armed = False
         # Logits path: the namespace of TRL's `_compute_loss`, whose log-prob functions are swapped while armed.
-        self._module_globals = _dpo_compute_loss().__globals__ if path == LOGITS else {}
+        self._module_globals = _dpo_compute_loss(trainer_class).__globals__ if path == LOGITS else {}
         self.has_policy_fn = POLICY_FN in self._module_globals
         self.policy: list[torch.Tensor] = []  # fused: every hooked policy-module forward; logits: see _wrap
         self.ref: list[torch.Tensor] = []
@@ -173,6 +209,8 @@ class LogProbCapture:
 
         def wrapped(*args, **kwargs):
             out = fn(*args, **kwargs)
+            if not self.armed:  # paused (KTO's KL-estimate forward)
+                return out
             if policy:
                 self.policy.append(out[0])
             elif self.has_policy_fn or self.policy:
@@ -203,6 +241,16 @@ class LogProbCapture:
             module_globals.update(swapped)
             self.policy.clear()
             self.ref.clear()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Capture nothing while the block runs (KTO's KL-estimate forwards, on mismatched completions), then go
+        back to the state before it."""
+        armed, self.armed = self.armed, False
+        try:
+            yield
+        finally:
+            self.armed = armed
 
     def logps(self, peft_reference: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(policy, reference)`` per-token log-probs of the current loss call (None when not computed).

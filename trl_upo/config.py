@@ -1,15 +1,29 @@
-"""``UPOConfig``: every ``DPOConfig`` field, plus the UPO fields, validated at construction."""
+"""``UPOConfig`` (every ``DPOConfig`` field) and ``UPOKTOConfig`` (every ``KTOConfig`` field), plus the UPO fields.
+
+The UPO fields are declared once, in the dataclass mixin :class:`UPOArguments`, and validated when a config is built
+(and again when training starts, so that a field changed after construction is checked too); the two configs only
+narrow the choices that differ between paired and unpaired data.
+"""
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from trl import DPOConfig
+from trl import DPOConfig, KTOConfig
 
-from .heads import HeadSpec, parse_head_specs
-from .objective import APPLIES_TO, BASELINES, COMBINE_MODES, LOGLIK_REDUCTIONS, NORMALIZATIONS
+from .heads import HeadSpec, parse_head_specs, weight_cap_warning
+from .objective import (
+    APPLIES_TO,
+    BASELINES,
+    COMBINE_MODES,
+    LOGLIK_REDUCTIONS,
+    NORMALIZATIONS,
+    UNPAIRED_APPLIES_TO,
+    UNPAIRED_BASELINES,
+)
 
 
 def _choice_field(default: str, help_: str, choices: tuple[str, ...]) -> Any:
@@ -18,7 +32,94 @@ def _choice_field(default: str, help_: str, choices: tuple[str, ...]) -> Any:
 
 
 @dataclass
-class UPOConfig(DPOConfig):
+class UPOArguments:
+    """The UPO fields shared by :class:`UPOConfig` (DPO) and :class:`UPOKTOConfig` (KTO), declared once.
+
+    A mixin: it is put before the TRL config among the bases (``class UPOConfig(UPOArguments, DPOConfig)``), so its
+    fields come after the TRL config's and its ``__post_init__`` runs the TRL config's first. Field by field
+    documentation: :class:`UPOConfig`.
+    """
+
+    reward_heads: list[dict[str, Any]] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Reward heads for the designer objectives: a list of mappings (YAML) or a JSON string of one "
+            "(command line), each with name, type, weight, normalize, higher_is_better, params."
+        },
+    )
+    upo_alpha: float = field(
+        default=0.5,
+        metadata={"help": "Coefficient of the UPO auxiliary term, relative to the preference loss (weight 1)."},
+    )
+    upo_temperature: float = field(
+        default=0.25, metadata={"help": "Temperature tau of the advantage weights exp(A / tau)."}
+    )
+    upo_weight_cap: float = field(default=100.0, metadata={"help": "Cap on one response's advantage weight."})
+    upo_normalize_weights: bool = field(
+        default=True, metadata={"help": "Normalise the weights to mean 1 over the global batch."}
+    )
+    upo_baseline: str = _choice_field("batch", "Advantage baseline", BASELINES)
+    upo_applies_to: str = _choice_field("chosen", "Responses the auxiliary term trains on", APPLIES_TO)
+    upo_loglik: str = _choice_field("mean", "Per-response log-likelihood", LOGLIK_REDUCTIONS)
+    upo_normalization: str = _choice_field("zscore", "Default per-head normalisation", NORMALIZATIONS)
+    upo_combine: str = _choice_field("awr", "How designer rewards enter (awr: UPO; margin: MODPO-style)", COMBINE_MODES)
+    upo_score_batch_size: int = field(default=256, metadata={"help": "Responses per head call when scoring."})
+    upo_score_cache_dir: str | None = field(default=None, metadata={"help": "Directory of the score cache."})
+    upo_use_score_cache: bool = field(default=True, metadata={"help": "Reuse cached scores."})
+
+    def __post_init__(self):
+        if "activation_checkpointing" in type(self).__dataclass_fields__ and self.activation_checkpointing is None:
+            # transformers >= 5.23 renamed gradient_checkpointing (TRL's configs default it to True) and warns when the
+            # old name is set and the new one is not: carry the value over to the new name, so no FutureWarning.
+            self.activation_checkpointing = self.gradient_checkpointing
+        super().__post_init__()
+        self._head_specs: list[HeadSpec] = parse_head_specs(self.reward_heads)
+        # Keep the user's objects (a callable in params) but in one normalised shape.
+        self.reward_heads = [
+            {**spec.to_dict(), "params": dict(spec.params)} for spec in self._head_specs
+        ]
+        self.validate_upo()
+        if (message := weight_cap_warning(self.upo_weight_cap, self.upo_normalize_weights)) is not None:
+            warnings.warn(message, UserWarning, stacklevel=2)  # once, here: validate_upo runs again at train()
+
+    def validate_upo(self) -> None:
+        """Check the ``upo_*`` values (run at construction and again when training starts).
+
+        Raises:
+            ValueError: naming the field, the value and what it must be.
+        """
+        for name in ("upo_alpha", "upo_temperature", "upo_weight_cap"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}.")
+        if self.upo_alpha < 0:
+            raise ValueError(f"upo_alpha must be >= 0, got {self.upo_alpha}.")
+        if self.upo_temperature <= 0:
+            raise ValueError(f"upo_temperature must be > 0, got {self.upo_temperature}.")
+        if self.upo_weight_cap <= 0:
+            raise ValueError(f"upo_weight_cap must be > 0, got {self.upo_weight_cap}.")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if f.name.startswith("upo_") and choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {list(choices)}, got {getattr(self, f.name)!r}.")
+        if self.upo_score_batch_size < 1:
+            raise ValueError(f"upo_score_batch_size must be >= 1, got {self.upo_score_batch_size}.")
+
+    @property
+    def head_specs(self) -> list[HeadSpec]:
+        """The validated reward heads."""
+        return list(self._head_specs)
+
+    def to_dict(self) -> dict[str, Any]:
+        # Callables given in head params are replaced by their dotted path, so the config stays JSON-serialisable
+        # for loggers and `trainer_state.json`.
+        d = super().to_dict()
+        d["reward_heads"] = [spec.to_dict() for spec in self._head_specs]
+        return d
+
+
+@dataclass
+class UPOConfig(UPOArguments, DPOConfig):
     r"""
     Configuration for [`UPOTrainer`]: all of [`~trl.DPOConfig`], plus the Unified Preference Optimization fields.
 
@@ -61,55 +162,9 @@ class UPOConfig(DPOConfig):
             Reuse cached scores of the same dataset and head.
     """
 
-    reward_heads: list[dict[str, Any]] | str | None = field(
-        default=None,
-        metadata={
-            "help": "Reward heads for the designer objectives: a list of mappings (YAML) or a JSON string of one "
-            "(command line), each with name, type, weight, normalize, higher_is_better, params."
-        },
-    )
-    upo_alpha: float = field(
-        default=0.5,
-        metadata={"help": "Coefficient of the UPO auxiliary term, relative to the preference loss (weight 1)."},
-    )
-    upo_temperature: float = field(
-        default=0.25, metadata={"help": "Temperature tau of the advantage weights exp(A / tau)."}
-    )
-    upo_weight_cap: float = field(default=100.0, metadata={"help": "Cap on one response's advantage weight."})
-    upo_normalize_weights: bool = field(
-        default=True, metadata={"help": "Normalise the weights to mean 1 over the global batch."}
-    )
-    upo_baseline: str = _choice_field("batch", "Advantage baseline", BASELINES)
-    upo_applies_to: str = _choice_field("chosen", "Responses the auxiliary term trains on", APPLIES_TO)
-    upo_loglik: str = _choice_field("mean", "Per-response log-likelihood", LOGLIK_REDUCTIONS)
-    upo_normalization: str = _choice_field("zscore", "Default per-head normalisation", NORMALIZATIONS)
-    upo_combine: str = _choice_field("awr", "How designer rewards enter (awr: UPO; margin: MODPO-style)", COMBINE_MODES)
-    upo_score_batch_size: int = field(default=256, metadata={"help": "Responses per head call when scoring."})
-    upo_score_cache_dir: str | None = field(default=None, metadata={"help": "Directory of the score cache."})
-    upo_use_score_cache: bool = field(default=True, metadata={"help": "Reuse cached scores."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        self._head_specs: list[HeadSpec] = parse_head_specs(self.reward_heads)
-        # Keep the user's objects (a callable in params) but in one normalised shape.
-        self.reward_heads = [
-            {**spec.to_dict(), "params": dict(spec.params)} for spec in self._head_specs
-        ]
-        for name in ("upo_alpha", "upo_temperature", "upo_weight_cap"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}.")
-        if self.upo_alpha < 0:
-            raise ValueError(f"upo_alpha must be >= 0, got {self.upo_alpha}.")
-        if self.upo_temperature <= 0:
-            raise ValueError(f"upo_temperature must be > 0, got {self.upo_temperature}.")
-        if self.upo_weight_cap <= 0:
-            raise ValueError(f"upo_weight_cap must be > 0, got {self.upo_weight_cap}.")
-        for name, choices in _UPO_CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}.")
-        if self.upo_score_batch_size < 1:
-            raise ValueError(f"upo_score_batch_size must be >= 1, got {self.upo_score_batch_size}.")
+    def validate_upo(self) -> None:
+        """The shared checks, and the margin mode's: only defined for TRL's plain sigmoid DPO loss."""
+        super().validate_upo()
         if self.upo_combine == "margin":
             problems = []
             if list(self.loss_type) != ["sigmoid"]:
@@ -127,20 +182,34 @@ class UPOConfig(DPOConfig):
                     "upo_combine='awr' with other losses."
                 )
 
-    @property
-    def head_specs(self) -> list[HeadSpec]:
-        """The validated reward heads."""
-        return list(self._head_specs)
 
-    def to_dict(self) -> dict[str, Any]:
-        # Callables given in head params are replaced by their dotted path, so the config stays JSON-serialisable
-        # for loggers and `trainer_state.json`.
-        d = super().to_dict()
-        d["reward_heads"] = [spec.to_dict() for spec in self._head_specs]
-        return d
+@dataclass
+class UPOKTOConfig(UPOArguments, KTOConfig):
+    r"""
+    Configuration for [`UPOKTOTrainer`]: all of [`~trl.KTOConfig`], plus the UPO fields of [`UPOConfig`] that apply to
+    unpaired data (same names, same meaning; see ``docs/kto.md``).
 
+    The total loss is ``L = L_KTO + upo_alpha * L_aux``: ``L_KTO`` is TRL's configured KTO loss (``loss_type`` ``kto``
+    or ``apo_zero_unpaired``, ``desirable_weight``, ``undesirable_weight``) and ``L_aux`` the advantage-weighted
+    log-likelihood of the completions the term applies to.
 
-#: The UPO fields that take one of a fixed set of values, and the values (declared once, by ``_choice_field``).
-_UPO_CHOICES = {
-    f.name: tuple(f.metadata["choices"]) for f in fields(UPOConfig) if f.name.startswith("upo_") and "choices" in f.metadata
-}
+    Parameters (those that differ from [`UPOConfig`]):
+        upo_alpha (`float`, *optional*, defaults to `0.25`):
+            Coefficient of the auxiliary term, relative to the KTO loss (weight 1); 0 disables it. The default comes
+            from the sweep on unpaired data (``docs/evaluation.md``): 0.25 keeps KTO's held-out accuracy, 0.5 and
+            more cost accuracy for little more designer gain.
+        upo_applies_to (`str`, *optional*, defaults to `"desirable"`):
+            ``desirable`` (the completions labelled ``True``; the analogue of ``chosen``) or ``all``.
+        upo_baseline (`str`, *optional*, defaults to `"batch"`):
+            ``batch`` (mean over the term's completions in the global batch) or ``none``; unpaired data has no pair.
+        upo_combine (`str`, *optional*, defaults to `"awr"`):
+            only ``awr``: the margin mode is defined on pairs.
+    """
+
+    upo_alpha: float = field(
+        default=0.25,
+        metadata={"help": "Coefficient of the UPO auxiliary term, relative to the KTO loss (weight 1)."},
+    )
+    upo_baseline: str = _choice_field("batch", "Advantage baseline", UNPAIRED_BASELINES)
+    upo_applies_to: str = _choice_field("desirable", "Completions the auxiliary term trains on", UNPAIRED_APPLIES_TO)
+    upo_combine: str = _choice_field("awr", "How designer rewards enter (unpaired data: awr only)", ("awr",))

@@ -30,6 +30,10 @@ APPLIES_TO = ("chosen", "both")
 LOGLIK_REDUCTIONS = ("mean", "sum")
 NORMALIZATIONS = ("zscore", "rank", "none")
 COMBINE_MODES = ("awr", "margin")
+#: The choices on unpaired data (KTO): no pair to take a baseline over; the term applies to the desirable completions
+#: (the analogue of ``chosen``) or to all of them.
+UNPAIRED_BASELINES = ("batch", "none")
+UNPAIRED_APPLIES_TO = ("desirable", "all")
 
 # Rank normalisation maps a score to its empirical quantile u in [0, 1] over the training split, then to
 # (u - 0.5) * sqrt(12), which has mean 0 and variance 1 like a z-score, so tau means the same in both modes.
@@ -190,6 +194,12 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return x.mean()
     m = mask.to(x.dtype)
     return (x * m).sum() / m.sum()
+
+
+def masked_mean_rows(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Column means of ``rows`` over the rows where ``mask`` is true: ``(G, C), (G,) -> (C,)``."""
+    m = mask.to(rows.dtype)
+    return (rows * m[:, None]).sum(0) / m.sum()
 
 
 def masked_max(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -365,6 +375,63 @@ def awr_term(
             "aux_loss": aux_all,
             "advantage/mean": masked_mean(adv.detach(), both_mask),
             "advantage/max": masked_max(adv.detach(), both_mask),
+            "weight/mean": ws.stats[0],
+            "weight/max": ws.stats[1],
+            "weight/capped_frac": ws.stats[2],
+        }
+    return AuxTerm(loss=loss, stats=stats)
+
+
+def unpaired_awr_term(
+    r_aux: torch.Tensor,
+    selected: torch.Tensor,
+    loglik: torch.Tensor,
+    *,
+    local: slice,
+    all_loglik: torch.Tensor,
+    num_processes: int = 1,
+    baseline: str = "batch",
+    temperature: float = 0.25,
+    weight_cap: float = 100.0,
+    normalize: bool = True,
+) -> AuxTerm:
+    """Steps 4-7 on unpaired data (KTO): the weighted log-likelihood of the ``selected`` completions of the global
+    batch (the desirable ones, or all real rows), advantages and weights taken over those completions only.
+
+    ``L_aux = (1/N) sum_{selected} omega * l`` over the global batch's ``N`` selected completions. Each process
+    returns its share, ``P/N sum_{own selected} omega * l`` (``P = num_processes``), so that the mean over processes
+    that data parallelism takes of the gradients is the gradient of the global ``L_aux``, whatever number of
+    selected rows each process holds. With no selected completion in the global batch the loss is a zero that keeps
+    the graph (and the statistics are NaN; the trainer does not log them).
+
+    Args:
+        r_aux: ``(G,)`` auxiliary rewards of the global batch's completions.
+        selected: ``(G,)`` bool, the completions the term applies to (padding rows excluded).
+        loglik: ``(B,)`` this process's log-likelihoods, with gradient.
+        local: the rows of the global batch that are this process's (``B`` of them).
+        all_loglik: ``(G,)`` detached log-likelihoods of the global batch, for the logged ``aux_loss``.
+        num_processes: ``P``, the processes the global batch is gathered from.
+        baseline: ``"batch"`` (the mean r_aux of the selected completions) or ``"none"``.
+        temperature, weight_cap, normalize: as in :func:`awr_weights`.
+
+    Example (worked by hand): one process, r_aux ``[0, ln 3, 5]``, selected ``[T, T, F]``, tau 1, loglik
+    ``[-1, -2, -9]``: as in :func:`awr_term`, omega ``[0.5, 1.5]`` on the two selected rows,
+    ``L_aux = (0.5 * 1 + 1.5 * 2) / 2 = 1.75``; the third row has no weight.
+    """
+    _check_choice("baseline", baseline, UNPAIRED_BASELINES)
+    count = selected.sum()
+    adv = r_aux if baseline == "none" else r_aux - masked_mean(r_aux, selected)
+    ws = awr_weights(adv, temperature=temperature, weight_cap=weight_cap, normalize=normalize, mask=selected)
+    own = ws.weights[local]
+    own_weights = torch.where(selected[local], own, torch.zeros_like(own)).detach().to(loglik.dtype)
+    scale = num_processes / count.clamp_min(1).to(loglik.dtype)
+    loss = -(own_weights * loglik).sum() * scale
+    with torch.no_grad():
+        ll = all_loglik.to(torch.float64)
+        stats = {
+            "aux_loss": -masked_mean(ws.weights.to(torch.float64) * ll, selected),
+            "advantage/mean": masked_mean(adv.detach(), selected),
+            "advantage/max": masked_max(adv.detach(), selected),
             "weight/mean": ws.stats[0],
             "weight/max": ws.stats[1],
             "weight/capped_frac": ws.stats[2],

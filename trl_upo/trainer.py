@@ -1,6 +1,5 @@
-"""``UPOTrainer``: TRL's ``DPOTrainer`` plus the UPO auxiliary term, by subclassing and hooking.
-
-What it adds, top to bottom:
+"""``UPOTrainer``: TRL's ``DPOTrainer`` plus the UPO auxiliary term, by subclassing and hooking (``UPOKTOTrainer``,
+in ``trl_upo.kto``, is the same mixin on ``KTOTrainer``). What it adds, top to bottom:
 
 1. ``__init__``: scores the train and eval sets with every reward head (cached), fits the normalisation statistics
    on the train split, then hands everything to ``DPOTrainer.__init__`` unchanged.
@@ -39,16 +38,24 @@ from .collator import (
     head_signs_and_weights,
     step_value_layout,
 )
-from .config import UPOConfig
+from .config import UPOArguments, UPOConfig
 from .heads import HeadSpec, build_head
-from .compat import FUSED, TESTED_TRL, LogProbCapture, TRLContractError, check_trl, trl_version
-from .objective import awr_term, margin_correction, sequence_loglik
+from .compat import (
+    FUSED,
+    TESTED_TRL,
+    LogProbCapture,
+    TRLContractError,
+    check_trl,
+    is_peft_model as _is_peft_model,
+    policy_modules as _policy_modules,
+    trl_version,
+)
+from .objective import awr_term, margin_correction, masked_mean_rows, sequence_loglik
 from .scoring import ROLES, fit_head_statistics, score_column, score_dataset
 from .state import STATE_FILE, build_state, load_upo_state, resume_statistics, save_state
 
 __all__ = ["STATE_FILE", "VALUES_COLUMN", "VALUES_KEY", "UPODataCollator", "UPOMixin", "UPOTrainer", "load_upo_state",
            "step_value_layout"]
-
 logger = logging.getLogger(__name__)
 
 _UPO_CITATION = textwrap.dedent("""\
@@ -60,24 +67,6 @@ _UPO_CITATION = textwrap.dedent("""\
         eprint       = {2405.17956},
         archivePrefix= {arXiv},
     }""")
-
-
-def _is_peft_model(model: Any) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, PeftModel)
-
-
-def _policy_modules(model: Any) -> list[Any]:
-    """The modules that TRL's policy forward goes through by ``__call__`` (so that forward hooks see it): the model;
-    under PEFT the base model and the tuner around it (depending on the PEFT version and task type, one or the
-    other is called directly, past its hooks; a forward seen by both is kept once)."""
-    if not _is_peft_model(model):
-        return [model]
-    base, tuner = model.get_base_model(), model.base_model
-    return [base] if tuner is base else [base, tuner]
 
 
 #: The constructor parameters of ``DPOTrainer``, in order: how the mixin reads positional arguments.
@@ -96,18 +85,35 @@ class UPOMixin:
     :class:`~trl_upo.UPOConfig` (or subclass) for reward heads, and any other config trains without them.
     """
 
+    #: The response columns of a row (paired data: chosen and rejected); ``UPOKTOMixin`` has one, the completion.
+    _upo_roles: tuple[str, ...] = ROLES
+    #: The constructor parameters of the TRL trainer, in order (how positional arguments are read).
+    _upo_parameters: list[str] = _DPO_PARAMETERS
+    #: The config built when none is given.
+    _upo_config_class: type = UPOConfig
+    #: Drop a step statistic that is NaN (over no row of its kind: KTO batches may hold no desirable completion).
+    _upo_drop_nan = False
+
+    @classmethod
+    def _upo_trl_class(cls) -> type:
+        """The TRL trainer whose loss UPO reads (``check_trl``, ``LogProbCapture``)."""
+        return DPOTrainer
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        if len(args) > len(_DPO_PARAMETERS):
-            raise TypeError(f"{type(self).__name__} takes at most {len(_DPO_PARAMETERS)} positional arguments")
-        named = {**dict(zip(_DPO_PARAMETERS, args)), **kwargs}
+        parameters = self._upo_parameters
+        if len(args) > len(parameters):
+            raise TypeError(f"{type(self).__name__} takes at most {len(parameters)} positional arguments")
+        named = {**dict(zip(parameters, args)), **kwargs}
         model = named.get("model")
         if named.get("args") is None:
             model_name = model if isinstance(model, str) else get_config_model_id(model.config)
-            named["args"] = UPOConfig(f"{model_name.split('/')[-1]}-UPO")
+            named["args"] = self._upo_config_class(f"{model_name.split('/')[-1]}-UPO")
         config = named["args"]
         self._upo_setup_heads(config)
         if self._upo_heads:
-            self._upo_path = check_trl(config)  # before any scoring: a TRL that UPO cannot read fails here
+            # Before any scoring: a TRL that UPO cannot read fails here.
+            trl_class = self._upo_trl_class()
+            self._upo_path = check_trl(config) if trl_class is DPOTrainer else check_trl(config, trl_class)
             if named.get("processing_class") is None:
                 # The processor DPOTrainer would load (and then does not load again); loaded here because heads may
                 # need the tokenizer.
@@ -119,34 +125,47 @@ class UPOMixin:
                 config, named.get("train_dataset"), named.get("eval_dataset"), _tokenizer_of(named["processing_class"])
             )
         super().__init__(**named)
-        self._upo_capture = LogProbCapture(self._upo_path) if self._upo_heads else None
+        self._upo_capture = None
         self._upo_hook_handles: list[Any] = []
         if self._upo_heads:
+            trl_class = self._upo_trl_class()
+            self._upo_capture = LogProbCapture(self._upo_path, None if trl_class is DPOTrainer else trl_class)
             self._upo_check_parallelism()
-            self.data_collator = UPODataCollator(self.data_collator, [s.name for s in self._upo_specs])
-            if self.args.upo_alpha > 0 and self._upo_path == FUSED:
-                for module in _policy_modules(self.model):
-                    self._upo_capture.attach(module, self._upo_capture.policy)
-                if self.ref_model is not None:
-                    self._upo_capture.attach(self.accelerator.unwrap_model(self.ref_model), self._upo_capture.ref)
-                self._upo_hook_handles = self._upo_capture.handles
+            self.data_collator = UPODataCollator(
+                self.data_collator, [s.name for s in self._upo_specs], roles=self._upo_roles
+            )
+            if self.args.upo_alpha > 0:
+                self._upo_attach_hooks()
+
+    def _upo_attach_hooks(self) -> None:
+        """Fused path: hook the policy (and an explicit reference model) to read their log-probs. Done at
+        construction when ``upo_alpha > 0``, or at the first step that needs it (``upo_alpha`` raised after
+        construction); nothing hooks the model while the term is off."""
+        if self._upo_path != FUSED or self._upo_hook_handles:
+            return
+        for module in _policy_modules(self.model):
+            self._upo_capture.attach(module, self._upo_capture.policy)
+        if self.ref_model is not None:
+            self._upo_capture.attach(self.accelerator.unwrap_model(self.ref_model), self._upo_capture.ref)
+        self._upo_hook_handles = self._upo_capture.handles
 
     def _upo_setup_heads(self, args) -> None:
         """Build the heads of ``args`` (none without a ``UPOConfig``) and the names of a step's per-pair values."""
-        specs: list[HeadSpec] = args.head_specs if isinstance(args, UPOConfig) else []
-        if not isinstance(args, UPOConfig):
-            logger.info("%s got a %s, not a UPOConfig: no reward heads, training as DPO.", type(self).__name__,
-                        type(args).__name__)
+        specs: list[HeadSpec] = args.head_specs if isinstance(args, UPOArguments) else []
+        if not isinstance(args, UPOArguments):
+            logger.info("%s got a %s, not a %s: no reward heads, training as %s.", type(self).__name__,
+                        type(args).__name__, self._upo_config_class.__name__, self._upo_trl_class().__name__)
         self._upo_specs = specs
         self._upo_heads = [build_head(s) for s in specs]
         self._upo_stats: list[dict] = []
         self._upo_signs, self._upo_weights = head_signs_and_weights(specs)
         self._upo_path = None
-        self._upo_value_names = step_value_layout([s.name for s in specs])
+        roles = self._upo_roles
+        self._upo_value_names = step_value_layout([s.name for s in specs], roles)
         # The order the per-pair metrics are logged in: head by head.
         self._upo_log_order = [
-            f"upo/{s.name}/{m}" for s in specs for m in ("chosen", "rejected", "chosen_norm", "rejected_norm")
-        ] + ["upo/reward_aux/chosen", "upo/reward_aux/rejected"]
+            f"upo/{s.name}/{m}" for s in specs for m in (*roles, *(f"{r}_norm" for r in roles))
+        ] + [f"upo/reward_aux/{r}" for r in roles]
         self._upo_score_report: dict[str, dict[str, str]] = {}
 
     def _upo_prepare_datasets(self, args: UPOConfig, train_dataset, eval_dataset, tokenizer) -> tuple[Any, Any]:
@@ -155,7 +174,9 @@ class UPOMixin:
         if train_dataset is None:
             raise ValueError("`train_dataset` is required")
         train_dataset = self._upo_score(train_dataset, "train", args, tokenizer)
-        self._upo_stats = fit_head_statistics(train_dataset, self._upo_specs, args.upo_normalization)
+        self._upo_stats = fit_head_statistics(
+            train_dataset, self._upo_specs, args.upo_normalization, roles=self._upo_roles
+        )
         train_dataset = self._upo_add_normalized(train_dataset)
         if eval_dataset is not None:
             eval_dataset = self._upo_prepare_eval(eval_dataset, "eval", args, tokenizer)
@@ -189,20 +210,21 @@ class UPOMixin:
                 "Reward heads on vision-language preference data are not supported yet; train this dataset with "
                 "DPOTrainer, or without reward heads."
             )
-        with args.main_process_first(desc=f"UPO scoring of the {split} dataset"):
-            scored, report = score_dataset(
-                dataset,
-                self._upo_heads,
-                self._upo_specs,
-                split=split,
-                tokenizer=tokenizer,
-                batch_size=args.upo_score_batch_size,
-                cache_dir=args.upo_score_cache_dir,
-                use_cache=args.upo_use_score_cache,
-                num_proc=args.dataset_num_proc,
-            )
+        # Every rank scores its share and gets all the scores (one gather): no rank waits for another to score all.
+        scored, report = score_dataset(
+            dataset,
+            self._upo_heads,
+            self._upo_specs,
+            split=split,
+            tokenizer=tokenizer,
+            batch_size=args.upo_score_batch_size,
+            cache_dir=args.upo_score_cache_dir,
+            use_cache=args.upo_use_score_cache,
+            num_proc=args.dataset_num_proc,
+            roles=self._upo_roles,
+            distributed=args.world_size > 1,
+        )
         self._upo_score_report[split] = report.status
-        logger.info("UPO scores for the %s dataset: %s", split, report.status)
         return scored
 
     def _upo_prepare_eval(self, dataset, split: str, args: UPOConfig, tokenizer):
@@ -213,12 +235,12 @@ class UPOMixin:
 
     def _upo_add_normalized(self, dataset: Dataset) -> Dataset:
         """Add the per-pair values computed with the current statistics (``trl_upo.collator.add_values_column``)."""
-        return add_values_column(dataset, self._upo_specs, self._upo_stats)
+        return add_values_column(dataset, self._upo_specs, self._upo_stats, self._upo_roles)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         if self._upo_specs:
-            extra = [score_column(s.name, r) for s in self._upo_specs for r in ROLES] + [VALUES_COLUMN]
+            extra = [score_column(s.name, r) for s in self._upo_specs for r in self._upo_roles] + [VALUES_COLUMN]
             self._signature_columns = list(self._signature_columns) + [
                 c for c in extra if c not in self._signature_columns
             ]
@@ -257,6 +279,7 @@ class UPOMixin:
             rows, mask, _ = self._upo_gather_step(values)
             self._upo_log(mode, self._upo_value_means(rows, mask))
             return result
+        self._upo_attach_hooks()  # no-op unless upo_alpha was raised from 0 after construction
         peft_reference = self.ref_model is None and _is_peft_model(self.accelerator.unwrap_model(self.model))
         with self._upo_capture.capturing() as capture:
             result = super().compute_loss(model, inputs, **loss_kwargs)
@@ -377,6 +400,8 @@ class UPOMixin:
         names = [n for key in metrics for n in ((key,) if isinstance(key, str) else key)]
         parts = [value.reshape(-1).to(torch.float64) for value in metrics.values()]
         logged = dict(zip(names, torch.cat(parts).tolist(), strict=True))
+        if self._upo_drop_nan:  # unpaired data: a statistic over no row of its kind in this batch is not logged
+            logged = {k: v for k, v in logged.items() if k in self._upo_log_order or v == v}
         out = self._metrics[mode]
         for name in self._upo_log_order:
             out[name].append(logged.pop(name))
@@ -405,6 +430,9 @@ class UPOMixin:
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """Train as the next class does; a resumed run first adopts the checkpoint's ``upo_state.json``."""
+        if isinstance(self.args, UPOArguments):
+            # The upo_* fields may have been changed since the config was built (trainer.args.upo_alpha = ...).
+            self.args.validate_upo()
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
             checkpoint = get_last_checkpoint(self.args.output_dir)
@@ -432,12 +460,6 @@ class UPOMixin:
 #: The order the step statistics follow the per-pair metrics in the logs.
 _LOG_ORDER = ["upo/loglik/chosen", "upo/loglik/rejected", "upo/aux_loss", "upo/advantage/mean", "upo/advantage/max",
               "upo/weight/mean", "upo/weight/max", "upo/weight/capped_frac", "upo/margin_correction"]
-
-
-def masked_mean_rows(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Column means of ``rows`` over the rows where ``mask`` is true: ``(G, C), (G,) -> (C,)``."""
-    m = mask.to(rows.dtype)
-    return (rows * m[:, None]).sum(0) / m.sum()
 
 
 def _tokenizer_of(processing_class: Any) -> Any:

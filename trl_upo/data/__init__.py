@@ -6,7 +6,8 @@
   chosen response, the original answer the rejected one.
 
 Both write their output in shards as they go (resumable, deterministic with a seed) and produce TRL's standard or
-conversational preference format. Their input, like every command's dataset, is read by :func:`load_split`
+conversational preference format, or unpaired rows for KTO (``OutputSettings(unpaired=True)``, :func:`unpair_rows`:
+the chosen answers desirable, the rejected ones undesirable). Their input, like every command's dataset, is read by :func:`load_split`
 (:mod:`trl_upo.data.loading`: files, saved datasets, Hub names and ``upo://`` assets).
 """
 
@@ -20,7 +21,7 @@ from .critique import (
     check_template,
 )
 from .generation import GenerationSettings, batch_seed, make_generator
-from .io import OutputSettings
+from .io import OutputSettings, unpair_rows
 from .loading import DatasetLoadError, load_split, load_splits
 from .rank import (
     RankConfig,
@@ -53,5 +54,6 @@ __all__ = [
     "make_generator",
     "score_columns",
     "select_pairs",
+    "unpair_rows",
     "within_prompt",
 ]

@@ -61,6 +61,8 @@ def check_output(
     """
     consumed = set(consumed)
     passthrough = [c for c in dataset.column_names if c not in consumed]
+    if output is not None and output.unpaired:  # unpaired rows add these two
+        produced = [*produced, "completion", "label"]
     clash = sorted(set(passthrough) & set(produced))
     if clash:
         raise ValueError(

@@ -34,6 +34,8 @@ class OutputSettings:
         push_to_hub: a Hub dataset repo id to push the result to (``Dataset.push_to_hub``), or None.
         hub_private: create the Hub repo as private.
         progress: show tqdm progress bars.
+        unpaired: write unpaired rows for KTO instead of pairs (:func:`unpair_rows`: each pair's chosen answer a
+            desirable row, its rejected answer an undesirable one).
     """
 
     path: str
@@ -44,6 +46,7 @@ class OutputSettings:
     push_to_hub: str | None = None
     hub_private: bool = False
     progress: bool = True
+    unpaired: bool = False
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -208,6 +211,8 @@ def finish(store: ShardStore, output: OutputSettings | None, what: str) -> Any:
             f"No {what} were built from any prompt (see the warnings above), so there is nothing to write. Lower the "
             f"margin, or check the reward heads and the responses."
         )
+    if output is not None and output.unpaired:
+        rows = unpair_rows(rows)
     dataset = Dataset.from_list(rows)
     if output is not None:
         write_dataset(dataset, rows, output)
@@ -216,6 +221,47 @@ def finish(store: ShardStore, output: OutputSettings | None, what: str) -> Any:
         if not output.keep_shards:
             store.remove()
     return dataset
+
+
+def unpair_rows(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Preference pairs -> unpaired rows (``UPOKTOTrainer``, TRL's ``KTOTrainer``): per pair, the chosen answer as a
+    desirable row (``label`` True) followed by the rejected one (``label`` False), so every batch mixes both kinds.
+
+    A column ``<name>_chosen`` with a ``<name>_rejected`` twin (``score_chosen``, ``score_<head>_chosen``, ...)
+    becomes ``<name>_completion``, the score of that row's completion; every other column is repeated on both
+    rows. A (prompt, completion, label) row that an earlier pair already gave is not repeated (ranking several pairs
+    per prompt reuses answers); an answer that is chosen in one pair and rejected in another is kept with both
+    labels, and a warning counts them.
+
+    Raises:
+        ValueError: a row without ``chosen`` and ``rejected``, or one that already has ``completion``/``label``.
+    """
+    out: list[dict[str, Any]] = []
+    seen: dict[str, set] = {}
+    for i, row in enumerate(pairs):
+        if "chosen" not in row or "rejected" not in row or "completion" in row or "label" in row:
+            raise ValueError(
+                f"Unpairing needs pairs with 'chosen' and 'rejected' and no 'completion' or 'label' column; row {i} "
+                f"has {sorted(row)}."
+            )
+        twins = [k[: -len("_chosen")] for k in row if k.endswith("_chosen") and f"{k[:-7]}_rejected" in row]
+        shared = {k: v for k, v in row.items() if k not in ("chosen", "rejected")
+                  and not any(k in (f"{t}_chosen", f"{t}_rejected") for t in twins)}
+        for role, label in (("chosen", True), ("rejected", False)):
+            key = json.dumps([row.get("prompt"), row[role]], sort_keys=True, default=repr)
+            if label in seen.setdefault(key, set()):
+                continue
+            seen[key].add(label)
+            out.append({**shared, "completion": row[role], "label": label,
+                        **{f"{t}_completion": row[f"{t}_{role}"] for t in twins}})
+    both = sum(1 for labels in seen.values() if len(labels) == 2)
+    if both:
+        logger.warning(
+            "%d answer(s) are the chosen answer of one pair and the rejected answer of another: they are written "
+            "as both a desirable and an undesirable row. Pair best against worst for clean unpaired labels.",
+            both,
+        )
+    return out
 
 
 def write_dataset(dataset: Any, rows: list[dict[str, Any]], output: OutputSettings) -> None:

@@ -7,7 +7,8 @@ Three measurements, usable alone or together through :func:`evaluate_policy` (:m
 2. :func:`designer_metrics` (:mod:`.designer`): the raw scores of reward heads (the spec dicts ``UPOTrainer`` takes)
    on the generated responses: mean, standard deviation and count per head, with no normalisation.
 3. :func:`preference_metrics` (:mod:`.preference`): DPO's implicit reward ``beta * (log pi(y|x) - log pi_ref(y|x))``
-   on held-out pairs: the accuracy (chosen reward above rejected reward, ties counting half) and the margins.
+   on held-out pairs: the accuracy (chosen reward above rejected reward, ties counting half) and the margins;
+   :func:`unpaired_metrics` (:mod:`.unpaired`): the same implicit reward on held-out unpaired rows (KTO's data).
 
 ``model`` and ``ref_model`` may be loaded models or paths: a full model directory (or Hub id) or a PEFT adapter
 directory, whose base model is loaded from the adapter's config (:func:`trl_upo.models.load_model`, re-exported here
@@ -22,6 +23,7 @@ from .generation import generate_responses
 from .plotting import require_matplotlib
 from .policy import evaluate_policy
 from .preference import METRIC_NAMES, completion_logps, preference_metrics
+from .unpaired import unpaired_metrics, unpaired_rows
 
 __all__ = [
     "METRIC_NAMES",
@@ -36,4 +38,6 @@ __all__ = [
     "preference_metrics",
     "require_matplotlib",
     "text_head_specs",
+    "unpaired_metrics",
+    "unpaired_rows",
 ]

@@ -9,6 +9,7 @@ from ..models import load_model, load_tokenizer
 from .designer import designer_metrics, text_head_specs
 from .generation import generate_responses
 from .preference import preference_metrics
+from .unpaired import unpaired_metrics
 
 
 def evaluate_policy(
@@ -18,6 +19,7 @@ def evaluate_policy(
     prompts: Iterable[Any],
     heads: Sequence[dict] | str | None = None,
     pairs: Any = None,
+    unpaired: Any = None,
     ref_model: Any = None,
     beta: float = 0.1,
     max_new_tokens: int = 64,
@@ -36,6 +38,8 @@ def evaluate_policy(
         prompts: held-out prompts (strings or message lists).
         heads: reward-head spec dicts (as ``UPOConfig.reward_heads``); None: no designer metrics.
         pairs: held-out preference pairs (Dataset or list of dicts); None: no preference metrics.
+        unpaired: held-out unpaired rows (``prompt``, ``completion``, boolean ``label``; KTO's data) for
+            :func:`~trl_upo.evaluation.unpaired_metrics`; None: none.
         ref_model: the reference for the implicit reward (see :func:`~trl_upo.evaluation.preference_metrics`).
         beta: DPO's beta for the implicit reward.
         max_new_tokens: see :func:`~trl_upo.evaluation.generate_responses`.
@@ -47,7 +51,8 @@ def evaluate_policy(
         **generation_kwargs: ``do_sample``, ``temperature``, ``top_p`` and anything ``model.generate`` takes.
 
     Returns:
-        ``{"designer": {...}, "preference": {...}, "generation": {settings}, "samples": [...]}``.
+        ``{"designer": {...}, "preference": {...}, "generation": {settings}, "samples": [...]}``, and
+        ``"unpaired": {...}`` when ``unpaired`` is given.
     """
     text_head_specs(heads)  # a typo in a head, or a head that cannot score text, fails here, before generation
     prompts = list(prompts)
@@ -78,6 +83,9 @@ def evaluate_policy(
             {"prompt": p, "response": rs[0]} for p, rs in list(zip(prompts, responses, strict=True))[:num_examples]
         ],
     }
+    if unpaired is not None:
+        result["unpaired"] = unpaired_metrics(model, tokenizer, unpaired, ref_model=ref_model, beta=beta,
+                                              batch_size=batch_size)
     if return_responses:
         result["responses"] = responses
     return result
