@@ -21,6 +21,11 @@ class LengthHead(RewardHead):
 
     parallel_safe = True
 
+    @property
+    def reads_tokenizer(self) -> bool:  # type: ignore[override]
+        """Only ``unit: tokens`` counts with the trainer's tokenizer; words and characters do not read it."""
+        return self.unit == "tokens"
+
     def __init__(
         self,
         unit: Annotated[

@@ -49,6 +49,7 @@ class LexiconHead(RewardHead):
     """
 
     parallel_safe = True
+    reads_tokenizer = False
 
     def __init__(
         self,

@@ -31,6 +31,10 @@ class RewardHead:
     #: Whether the head may score shards of a dataset in several worker processes (pure CPU text heads). Model heads
     #: and arbitrary user functions keep the default, False.
     parallel_safe: ClassVar[bool] = False
+    #: Whether the head may read the trainer's tokenizer (then the tokenizer keys its cached and recorded scores).
+    #: None: decided by scoring (model heads bring their own tokenizer: no; any other head: yes). A head that never
+    #: reads it sets False, so its scores survive a change of policy tokenizer.
+    reads_tokenizer: ClassVar[bool | None] = None
 
     def __new__(cls, *args: Any, **kwargs: Any):
         # Record the constructor arguments, so that a head built directly (not from a spec) still fingerprints on
@@ -74,6 +78,11 @@ class RewardHead:
         """Dataset columns this head reads from ``columns`` in :meth:`score`; scoring checks they exist first. A head
         that scores only the response text reads none."""
         return []
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> None:
+        """Rules between parameters (the schema checks each one alone), run when the config is built; a head with
+        such rules raises ValueError here and calls this from its constructor too. The default has none."""
 
     def load(self) -> Any:
         """Load what the head scores with (a model) now, so that a wrong model id fails before any other work; the

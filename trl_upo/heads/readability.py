@@ -45,6 +45,7 @@ class ReadabilityHead(RewardHead):
     """
 
     parallel_safe = True
+    reads_tokenizer = False
 
     def __init__(
         self,

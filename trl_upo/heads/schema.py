@@ -151,7 +151,8 @@ def matches_type(value: Any, hint: Any) -> bool:
 
 def validate_params(cls: type, params: dict[str, Any], head: str) -> None:
     """Check ``params`` against the schema of ``cls``: names (with a did-you-mean), required parameters, types,
-    allowed values and minimums. Cross-parameter rules stay in the head's constructor.
+    allowed values and minimums; then the head's own cross-parameter rules (``check_params``, a classmethod that
+    the constructor runs too).
 
     Raises:
         ValueError: naming the head, the parameter, what was given and what is allowed.
@@ -178,6 +179,12 @@ def validate_params(cls: type, params: dict[str, Any], head: str) -> None:
         info = schema.get(name)
         if info is not None:
             _check_value(info, value, head)
+    check = getattr(cls, "check_params", None)
+    if check is not None:
+        try:
+            check(params)
+        except ValueError as e:
+            raise ValueError(f"Invalid parameters {sorted(params)} for reward head {head!r}: {e}") from e
 
 
 def _check_value(info: ParamInfo, value: Any, head: str) -> None:
