@@ -186,9 +186,26 @@ def test_recorded_scores_of_an_edited_row_are_not_reused(score_cache):
 
 
 def test_progress_bar_counts_responses_and_respects_tqdm_disable(score_cache, monkeypatch, capsys):
+    import datasets
+    import huggingface_hub.utils as hub_utils
+
     import trl_upo.scoring.shards as shards
 
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    # An earlier test in the same process (the CLI run in-process) may have turned HF's progress bars off.
+    was_datasets, was_hub = datasets.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled()
+    datasets.enable_progress_bars()
+    hub_utils.enable_progress_bars()
+    try:
+        _check_progress_bar(shards, monkeypatch, capsys)
+    finally:
+        if not was_datasets:
+            datasets.disable_progress_bars()
+        if not was_hub:
+            hub_utils.disable_progress_bars()
+
+
+def _check_progress_bar(shards, monkeypatch, capsys):
     assert shards.progress_enabled()
     score_dataset(data(10), [WordsHead()], SPECS, split="train", batch_size=4, use_cache=False)
     err = capsys.readouterr().err

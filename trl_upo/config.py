@@ -111,8 +111,9 @@ class UPOArguments:
         return list(self._head_specs)
 
     def to_dict(self) -> dict[str, Any]:
-        # Callables given in head params are replaced by their dotted path, so the config stays JSON-serialisable
-        # for loggers and `trainer_state.json`.
+        """The TRL config's ``to_dict``, with each reward head in its normalised form: callables given in head params
+        are replaced by their dotted path, so the config stays JSON-serialisable for loggers and
+        ``trainer_state.json``."""
         d = super().to_dict()
         d["reward_heads"] = [spec.to_dict() for spec in self._head_specs]
         return d
