@@ -268,3 +268,90 @@ def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(data_io.ShardStore, "write", real)
     assert trl_upo(cmd) == 0
     assert len(_read_jsonl(tmp_path / "o.jsonl")) == 5
+
+
+def test_rank_unpaired_writes_desirable_and_undesirable_rows_and_kto_column_heads(tmp_path, capsys):
+    """--unpaired: each best-vs-worst pair becomes a desirable row (the best answer) and an undesirable row (the
+    worst), scores per completion; the printed column heads read those scores on unpaired rows (UPOKTOConfig)."""
+    from trl_upo import UPOKTOConfig
+    from trl_upo.heads import build_head, parse_head_specs
+
+    data = _write_jsonl(tmp_path / "cands.jsonl", [
+        {"prompt": "p0", "c": [" a very b", " a", " very very"]},
+        {"prompt": "p1", "c": [" x y z", " very"]},
+    ])
+    out = tmp_path / "kto.jsonl"
+    heads = '[{"name": "novery", "type": "lexicon", "params": {"avoid": ["very"]}}]'
+    assert trl_upo(["build-pairs", "rank", "--dataset", data, "--candidates_column", "c", "--reward_heads", heads,
+                    "--unpaired", "--no-progress", "--output", str(out)]) == 0
+    rows = _read_jsonl(out)
+    assert [(r["prompt"], r["completion"], r["label"]) for r in rows] == [
+        ("p0", " a", True), ("p0", " very very", False), ("p1", " x y z", True), ("p1", " very", False)]
+    assert [r["score_novery_completion"] for r in rows] == [0.0, -2.0, 0.0, -1.0]
+    assert not any(k in r for r in rows for k in ("chosen", "rejected", "score_novery_chosen"))
+    printed = capsys.readouterr().out
+    assert "Wrote 4 unpaired rows (2 desirable, 2 undesirable) from 2 prompts" in printed
+    snippet = yaml.safe_load(printed[printed.index("reward_heads:"):])
+    assert snippet["reward_heads"][0]["params"] == {"completion": "score_novery_completion"}
+    UPOKTOConfig(output_dir=str(tmp_path / "o"), use_cpu=True, bf16=False, **snippet)
+    (spec,) = parse_head_specs(snippet["reward_heads"])
+    columns = {k: [r[k] for r in rows] for k in rows[0]}
+    assert build_head(spec).score([], [], role="completion", columns=columns) == [0.0, -2.0, 0.0, -1.0]
+
+
+def test_critique_unpaired_revision_desirable_first_answer_undesirable(tiny_model_path, tmp_path, capsys):
+    out = tmp_path / "c"
+    assert trl_upo(["build-pairs", "critique", "--dataset", _prompt_file(tmp_path, 2), "--model", tiny_model_path,
+                    "--max_new_tokens", "4", "--unpaired", "--no-progress", "--format", "disk",
+                    "--output", str(out)]) == 0
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(out))
+    assert ds["label"] == [True, False, True, False]
+    assert {"prompt", "completion", "label", "critique", "principle"} <= set(ds.column_names)
+    assert "chosen" not in ds.column_names and ds["prompt"][0] == ds["prompt"][1]
+    assert "Wrote 4 unpaired rows (2 desirable, 2 undesirable) from 2 prompts" in capsys.readouterr().out
+
+
+def test_unpaired_output_refuses_input_columns_it_would_overwrite(tmp_path, capsys, no_generation):
+    data = _write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "c": [" a", " b"], "label": 1}])
+    rc = trl_upo(["build-pairs", "rank", "--dataset", data, "--candidates_column", "c", "--reward_heads", HEADS,
+                  "--unpaired", "--output", str(tmp_path / "o.jsonl")])
+    assert rc == 2
+    assert "has column(s) ['label'], which the output would overwrite" in capsys.readouterr().err
+
+
+def test_cli_doc_unpaired_commands(tmp_path, monkeypatch, capsys):
+    """docs/cli.md's `shell` blocks of build-pairs and eval, in page order: a line on packaged assets runs and prints
+    what the page shows (a Hub model is only parsed); eval reads the unpaired rows build-pairs wrote."""
+    import shlex
+    from pathlib import Path
+
+    from trl_upo.cli.build_pairs import parse_args
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    lines = [shlex.split(line) for block in re.findall(r"```shell\n(.*?)```", page, re.S)
+             for line in block.splitlines() if line.strip()]
+    texts = re.findall(r"```text\n(.*?)```", page, re.S)
+    monkeypatch.chdir(tmp_path)
+    ran = []
+    for cmd in lines:
+        assert cmd[0] == "trl-upo" and cmd[1] in ("build-pairs", "eval"), cmd
+        if cmd[1] == "build-pairs" and "--model" in cmd and not cmd[cmd.index("--model") + 1].startswith("upo://"):
+            assert parse_args(cmd[2:], "trl-upo build-pairs").unpaired is True
+            continue
+        capsys.readouterr()
+        assert trl_upo(cmd[1:]) == 0, cmd
+        out = capsys.readouterr().out
+        marker = "Wrote 8 unpaired rows" if cmd[1] == "build-pairs" else "unpaired accuracy"
+        (shown,) = [t for t in texts if marker in t]
+        ran.append(cmd[1])
+        if cmd[1] == "build-pairs":  # the page shows the warning (logged) above what is printed
+            assert out.splitlines() == shown.splitlines()[1:] and "gave no pair" in shown.splitlines()[0]
+            rows = _read_jsonl(tmp_path / "unpaired.jsonl")
+            assert [r["label"] for r in rows] == [True, False] * 4
+        else:  # the unpaired rows of the table: the tiny model against itself ties everywhere
+            wanted = [line for line in shown.splitlines() if line.startswith("unpaired")]
+            assert len(wanted) == 2 and all(line in out.splitlines() for line in wanted)
+            assert json.loads((tmp_path / "eval-unpaired" / "eval.json").read_text())["unpaired"]["accuracy"] == 0.5
+    assert ran == ["build-pairs", "eval"]

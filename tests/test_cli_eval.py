@@ -197,3 +197,97 @@ def test_eval_without_matplotlib_warns_and_skips_the_plots(policy_path, data_fil
     assert rc == 0
     assert "warning: Plots need matplotlib" in err and "The plots are skipped" in err
     assert (out / "eval.json").is_file() and not (out / "designer.png").exists()
+
+
+def _unpaired_rows(n_pairs: int, seed: int) -> list[dict]:
+    """Preference pairs split into a desirable and an undesirable row each (KTO's unpaired form)."""
+    return [{"prompt": r["prompt"], "completion": r[k], "label": k == "chosen"}
+            for r in preference_rows(n_pairs, seed=seed) for k in ("chosen", "rejected")]
+
+
+def _write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_eval_unpaired_rows_reports_kto_metrics(policy_path, tiny_model_path, tmp_path, capsys):
+    """Rows with completion and a boolean label: the unpaired metrics against the reference, equal to
+    trl_upo.evaluation.unpaired_metrics on the same rows, in eval.json, report.md and the console table; designer
+    metrics on the distinct prompts; no "preference metrics skipped"."""
+    from trl_upo.evaluation import unpaired_metrics
+
+    rows = _unpaired_rows(4, seed=13)
+    data = _write_jsonl(tmp_path / "kto.jsonl", rows)
+    out = tmp_path / "eval"
+    rc = cli(["eval", "--model", policy_path, "--ref_model", tiny_model_path, "--dataset", data, "--heads", HEADS,
+              "--num_prompts", "8", "--max_new_tokens", "4", "--greedy", "--no_plots", "--beta", "0.5",
+              "--output_dir", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "preference metrics skipped" not in captured.err and "4 desirable, 4 undesirable" in captured.err
+    expected = unpaired_metrics(policy_path, None, rows, ref_model=tiny_model_path, beta=0.5)
+    res = json.loads((out / "eval.json").read_text())
+    got = res["unpaired"]
+    assert set(got) == set(expected) and res["preference"] == {}
+    for key, value in expected.items():
+        assert got[key] == (pytest.approx(value) if isinstance(value, float) else value), key
+    assert (got["n_desirable"], got["n_undesirable"], got["reference"]) == (4, 4, "ref_model")
+    assert got["desirable_reward_mean"] != got["undesirable_reward_mean"]
+    distinct = len({r["prompt"] for r in rows})
+    assert res["generation"]["num_prompts"] == distinct and res["designer"]["length"]["n"] == distinct
+    report = (out / "report.md").read_text()
+    assert "## Preferences (held-out unpaired rows)" in report and "Skipped" not in report
+    for key in ("accuracy", "ranking_accuracy", "desirable_reward_mean", "undesirable_reward_mean"):
+        assert f"{expected[key]:.4f}" in report, key
+    assert "4 desirable and 4 undesirable rows; implicit-reward accuracies (reference: the given ref_model)" in report
+    acc = next(line for line in captured.out.splitlines() if line.startswith("unpaired accuracy (implicit reward)"))
+    assert f"{expected['accuracy']:.4f}" in acc and "4 desirable + 4 undesirable rows" in acc
+    rank = next(line for line in captured.out.splitlines() if line.startswith("unpaired ranking accuracy"))
+    assert f"{expected['ranking_accuracy']:.4f}" in rank
+
+
+def test_eval_unpaired_rows_of_one_kind_leave_the_ranking_accuracy_empty(policy_path, tmp_path, capsys):
+    rows = [r for r in _unpaired_rows(3, seed=14) if r["label"]]
+    out = tmp_path / "eval"
+    rc = cli(["eval", "--model", policy_path, "--dataset", _write_jsonl(tmp_path / "good.jsonl", rows),
+              "--max_new_tokens", "2", "--greedy", "--no_plots", "--output_dir", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "every row is desirable: the ranking accuracy needs both kinds" in err
+    res = json.loads((out / "eval.json").read_text())  # strict JSON: no NaN
+    assert res["unpaired"]["ranking_accuracy"] is None and res["unpaired"]["n_undesirable"] == 0
+    assert res["unpaired"]["reference"] == "none" and 0.0 <= res["unpaired"]["accuracy"] <= 1.0
+    assert "NaN" not in (out / "eval.json").read_text()
+
+
+def test_eval_prompts_only_says_why_preference_metrics_are_skipped(policy_path, tmp_path, capsys):
+    data = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "tell me about cats"}, {"prompt": "tell me about rain"}])
+    out = tmp_path / "eval"
+    rc = cli(["eval", "--model", policy_path, "--dataset", data, "--heads", HEADS, "--max_new_tokens", "2",
+              "--no_plots", "--output_dir", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "preference metrics skipped: the dataset has neither `chosen` and `rejected`" in err
+    assert "unpaired rows (prompt, completion, boolean label)" in err
+    report = (out / "report.md").read_text()
+    assert "## Preferences\n\nSkipped:" in report
+    assert json.loads((out / "eval.json").read_text())["unpaired"] == {}
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([{"prompt": "p", "completion": "a", "label": "yes"}, {"prompt": "p", "completion": "b", "label": "no"}],
+         "row 0 has label 'yes'; labels must be True (desirable) or False"),
+        ([{"completion": "a", "label": True}, {"completion": "b", "label": False}],
+         "unpaired rows need a 'prompt' column"),
+    ],
+)
+def test_eval_bad_unpaired_rows_fail_before_generation(policy_path, tmp_path, capsys, rows, message):
+    out = tmp_path / "o"
+    rc = cli(["eval", "--model", policy_path, "--dataset", _write_jsonl(tmp_path / "bad.jsonl", rows), "--no_plots",
+              "--output_dir", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err and "Generating" not in err
+    assert not out.exists()

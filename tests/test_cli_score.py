@@ -158,6 +158,26 @@ def _cli(args, cwd):
     return proc.stdout
 
 
+def test_several_processes_relaunch_this_module_through_the_shared_launcher(recipe_path, monkeypatch, capsys):
+    """`--num_processes 2` goes through trl_upo.cli.launch.relaunch with the score module: launch options out of the
+    script's arguments, the launched processes marked so that they score instead of launching again."""
+    from trl_upo.cli import launch
+
+    calls = []
+    monkeypatch.delenv(launch.LAUNCHED_ENV, raising=False)
+    for name in ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_MIXED_PRECISION", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(launch.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 7)
+    assert cli_score.main(["--config", recipe_path, "--num_processes", "2"]) == 7  # the launcher's exit code
+    ((cmd, env),) = calls
+    module_at = cmd.index("-m", 3)
+    assert cmd[module_at + 1] == cli_score.SCORE_MODULE == "trl_upo.cli.score"
+    assert cmd[3:module_at][:3] == ["--num_processes", "2", "--multi_gpu"]
+    assert "--num_processes" not in cmd[module_at:] and cmd[module_at + 2:module_at + 4] == ["--config", recipe_path]
+    assert env[launch.LAUNCHED_ENV] == "1"
+    assert "launching: accelerate launch --num_processes 2" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_two_processes_write_the_scores_of_one(tmp_path, recipe_path):
     one, two = tmp_path / "one", tmp_path / "two"

@@ -4,6 +4,7 @@
         --reward_model RM --output pairs.jsonl
     trl-upo build-pairs critique --dataset prompts.jsonl --model MODEL --output pairs.parquet
     trl-upo build-pairs --config build.yaml          # the YAML names the method: `method: rank`
+    trl-upo build-pairs rank ... --unpaired          # unpaired rows for KTO: best answer desirable, worst not
 
 The options are the fields of argument dataclasses (:class:`PairsIOArguments`, :class:`PairsGenerationArguments`,
 and :class:`RankArguments` or :class:`CritiqueArguments`), parsed by ``transformers.HfArgumentParser``. Their
@@ -11,7 +12,9 @@ defaults are those of the library settings they fill (``RankConfig``, ``Critique
 generation option left unset keeps ``GenerationSettings``' default. A YAML config (``--config``) takes the same keys
 as the flags (without the dashes); flags given on the command line override it, and an unknown key is an error with
 a did-you-mean suggestion. Values starting with ``upo://`` name the package's assets, as in ``trl-upo train``
-recipes. The input is read by :func:`trl_upo.data.loading.load_split`.
+recipes. The input is read by :func:`trl_upo.data.loading.load_split`. ``--unpaired`` (``OutputSettings.unpaired``)
+writes each pair as two unpaired rows (``prompt``, ``completion``, boolean ``label``: the chosen answer desirable,
+the rejected one undesirable; :func:`trl_upo.data.io.unpair_rows`), the data ``trainer: kto`` trains on.
 """
 
 from __future__ import annotations
@@ -88,6 +91,10 @@ class PairsIOArguments:
     push_to_hub: str | None = option("also push the dataset to this Hub dataset repo", None, metavar="REPO_ID")
     hub_private: bool = option("create the Hub repo as private", _default("hub_private", OutputSettings))
     progress: bool = option("progress bars", _default("progress", OutputSettings))
+    unpaired: bool = option(
+        "write unpaired rows for KTO (prompt, completion, label): best answer desirable, worst undesirable",
+        _default("unpaired", OutputSettings),
+    )
     seed: int = option("run seed (each batch samples with a seed derived from it)",
                        _default("seed", RankConfig, CritiqueConfig))
     batch_size: int = option("prompts per batch and per shard", _default("batch_size", RankConfig, CritiqueConfig))
@@ -353,12 +360,31 @@ def _run(argv: list[str], prog: str) -> int:
             file=sys.stderr,
         )
         return 130
-    print(f"Wrote {len(result)} pairs from {len(dataset)} prompts to {output.path} ({output.format}).")
+    _report(result, dataset, config if args.method == "rank" else None, output)
+    return 0
+
+
+def _report(result: Any, dataset: Any, rank: RankConfig | None, output: OutputSettings) -> None:
+    """Print what was written and, after a rank run, the ``column`` heads that read its stored scores (of the
+    completion, for unpaired rows)."""
+    import yaml
+
+    if output.unpaired:
+        good = sum(bool(v) for v in result["label"])
+        print(f"Wrote {len(result)} unpaired rows ({good} desirable, {len(result) - good} undesirable) from "
+              f"{len(dataset)} prompts to {output.path} ({output.format}).")
+    else:
+        print(f"Wrote {len(result)} pairs from {len(dataset)} prompts to {output.path} ({output.format}).")
     if output.push_to_hub:
         print(f"Pushed to the Hub dataset {output.push_to_hub}.")
-    if args.method == "rank":
-        import yaml
-
+    if rank is None:
+        return
+    heads = rank.column_head_specs()
+    if output.unpaired:
+        for head in heads:
+            chosen = head["params"]["chosen"]
+            head["params"] = {"completion": chosen[: -len("_chosen")] + "_completion"}
+        print("Train on the stored scores without scoring again (a recipe with `trainer: kto`, or UPOKTOConfig):")
+    else:
         print("Train on the stored scores without scoring again (UPOConfig / recipe):")
-        print(yaml.safe_dump({"reward_heads": config.column_head_specs()}, sort_keys=False).rstrip())
-    return 0
+    print(yaml.safe_dump({"reward_heads": heads}, sort_keys=False).rstrip())

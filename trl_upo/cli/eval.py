@@ -11,6 +11,10 @@ What it measures, on the first ``--num_prompts`` rows of the split (``trl_upo.ev
   when there is one), mean and standard deviation;
 - **preference** (when the dataset has ``chosen`` and ``rejected``): DPO's implicit-reward accuracy and margins
   against the reference; with no reference, the policy log-prob accuracy, named as such;
+- **unpaired** (when the dataset has ``completion`` and a boolean ``label`` instead: KTO's unpaired rows): the same
+  implicit reward per row (:func:`trl_upo.evaluation.unpaired_metrics`): the share of rows whose reward has the
+  label's sign, the share of (desirable, undesirable) combinations ranked right, and the mean reward of each kind;
+  responses are generated for the distinct prompts of those rows;
 - **win rate** (``--reward_model``): the share of prompts (x samples) where the reward model scores the policy's
   response above the reference's response to the same prompt, ties counting half.
 
@@ -24,13 +28,15 @@ are listed and not used).
 Writes ``eval.json`` (everything), ``report.md`` and the plots ``designer.png`` and ``margins.png`` to
 ``--output_dir``, and prints a table of the reference next to the policy (plots need matplotlib: ``pip install
 'trl-upo[eval]'``; without it they are skipped with a warning; ``--no_plots`` skips them). Every path option takes
-``upo://<asset>`` too. A dataset without ``chosen``/``rejected`` gets designer metrics only, and the command says so.
+``upo://<asset>`` too. A dataset with neither pairs (``chosen``/``rejected``) nor unpaired rows
+(``completion``/``label``) gets designer metrics only, and the command says so.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -75,8 +81,8 @@ class EvalArguments:
     temperature: float = option("sampling temperature", 1.0)
     top_p: float = option("nucleus sampling mass", 1.0)
     greedy: bool = option("greedy decoding instead of sampling", False)
-    batch_size: int = option("prompts (and pairs) per batch", 16)
-    beta: float | None = option("DPO beta for the implicit reward (default 0.1)", None)
+    batch_size: int = option("prompts (and pairs or rows) per batch", 16)
+    beta: float | None = option("DPO/KTO beta for the implicit reward (default 0.1)", None)
     seed: int = option("sampling seed", 0)
     no_plots: bool = option("do not draw the PNG plots (no matplotlib needed)", False)
 
@@ -160,31 +166,47 @@ def read_heads(heads_json: str | None, config: str | None) -> tuple[list[dict], 
     return heads, used, unused
 
 
-def prompts_and_pairs(data) -> tuple[list[Any], Any]:
-    """The prompts of a split, and the split itself when it holds preference pairs (else None).
+def prompts_and_pairs(data) -> tuple[list[Any], Any, list[dict] | None]:
+    """The prompts of a split, and its held-out preference data: pairs, or unpaired rows (KTO's data).
 
     Args:
         data: The split.
 
     Returns:
-        ``(prompts, the split or None)``; an implicit prompt is extracted from ``chosen``/``rejected`` as
-        ``DPOTrainer`` does (:func:`trl_upo.scoring.ensure_prompt`).
+        ``(prompts, the split or None, the unpaired rows or None)``. With pairs (``chosen`` and ``rejected``): the
+        split, an implicit prompt extracted as ``DPOTrainer`` does (:func:`trl_upo.scoring.ensure_prompt`), one
+        prompt per row. With unpaired rows (``completion`` and ``label``, no pairs): the rows, checked
+        (:func:`trl_upo.evaluation.unpaired_rows`), and their distinct prompts in order (a prompt usually has a
+        desirable and an undesirable row). Otherwise: the ``prompt`` column alone.
 
     Raises:
-        UsageError: no ``prompt`` column and no pairs to extract one from.
+        UsageError: no ``prompt`` column and no pairs to extract one from, or an unpaired row whose label is not
+            a boolean.
     """
+    from trl_upo.evaluation import unpaired_rows
     from trl_upo.scoring import ensure_prompt
 
     cols = set(data.column_names)
     has_pairs = {"chosen", "rejected"} <= cols
+    is_unpaired = not has_pairs and {"completion", "label"} <= cols
     if "prompt" not in cols and not has_pairs:
+        what = "unpaired rows need" if is_unpaired else "the dataset needs"
         raise UsageError(
-            f"the dataset needs a 'prompt' column (or 'chosen' and 'rejected' sharing a prompt); columns: "
-            f"{sorted(cols)}."
+            f"{what} a 'prompt' column (or 'chosen' and 'rejected' sharing a prompt); columns: {sorted(cols)}."
         )
     if has_pairs:
         data = ensure_prompt(data)
-    return list(data["prompt"]), (data if has_pairs else None)
+        return list(data["prompt"]), data, None
+    if not is_unpaired:
+        return list(data["prompt"]), None, None
+    try:
+        rows = unpaired_rows(data)
+    except ValueError as e:
+        raise UsageError(f"{e} (the dataset has 'completion' and 'label', so it is read as unpaired rows)") from None
+    seen: dict[str, Any] = {}
+    for row in rows:
+        seen.setdefault(json.dumps(row["prompt"], sort_keys=True), row["prompt"])
+    return list(seen.values()), None, rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -251,19 +273,13 @@ def run(args: EvalArguments, heads: list[dict], beta: float, log=print) -> dict:
     from contextlib import nullcontext
 
     from trl_upo.data.loading import load_split
-    from trl_upo.evaluation import (
-        designer_metrics,
-        generate_responses,
-        load_model,
-        load_tokenizer,
-        preference_metrics,
-    )
+    from trl_upo.evaluation import generate_responses, load_model, load_tokenizer
 
     data = load_split(args.dataset, args.split, config_name=args.dataset_config, limit=args.num_prompts,
                       fix="choose the split with --split")
     if len(data) == 0:
         raise UsageError(f"the {args.split!r} split of {args.dataset!r} is empty.")
-    prompts, pairs = prompts_and_pairs(data)
+    prompts, pairs, unpaired = prompts_and_pairs(data)
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model if isinstance(args.model, str) else model, args.tokenizer)
     ref = load_model(args.ref_model) if args.ref_model else None
@@ -293,18 +309,11 @@ def run(args: EvalArguments, heads: list[dict], beta: float, log=print) -> dict:
         "designer": {},
         "designer_reference": {},
         "preference": {},
+        "unpaired": {},
         "win_rate": None,
     }
-    if heads:
-        log("Scoring the responses with the reward heads...")
-        result["designer"] = designer_metrics(prompts, responses, heads, tokenizer=tokenizer)
-        if ref_responses is not None:
-            result["designer_reference"] = designer_metrics(prompts, ref_responses, heads, tokenizer=tokenizer)
-    if pairs is not None:
-        log(f"Preference metrics on {len(pairs)} held-out pairs...")
-        result["preference"] = preference_metrics(
-            model, tokenizer, pairs, ref_model=ref, beta=beta, batch_size=args.batch_size, return_margins=True
-        )
+    _measure(result, model, tokenizer, ref, prompts, (responses, ref_responses), heads,
+             pairs, unpaired, beta, args.batch_size, log)
     if args.reward_model:
         log("Reward-model win rate against the reference...")
         result["win_rate"] = win_rate(args.reward_model, prompts, responses, ref_responses)
@@ -313,6 +322,34 @@ def run(args: EvalArguments, heads: list[dict], beta: float, log=print) -> dict:
         for p, r, rr in list(zip(prompts, responses, ref_responses or responses, strict=True))[:5]
     ]
     return result
+
+
+def _measure(result: dict, model, tokenizer, ref, prompts: list[Any], responses: tuple, heads: list[dict], pairs,
+             unpaired: list[dict] | None, beta: float, batch_size: int, log) -> None:
+    """Fill ``result`` with the designer metrics of the policy's (and the reference's) responses and the preference
+    metrics of the held-out pairs or unpaired rows."""
+    from trl_upo.evaluation import designer_metrics, preference_metrics, unpaired_metrics
+
+    policy_responses, ref_responses = responses
+    if heads:
+        log("Scoring the responses with the reward heads...")
+        result["designer"] = designer_metrics(prompts, policy_responses, heads, tokenizer=tokenizer)
+        if ref_responses is not None:
+            result["designer_reference"] = designer_metrics(prompts, ref_responses, heads, tokenizer=tokenizer)
+    if pairs is not None:
+        log(f"Preference metrics on {len(pairs)} held-out pairs...")
+        result["preference"] = preference_metrics(
+            model, tokenizer, pairs, ref_model=ref, beta=beta, batch_size=batch_size, return_margins=True
+        )
+    if unpaired is not None:
+        n_good = sum(r["label"] for r in unpaired)
+        log(f"Unpaired metrics on {len(unpaired)} held-out rows ({n_good} desirable, {len(unpaired) - n_good} "
+            f"undesirable)...")
+        if n_good in (0, len(unpaired)):
+            log(f"warning: every row is {'desirable' if n_good else 'undesirable'}: the ranking accuracy needs both "
+                f"kinds and is left empty (null).")
+        metrics = unpaired_metrics(model, tokenizer, unpaired, ref_model=ref, beta=beta, batch_size=batch_size)
+        result["unpaired"] = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
 
 
 def main(argv: list[str] | None = None, prog: str | None = "trl-upo eval") -> int:
@@ -355,7 +392,7 @@ def _run(argv: list[str], prog: str) -> int:
         check_model_path(getattr(args, key), key)
     os.environ.setdefault("TQDM_DISABLE", "1")
     result = run(args, heads, beta, log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    if not result["preference"]:
+    if not result["preference"] and not result["unpaired"]:
         print(f"{prog}: preference metrics skipped: {PREFERENCE_SKIPPED}", file=sys.stderr)
     _write(result, args, plt)
     return 0

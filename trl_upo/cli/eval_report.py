@@ -8,10 +8,11 @@ import math
 import os
 from typing import Any
 
-#: Why there are no preference metrics, when the dataset has no pairs.
+#: Why there are no preference metrics, when the dataset has neither pairs nor unpaired rows.
 PREFERENCE_SKIPPED = (
-    "the dataset has no `chosen` and `rejected` columns, so there are no held-out pairs to measure preference "
-    "accuracy on. Give a preference dataset (prompt, chosen, rejected) for them."
+    "the dataset has neither `chosen` and `rejected` columns (preference pairs) nor `completion` and `label` columns "
+    "(unpaired rows), so there is no held-out preference data to measure accuracy on. Give a preference dataset "
+    "(prompt, chosen, rejected) or unpaired rows (prompt, completion, boolean label) for them."
 )
 #: Plot resolution (dots per inch) and the colours of the reference and the policy.
 DPI = 150
@@ -104,6 +105,8 @@ def markdown_report(result: dict, plots: list[str]) -> str:
             f"- policy log-prob accuracy: {pref['policy_logp_accuracy']:.4f}",
             "",
         ]
+    elif result.get("unpaired"):
+        lines += unpaired_section(result["unpaired"])
     else:
         lines += ["## Preferences", "", f"Skipped: {PREFERENCE_SKIPPED}", ""]
     if result["win_rate"]:
@@ -124,6 +127,24 @@ def markdown_report(result: dict, plots: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def unpaired_section(u: dict) -> list[str]:
+    """The report's section on held-out unpaired rows (:func:`trl_upo.evaluation.unpaired_metrics`' result, NaN
+    stored as None)."""
+    return [
+        "## Preferences (held-out unpaired rows)",
+        "",
+        f"{u['n_desirable']} desirable and {u['n_undesirable']} undesirable rows; {u['metric']}, beta {u['beta']}.",
+        "",
+        f"- accuracy (reward above 0 on desirable rows, below 0 on undesirable rows; ties count half): "
+        f"**{_num(u['accuracy'])}**",
+        f"- ranking accuracy (desirable reward above undesirable reward, over all {u['n_desirable']} x "
+        f"{u['n_undesirable']} combinations; ties count half): **{_num(u['ranking_accuracy'])}**",
+        f"- mean reward: {_num(u['desirable_reward_mean'])} (desirable), {_num(u['undesirable_reward_mean'])} "
+        f"(undesirable)",
+        "",
+    ]
+
+
 def console_table(result: dict) -> str:
     """The console summary: each head's mean (reference, policy, change), preference accuracy and win rate."""
     ref_name = reference_label(result) if result["reference"]["kind"] != "none" else None
@@ -138,6 +159,13 @@ def console_table(result: dict) -> str:
     if pref:
         what = "pref. accuracy (implicit reward)" if pref.get("reference") != "none" else "pref. accuracy (log-prob)"
         rows.append((what, None, pref["accuracy"], f"{pref['n']} held-out pairs, ties count half"))
+    u = result.get("unpaired")
+    if u:
+        kind = "implicit reward" if u["reference"] != "none" else "log-prob"
+        rows.append((f"unpaired accuracy ({kind})", None, u["accuracy"],
+                     f"{u['n_desirable']} desirable + {u['n_undesirable']} undesirable rows, ties count half"))
+        rows.append((f"unpaired ranking accuracy ({kind})", None, u["ranking_accuracy"],
+                     "desirable above undesirable, all combinations"))
     if result["win_rate"]:
         w = result["win_rate"]
         rows.append(("reward model", w["reference_reward_mean"], w["policy_reward_mean"],

@@ -1,5 +1,6 @@
-"""Several processes for ``trl-upo train``: ``accelerate launch`` options in a recipe or on the command line make the
-command re-launch itself as ``accelerate launch <those options> -m trl_upo.cli.train <the other arguments>``.
+"""Several processes for ``trl-upo train`` (and ``trl-upo score``): ``accelerate launch`` options in a recipe or on the
+command line make the command re-launch itself as ``accelerate launch <those options> -m trl_upo.cli.train <the other
+arguments>`` (``-m trl_upo.cli.score`` for scoring: :func:`relaunch`'s ``module``).
 
 Launch options are the keys no argument dataclass takes but ``accelerate launch`` does (:func:`launch_keys`, read
 from accelerate's own parser), plus ``accelerate_config``. A process that already runs under a launcher
@@ -20,7 +21,7 @@ from trl_upo.resources import RESOURCES_DIR
 
 #: Set in the environment of processes this command launches, so that they train instead of launching again.
 LAUNCHED_ENV = "TRL_UPO_LAUNCHED"
-#: The module ``accelerate launch`` runs.
+#: The module ``accelerate launch`` runs for ``trl-upo train`` (:func:`relaunch`'s default).
 TRAIN_MODULE = "trl_upo.cli.train"
 # Set by `accelerate launch` (every launcher: simple, multi-GPU, DeepSpeed, FSDP) or by torchrun in its workers.
 _LAUNCHER_ENV = ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_MIXED_PRECISION", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")
@@ -177,15 +178,19 @@ def strip_launch_args(argv: list[str], options: list[tuple[str, Any]]) -> list[s
     return out
 
 
-def relaunch(argv: list[str], options: list[tuple[str, Any]], use_cpu: bool, prog: str | None = None) -> int:
-    """Start ``trl_upo.cli.train`` under ``accelerate launch`` with the recipe's launch options; return its exit
-    code. The launched processes see ``TRL_UPO_LAUNCHED=1`` and train.
+def relaunch(
+    argv: list[str], options: list[tuple[str, Any]], use_cpu: bool, prog: str | None = None, module: str = TRAIN_MODULE
+) -> int:
+    """Start ``module`` (the command's own entry module, ``trl_upo.cli.train`` by default) under ``accelerate launch``
+    with the launch options; return its exit code. The launched processes see ``TRL_UPO_LAUNCHED=1``
+    (:func:`under_launcher`) and do the work instead of launching again.
 
     Args:
         argv: This command's arguments; the launch options are removed from them, the rest is passed on.
         options: The launch options (see :func:`launch_options`).
         use_cpu: The run's ``use_cpu`` setting (see :func:`build_launch_args`).
         prog: Program name for the printed command.
+        module: The module each launched process runs (``python -m`` style), e.g. ``trl_upo.cli.score``.
 
     Returns:
         The exit code of ``accelerate launch``.
@@ -195,8 +200,8 @@ def relaunch(argv: list[str], options: list[tuple[str, Any]], use_cpu: bool, pro
     from accelerate.commands.launch import launch_command_parser
 
     # Fail on a bad launch value here, with accelerate's own message, rather than in a subprocess.
-    launch_command_parser().parse_args([*launch_args, "-m", TRAIN_MODULE, *script_args])
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "-m", TRAIN_MODULE, *script_args]
+    launch_command_parser().parse_args([*launch_args, "-m", module, *script_args])
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "-m", module, *script_args]
     print(f"{prog}: launching: accelerate launch {shlex.join(cmd[3:])}", flush=True)
     env = {**os.environ, LAUNCHED_ENV: "1"}
     return subprocess.call(cmd, env=env)

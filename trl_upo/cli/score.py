@@ -38,6 +38,8 @@ import numpy as np
 
 from trl_upo.cli.common import HelpFormatter, UsageError, end_distributed, run_command
 
+#: The module the processes of ``trl-upo score --num_processes N`` run (:func:`trl_upo.cli.launch.relaunch`).
+SCORE_MODULE = "trl_upo.cli.score"
 #: What ``trl-upo score --help`` lists: the keys scoring reads, as (key, help).
 SCORE_KEYS = (
     ("config", "a recipe (trl-upo train's format; keys scoring does not read are accepted and ignored)"),
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None, prog: str | None = "trl-upo score") -> i
 
 
 def _run(argv: list[str], prog: str | None) -> int:
-    from trl_upo.cli.launch import under_launcher
+    from trl_upo.cli.launch import relaunch, under_launcher
     from trl_upo.cli.train import parse, quiet_progress, recipe_datasets
 
     script_args, training_args, model_args, dataset_args, score_args, launch = parse(
@@ -152,7 +154,7 @@ def _run(argv: list[str], prog: str | None) -> int:
         _check_no_tokenizer_needed(specs)
     _check_output(score_args.output)
     if launch and not under_launcher() and _processes(launch) > 1:
-        return _relaunch(argv, launch, bool(training_args.use_cpu), prog)
+        return relaunch(argv, launch, use_cpu=bool(training_args.use_cpu), prog=prog, module=SCORE_MODULE)
     if launch and not under_launcher():
         print(f"{prog}: scoring runs in one process (num_processes 1); launch options "
               f"({', '.join(k for k, _ in launch)}) are ignored.", file=sys.stderr)
@@ -180,20 +182,6 @@ def _run(argv: list[str], prog: str | None) -> int:
 def _processes(launch: list[tuple[str, Any]]) -> int:
     values = [v for k, v in launch if k == "num_processes"]
     return int(values[-1]) if values else 2  # an accelerate config or other launch options: let accelerate decide
-
-
-def _relaunch(argv: list[str], launch: list[tuple[str, Any]], use_cpu: bool, prog: str | None) -> int:
-    """Start this command under ``accelerate launch`` (as ``trl-upo train`` does, with this module)."""
-    import shlex
-    import subprocess
-
-    from trl_upo.cli.launch import LAUNCHED_ENV, build_launch_args, strip_launch_args
-
-    launch_args = build_launch_args(launch, use_cpu)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "-m", "trl_upo.cli.score",
-           *strip_launch_args(argv, launch)]
-    print(f"{prog}: launching: accelerate launch {shlex.join(cmd[3:])}", flush=True)
-    return subprocess.call(cmd, env={**os.environ, LAUNCHED_ENV: "1"})
 
 
 def _check_no_tokenizer_needed(specs) -> None:
