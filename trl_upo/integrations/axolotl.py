@@ -1,0 +1,181 @@
+"""UPO in axolotl: a plugin that trains axolotl's own DPO trainer with the UPO term.
+
+Enable it in an axolotl config with ``rl: dpo`` (or ``ipo``)::
+
+    plugins:
+      - trl_upo.integrations.axolotl.UPOPlugin
+    reward_heads:
+      - {name: length, params: {direction: shorter}}
+    upo_alpha: 0.5
+
+What the plugin does, at each stage of an axolotl run (``docs/axolotl.md``):
+
+- config validation (before any model loads): ``UPOArgs`` adds ``reward_heads`` and every ``upo_*`` field of
+  ``UPOConfig`` (read from the dataclass, so new fields appear by themselves) to axolotl's schema; a key that looks
+  like a UPO key but is none (``upo_alpah``, ``reward_head``) is an error naming it, and the values are checked by
+  building a ``UPOConfig`` from them. The run must be ``rl: dpo`` or ``rl: ipo``; ``trainer_cls`` is set to
+  ``AxolotlUPOTrainer``.
+- training arguments: ``UPOTrainingArgsMixin`` adds the same fields to axolotl's training-argument classes and
+  ``UPOPlugin.get_training_args`` passes the config's values into them.
+- trainer: ``AxolotlUPOTrainer(UPOMixin, AxolotlDPOTrainer)`` turns axolotl's ``AxolotlDPOConfig`` into an
+  ``AxolotlUPOConfig`` (both classes, one instance) and trains exactly as axolotl's DPO trainer does, plus UPO.
+
+The axolotl-dependent names (``UPOPlugin``, ``UPOArgs``, ``UPOTrainingArgsMixin``, ``AxolotlUPOTrainer``,
+``AxolotlUPOConfig``) are built on first use, so importing this module, or ``trl_upo``, never imports axolotl.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+#: The dotted path an axolotl config names in ``plugins:``.
+PLUGIN = "trl_upo.integrations.axolotl.UPOPlugin"
+#: The trainer class the plugin puts in ``trainer_cls`` (axolotl's RL builder passes the model and the reference
+#: model to a ``trainer_cls``, not to a class returned by a plugin's ``get_trainer_cls``).
+TRAINER = "trl_upo.integrations.axolotl.AxolotlUPOTrainer"
+#: The axolotl ``rl:`` values the plugin trains (both are axolotl's DPO trainer; UPO keeps every DPO loss type).
+RL_TYPES = ("dpo", "ipo")
+
+#: public name -> private module that builds it (imports axolotl or pydantic)
+_LAZY = {
+    "UPOPlugin": "trl_upo.integrations._axolotl_plugin",
+    "UPOArgs": "trl_upo.integrations._axolotl_plugin",
+    "UPOTrainingArgsMixin": "trl_upo.integrations._axolotl_plugin",
+    "AxolotlUPOTrainer": "trl_upo.integrations._axolotl_trainer",
+    "AxolotlUPOConfig": "trl_upo.integrations._axolotl_trainer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Build an axolotl-dependent name the first time it is used (``from ... import UPOPlugin`` included)."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def upo_fields() -> list[dataclasses.Field]:
+    """The fields ``UPOConfig`` adds to TRL's ``DPOConfig`` (``reward_heads`` and the ``upo_*`` settings), in
+    declaration order, read from the dataclasses: a field added to ``UPOConfig`` becomes an axolotl key by itself."""
+    from trl import DPOConfig
+
+    from trl_upo import UPOConfig
+
+    dpo = {f.name for f in dataclasses.fields(DPOConfig)}
+    return [f for f in dataclasses.fields(UPOConfig) if f.init and f.name not in dpo]
+
+
+def upo_keys() -> list[str]:
+    """The names of ``upo_fields()``: the keys the plugin adds to an axolotl config."""
+    return [f.name for f in upo_fields()]
+
+
+def _looks_like_upo_key(key: str, upo: list[str]) -> bool:
+    import difflib
+
+    lowered = key.lower()
+    if lowered.startswith("upo") or "reward_head" in lowered or "rewardhead" in lowered:
+        return True
+    return bool(difflib.get_close_matches(key, upo, n=1, cutoff=0.75))
+
+
+def mistyped_upo_keys(keys: Iterable[str], known: Iterable[str]) -> list[str]:
+    """The problems with ``keys`` (an axolotl config's top-level keys) that look like UPO keys but are not keys of
+    the schema ``known`` (axolotl's keys plus the UPO keys): one message per key, naming it and the closest UPO key.
+
+    Args:
+        keys: The config's keys.
+        known: Every key the (plugin-extended) axolotl schema accepts.
+
+    Returns:
+        The messages, empty when every UPO-looking key is known.
+    """
+    from trl_upo.cli.common import did_you_mean
+
+    known = set(known)
+    upo = upo_keys()
+    return [
+        f"unknown UPO key `{key}` in the axolotl config{did_you_mean(key, upo)}"
+        for key in keys
+        if isinstance(key, str) and key not in known and _looks_like_upo_key(key, upo)
+    ]
+
+
+def _rl_name(rl: Any) -> str | None:
+    return None if rl is None else str(getattr(rl, "value", rl))
+
+
+def check_raw_config(data: Mapping[str, Any], known: Iterable[str]) -> dict[str, Any]:
+    """What the plugin checks in the raw axolotl config before axolotl parses it: no mistyped UPO key, ``rl`` is one
+    of ``RL_TYPES``, and ``trainer_cls`` is unset or the UPO trainer (a subclass of it counts); sets ``trainer_cls``.
+
+    Args:
+        data: The raw config (a mapping of axolotl keys).
+        known: Every key the plugin-extended schema accepts.
+
+    Returns:
+        A copy of ``data`` with ``trainer_cls`` set.
+
+    Raises:
+        ValueError: naming every problem found.
+    """
+    problems = mistyped_upo_keys(data, known)
+    rl = _rl_name(data.get("rl"))
+    if rl not in RL_TYPES:
+        problems.append(
+            f"the UPO plugin trains axolotl's DPO trainer: set `rl: dpo` (or `rl: ipo`), got `rl: {rl}`; remove "
+            f"{PLUGIN} from `plugins` for other trainers"
+        )
+    trainer_cls = data.get("trainer_cls")
+    if trainer_cls not in (None, TRAINER) and not _is_upo_trainer(trainer_cls):
+        problems.append(
+            f"`trainer_cls: {trainer_cls}` is not a subclass of {TRAINER}: the UPO plugin trains with that class; "
+            f"remove `trainer_cls`, or subclass AxolotlUPOTrainer"
+        )
+    if problems:
+        raise ValueError("invalid UPO settings: " + "; ".join(problems))
+    return {**data, "trainer_cls": trainer_cls or TRAINER}
+
+
+def _is_upo_trainer(path: Any) -> bool:
+    if not isinstance(path, str) or "." not in path:
+        return False
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return False
+    upo_trainer = __getattr__("AxolotlUPOTrainer")
+    return isinstance(cls, type) and issubclass(cls, upo_trainer)
+
+
+def upo_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The UPO keys set in an axolotl config (``None`` means unset: ``UPOConfig``'s default applies).
+
+    Args:
+        cfg: The axolotl config (validated or raw).
+
+    Returns:
+        ``{key: value}`` for every UPO key whose value is not ``None``.
+    """
+    return {key: cfg[key] for key in upo_keys() if cfg.get(key) is not None}
+
+
+def check_values(cfg: Mapping[str, Any]) -> None:
+    """Check the UPO values of an axolotl config the way ``UPOConfig`` checks them (heads, ranges, choices, and the
+    loss the run uses for ``upo_combine: margin``) by building one; raises ``ValueError`` naming the problem."""
+    from trl_upo import UPOConfig
+
+    rl = _rl_name(cfg.get("rl"))
+    extra: dict[str, Any] = {}
+    if rl == "ipo":
+        extra["loss_type"] = ["ipo"]
+    elif cfg.get("dpo_loss_type"):
+        extra["loss_type"] = cfg["dpo_loss_type"]
+    # Only the UPO checks matter here: CPU and fp32, so that no device check of TrainingArguments runs.
+    output_dir = str(cfg.get("output_dir") or "upo-check")
+    UPOConfig(output_dir=output_dir, report_to="none", use_cpu=True, bf16=False, **extra, **upo_settings(cfg))
