@@ -79,3 +79,27 @@ def assert_same_training_steps(history_one: list[dict], history_two: list[dict],
         for key in DISTRIBUTED_METRICS:
             # Float32 reductions run in a different order across two processes: agreement to 1e-4 relative.
             assert hb[key] == pytest.approx(ha[key], rel=1e-4, abs=1e-6), (key, ha["step"])
+
+
+def one_and_two_process_histories(script: str, model_path: str, tmp_path) -> tuple[dict, dict]:
+    """Run a training ``script`` (``python SCRIPT MODEL OUT_JSON PER_DEVICE_BATCH CACHE_DIR``) once in one process with
+    a per-device batch of 4 and once in two CPU processes over gloo (``accelerate launch --multi_gpu``, batch 2): the
+    same global batch. Returns the two JSON documents the script wrote (its ``history`` and ``num_processes``)."""
+    import json
+    import os
+    import shutil
+    import subprocess
+
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+    assert accelerate, "accelerate's launcher is not installed"
+    cache = str(tmp_path / "cache")
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for cmd in (
+        [sys.executable, script, model_path, str(one), "4", cache],
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", script, model_path, str(two), "2", cache],
+    ):
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(one.read_text()), json.loads(two.read_text())

@@ -7,32 +7,16 @@ the repository root on ``PYTHONPATH`` (for ``tests.*``), writes the run's logged
 
 import json
 import os
-import shutil
-import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import ROOT, assert_same_training_steps, cpu_args
-
-
-def _run(cmd, tmp_path):
-    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+from tests.helpers import ROOT, assert_same_training_steps, cpu_args, one_and_two_process_histories
 
 
 @pytest.mark.slow
 def test_two_processes_match_one_process(tiny_model_path, tmp_path):
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
-    assert accelerate, "accelerate's launcher is not installed"
-    cache = str(tmp_path / "cache")
-    one, two = tmp_path / "one.json", tmp_path / "two.json"
-    script = str(ROOT / "tests" / "test_distributed.py")
-    _run([sys.executable, script, tiny_model_path, str(one), "4", cache], tmp_path)
-    _run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-          "--dynamo_backend", "no", script, tiny_model_path, str(two), "2", cache], tmp_path)
-    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    a, b = one_and_two_process_histories(str(ROOT / "tests" / "test_distributed.py"), tiny_model_path, tmp_path)
     assert (a["num_processes"], b["num_processes"]) == (1, 2)
     assert_same_training_steps(a["history"], b["history"], steps=3)
 
