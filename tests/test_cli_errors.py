@@ -150,7 +150,7 @@ def test_eval_without_pairs_says_preference_metrics_are_skipped(tmp_path, tiny_m
                           "--max_new_tokens", "4", "--no_plots"], prog="trl-upo eval")
     err = capsys.readouterr().err
     assert code == 0
-    assert "preference metrics skipped: the dataset has no `chosen` and `rejected` columns" in err
+    assert "preference metrics skipped: the dataset has neither `chosen` and `rejected` columns" in err
     assert "Skipped:" in (tmp_path / "ev" / "report.md").read_text()
 
 
