@@ -20,6 +20,7 @@ from datasets import Dataset
 from datasets.fingerprint import Hasher
 
 from ..fingerprints import short_hash
+from ..formats import DataError
 from ..heads import HeadSpec, RewardHead
 from ..heads._hf import LazyModelMixin
 from .cache import ChunkedScoreCache
@@ -76,16 +77,20 @@ def ensure_prompt(dataset: Dataset, roles: Sequence[str] = ROLES) -> Dataset:
     if tuple(roles) != ROLES:
         missing = [c for c in ("prompt", *roles) if c not in cols]
         if missing:
-            raise ValueError(
+            hint = (" Preference pairs (chosen/rejected) train with the DPO trainer (trainer: dpo), or unpair them first "
+                    "(trl.data_utils.unpair_preference_dataset)." if {"chosen", "rejected"} <= cols else "")
+            raise DataError(
                 f"Unpaired data needs the columns 'prompt' and {', '.join(repr(r) for r in roles)}; this dataset has "
-                f"no {missing}. Columns: {sorted(cols)}."
+                f"no {missing}. Columns: {sorted(cols)}.{hint}"
             )
         return dataset
     missing = [c for c in RESPONSE_COLUMNS if c not in cols]
     if missing:
-        raise ValueError(
+        hint = (" These are unpaired rows (completion, label): train them with UPOKTOTrainer (trainer: kto in a "
+                "recipe)." if {"completion", "label"} <= cols else "")
+        raise DataError(
             f"UPOTrainer needs a preference dataset with 'chosen' and 'rejected' columns (and 'prompt', or an "
-            f"implicit prompt shared by both); this dataset has no {missing}. Columns: {sorted(cols)}."
+            f"implicit prompt shared by both); this dataset has no {missing}. Columns: {sorted(cols)}.{hint}"
         )
     if "prompt" not in cols:
         from trl.data_utils import extract_prompt
@@ -140,14 +145,14 @@ def score_dataset(
     # The tokenizer keys the scores of the heads that may read it (see reads_tokenizer).
     tok_key = Hasher.hash(tokenizer) if tokenizer is not None else "none"
     row_keys = _RowKeys(dataset, roles)
+    if world.size > 1:
+        _check_same_rows(world, row_keys, split)
     for head, spec in zip(heads, specs, strict=True):
         started = time.perf_counter()
         head_tok = tok_key if reads_tokenizer(head) else "unused"
         digest = head_digest(head, head_tok, roles)
         cols = [score_column(spec.name, role) for role in roles]
-        scores = None
-        if PROVENANCE_COLUMN in dataset.column_names:
-            scores = recorded_scores(dataset, spec.name, digest, row_keys(head), cols)
+        scores = _recorded(dataset, spec.name, digest, lambda: row_keys(head), cols, world)
         if scores is not None:
             report.status[spec.name], report.responses[spec.name] = "recorded", 0
         else:
@@ -193,12 +198,42 @@ class _RowKeys:
     def __init__(self, dataset: Dataset, roles: tuple[str, ...]) -> None:
         self.dataset, self.roles, self._memo = dataset, roles, {}
 
+    def base(self) -> list[str]:
+        """The digests of the prompt and the responses alone."""
+        return self._digests(("prompt", *self.roles))
+
     def __call__(self, head: RewardHead) -> list[str]:
         extra = sorted(c for c in head.required_columns() if c in self.dataset.column_names)
-        columns = ("prompt", *self.roles, *extra)
+        return self._digests(("prompt", *self.roles, *extra))
+
+    def _digests(self, columns: tuple[str, ...]) -> list[str]:
         if columns not in self._memo:
             self._memo[columns] = row_digests(self.dataset, columns)
         return self._memo[columns]
+
+
+def _recorded(dataset: Dataset, name: str, digest: str, keys: Any, cols: list[str], world: World):
+    """The head's scores recorded in the dataset (``upo__scored_by``; ``keys()`` gives the row digests), or None.
+    The ranks decide together: a rank alone in the scoring gathers would wait forever."""
+    scores = recorded_scores(dataset, name, digest, keys(), cols) if PROVENANCE_COLUMN in dataset.column_names else None
+    if world.size > 1 and not all(all_gather(world, scores is not None)):
+        return None
+    return scores
+
+
+def _check_same_rows(world: World, row_keys: _RowKeys, split: str) -> None:
+    """Every rank must hold the same rows in the same order: each scores a share of the row indices and the shares
+    are put together by index. Raises the same ValueError on every rank when they differ."""
+    mine = (len(row_keys.dataset), short_hash("|".join(row_keys.base())))
+    everyone = all_gather(world, mine)
+    if any(other != mine for other in everyone):
+        sizes = sorted({n for n, _ in everyone})
+        raise ValueError(
+            f"The processes were given different {split} datasets (rows or their order differ; sizes {sizes}): "
+            f"scoring splits the rows across processes by index and needs the same dataset, in the same order, on "
+            f"every rank. Shuffle with a fixed seed (dataset.shuffle(seed=...)) or before launching, and select the "
+            f"same rows on every rank."
+        )
 
 
 def _log_head(name: str, split: str, report: ScoreReport, world: World) -> None:
@@ -257,7 +292,7 @@ def _describe(error: BaseException | None) -> str | None:
 def _check_columns(dataset: Dataset, head: RewardHead, spec: HeadSpec, split: str) -> None:
     missing = [c for c in head.required_columns() if c not in dataset.column_names]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"Reward head {spec.name!r} ({spec.type}) reads column(s) {missing}, which the {split} dataset does not "
             f"have. Columns: {sorted(dataset.column_names)}."
         )
@@ -382,7 +417,7 @@ def check_finite(scores: np.ndarray, name: str, where: str, label: Any = None) -
         return
     label = label or (lambda idx: f"index {idx[0] if len(idx) == 1 else idx}")
     examples = ", ".join(f"{label(idx)}={scores[idx]}" for idx in list(zip(*np.nonzero(bad)))[:5])
-    raise ValueError(
+    raise DataError(
         f"Reward head {name!r} gave {int(bad.sum())} non-finite score(s) on {where} ({examples}). UPO never drops "
         f"responses silently: fix the head or the data (a None from a reward function is read as NaN), or remove "
         f"those rows from the data."
