@@ -18,6 +18,8 @@ def jsonable(v: Any) -> Any:
         return [jsonable(x) for x in v]
     if isinstance(v, dict):
         return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, (set, frozenset)):  # iteration order depends on the process's hash seed: sort
+        return sorted((jsonable(x) for x in v), key=lambda x: json.dumps(x, sort_keys=True))
     if isinstance(v, MissingCallable):
         return v.description
     if isinstance(v, SavedCallable):
@@ -26,6 +28,13 @@ def jsonable(v: Any) -> Any:
         module = getattr(v, "__module__", None)
         qual = getattr(v, "__qualname__", None) or type(v).__qualname__
         return f"{module}:{qual}" if module else repr(v)
+    if type(v).__repr__ is object.__repr__:  # the default repr holds a memory address: describe the object instead
+        cls = type(v)
+        try:
+            attrs = jsonable(getattr(v, "__dict__", None) or None)
+        except RecursionError:  # an object graph with a cycle: its class alone
+            attrs = "<cyclic>"
+        return {"object": f"{cls.__module__}:{cls.__qualname__}", "attrs": attrs}
     return repr(v)
 
 

@@ -24,7 +24,7 @@ SPEED_PARAMS = ("batch_size", "device")
 #: Files of a model directory that never change its outputs: documentation, training leftovers, hidden files.
 _IGNORED_SUFFIXES = (".md", ".txt.lock", ".lock")
 _IGNORED_NAMES = ("training_args.bin",)
-#: Content hashes already computed, by (path, size, mtime): a file is hashed again only when it was touched.
+#: Content hashes already computed, by (path, inode, size, mtime, ctime): a file is hashed again only when it was touched.
 _HASHES: dict[str, str] = {}
 _INDEX_MAX = 20_000
 
@@ -62,10 +62,11 @@ def _save_index() -> None:
 
 def file_sha256(path: str) -> str:
     """SHA-256 of a file's content; remembered (in memory and under ``$HF_HOME/trl_upo/file_hashes.json``) by the
-    file's path, size and modification time, so an untouched file is never read twice and a touched file is hashed
-    again but, its content being the same, hashes the same."""
+    file's path, inode, size, modification and status-change times (a copy tool can restore a modification time, not
+    a status-change time), so an untouched file is never read twice and a touched or replaced file is hashed again
+    but, its content being the same, hashes the same."""
     st = os.stat(path)
-    key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    key = f"{os.path.abspath(path)}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
     _load_index()
     if key not in _HASHES:
         h = hashlib.sha256()
@@ -94,7 +95,8 @@ def _local_files_digest(path: str) -> str:
 
 def _hub_identity(model: str, revision: str | None) -> str:
     """A Hub model as ``id@<commit>``: the commit of the snapshot in the local Hub cache that ``revision`` (default
-    ``main``) points to, or ``id@<revision>`` when the model is not downloaded yet."""
+    ``main``) points to; when the model is not downloaded yet, the commit the Hub resolves ``revision`` to (so the
+    key does not change once the model is downloaded); ``id@<revision>`` only when offline or the Hub cannot say."""
     try:
         from huggingface_hub import try_to_load_from_cache
 
@@ -103,6 +105,15 @@ def _hub_identity(model: str, revision: str | None) -> str:
         found = None
     if isinstance(found, str):
         return f"{model}@{os.path.basename(os.path.dirname(found))}"
+    try:
+        from huggingface_hub import HfApi, constants
+
+        if not constants.HF_HUB_OFFLINE:
+            sha = HfApi().model_info(model, revision=revision).sha
+            if sha:
+                return f"{model}@{sha}"
+    except Exception:  # noqa: BLE001 - no network, a private or unknown id: the name and revision
+        pass
     return f"{model}@{revision or 'main'}"
 
 

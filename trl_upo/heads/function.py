@@ -33,12 +33,57 @@ def _code_digest(fn: Any) -> str:
         cells = [c.cell_contents for c in (target.__closure__ or ())]
         state = stable_repr([cells, list(target.__defaults__ or ()), target.__kwdefaults__ or {}])
         code = _code_text(target.__code__)
-    else:  # a callable object: its class's __call__ and its attributes
-        state = stable_repr(vars(fn)) if hasattr(fn, "__dict__") else ""
+        names = _referenced_names(target.__code__)
+    else:  # a callable object: its class's __call__ and its state (its own __getstate__ when it has one: what it
+        # pickles as, without caches it fills on first call), or its attributes
+        if getattr(type(fn), "__getstate__", object.__getstate__) is not object.__getstate__:
+            state = stable_repr(fn.__getstate__())
+        else:
+            state = stable_repr(vars(fn)) if hasattr(fn, "__dict__") else ""
         call = getattr(type(fn).__call__, "__code__", None)
         code = _code_text(call) if call is not None else repr(type(fn))
         target = type(fn)
-    return short_hash("|".join([code, module_digest(target), state]))
+        names = {target.__name__}
+    return short_hash("|".join([code, module_digest(target, names), state]))
+
+
+def _referenced_names(code: Any) -> set[str]:
+    """The global names a code object (and the functions nested in it) refers to."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if inspect.iscode(const):
+            names |= _referenced_names(const)
+    return names
+
+
+def _top_level_names(node: ast.stmt) -> list[str]:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [node.name]
+    if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        return [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return [(a.asname or a.name).split(".")[0] for a in node.names]
+    return []
+
+
+def _used_definitions(tree: ast.Module, names: set[str]) -> str:
+    """The syntax of the top-level statements that define ``names``, and of those they use in turn (transitively):
+    the part of a script a reward function depends on."""
+    defining: dict[str, list[ast.stmt]] = {}
+    for node in tree.body:
+        for name in _top_level_names(node):
+            defining.setdefault(name, []).append(node)
+    seen, todo, parts = set(), sorted(names), []
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in defining:
+            continue
+        seen.add(name)
+        for node in defining[name]:
+            parts.append(f"{name}={ast.dump(node)}")
+            todo.extend(n.id for n in ast.walk(node) if isinstance(n, ast.Name) and n.id not in seen)
+    return "|".join(sorted(parts))
 
 
 def _code_text(code: Any) -> str:
@@ -51,10 +96,14 @@ def _code_text(code: Any) -> str:
     return f"{code.co_code.hex()}:{code.co_names}:{code.co_varnames}:{consts}"
 
 
-def module_digest(obj: Any) -> str:
+def module_digest(obj: Any, names: set[str] | None = None) -> str:
     """A digest of the syntax tree of the module that defines ``obj``: any change of code in that module (a
     helper the reward function calls) changes it; comments, blank lines and formatting do not. ``"nosource"`` when
-    the module has no readable source (an interactive session); then only the function's own code counts."""
+    the module has no readable source (an interactive session); then only the function's own code counts.
+
+    In the script being run (``__main__``), with ``names`` (the global names the function refers to), only the
+    top-level definitions those names reach count, so editing the rest of a training script (``max_steps``,
+    ``resume_from_checkpoint``) keeps the fingerprint, and the score cache and the resume check with it."""
     module = sys.modules.get(getattr(obj, "__module__", None) or "")
     if module is None:
         return "nosource"
@@ -68,6 +117,8 @@ def module_digest(obj: Any) -> str:
         tree = ast.parse(source)
     except (OSError, TypeError, SyntaxError, UnicodeDecodeError):
         return "nosource"
+    if names is not None and module.__name__ == "__main__":
+        return short_hash("main|" + _used_definitions(tree, names))
     return short_hash(ast.dump(tree))
 
 
