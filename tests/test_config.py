@@ -478,3 +478,31 @@ def test_command_line_rejects_bad_choice(tmp_path):
     args = ["--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--bf16", "false", "--upo_baseline", "mean"]
     with pytest.raises(SystemExit):
         trl.TrlParser((UPOConfig,)).parse_args_and_config(args=args)
+
+
+def test_check_upo_values_checks_like_the_config_without_building_one():
+    """The axolotl plugin validates UPO keys inside axolotl's own config validation: building a TrainingArguments
+    there would set up accelerate's distributed state (a gloo process group under a launcher, before axolotl sets up
+    NCCL). ``check_upo_values`` gives the config's messages and leaves that state alone."""
+    import subprocess
+    import sys
+
+    code = (
+        "from accelerate.state import PartialState\n"
+        "from trl_upo.config import check_upo_values\n"
+        "specs = check_upo_values(reward_heads=[{'name': 'length'}], upo_alpha=0.3, loss_type='sigmoid')\n"
+        "assert [s.name for s in specs] == ['length'], specs\n"
+        "for bad, msg in [({'upo_alpha': -1}, 'upo_alpha must be >= 0'), ({'upo_baseline': 'x'}, 'upo_baseline must'),\n"
+        "                 ({'upo_combine': 'margin', 'loss_type': 'ipo'}, 'loss_type'),\n"
+        "                 ({'reward_heads': [{'name': 'lenght'}]}, 'length')]:\n"
+        "    try:\n"
+        "        check_upo_values(**bad)\n"
+        "    except ValueError as e:\n"
+        "        assert msg in str(e), (bad, str(e))\n"
+        "    else:\n"
+        "        raise AssertionError(bad)\n"
+        "assert PartialState._shared_state == {}, PartialState._shared_state\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from trl import DPOConfig, KTOConfig
@@ -214,3 +214,36 @@ class UPOKTOConfig(UPOArguments, KTOConfig):
     upo_baseline: str = _choice_field("batch", "Advantage baseline", UNPAIRED_BASELINES)
     upo_applies_to: str = _choice_field("desirable", "Completions the auxiliary term trains on", UNPAIRED_APPLIES_TO)
     upo_combine: str = _choice_field("awr", "How designer rewards enter (unpaired data: awr only)", ("awr",))
+
+
+def check_upo_values(config_class: type = None, **values: Any) -> list[HeadSpec]:
+    """Check ``reward_heads`` and the ``upo_*`` values as ``config_class`` (default :class:`UPOConfig`) checks them,
+    without building the config: building ``TrainingArguments`` sets up accelerate's distributed state (a process
+    group under a launcher), which a framework validating its own config (axolotl) must not have done for it.
+
+    Args:
+        config_class: the config whose fields and checks apply.
+        **values: the values to check (any of its fields; the others take their defaults).
+
+    Returns:
+        The parsed head specs.
+
+    Raises:
+        ValueError: the config's own message for the first problem.
+    """
+    config_class = config_class or UPOConfig
+    obj = object.__new__(config_class)
+    for f in fields(config_class):
+        if f.default is not MISSING:
+            object.__setattr__(obj, f.name, f.default)
+        elif f.default_factory is not MISSING:
+            object.__setattr__(obj, f.name, f.default_factory())
+    for name, value in values.items():
+        object.__setattr__(obj, name, value)
+    if isinstance(getattr(obj, "loss_type", None), str):  # TRL's __post_init__ makes a single loss a list
+        object.__setattr__(obj, "loss_type", [obj.loss_type])
+    specs = parse_head_specs(obj.reward_heads)
+    object.__setattr__(obj, "_head_specs", specs)
+    obj.validate_upo()
+    return specs
+

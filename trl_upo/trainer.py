@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import textwrap
 from typing import Any
 
@@ -30,14 +31,8 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOTrainer
 from trl.trainer.utils import get_config_model_id
 
-from .collator import (
-    VALUES_COLUMN,
-    VALUES_KEY,
-    UPODataCollator,
-    add_values_column,
-    head_signs_and_weights,
-    step_value_layout,
-)
+from .collator import VALUES_COLUMN, VALUES_KEY, UPODataCollator, add_values_column, head_signs_and_weights
+from .collator import step_value_layout
 from .config import UPOArguments, UPOConfig
 from .heads import HeadSpec, build_head
 from .compat import (
@@ -152,6 +147,9 @@ class UPOMixin:
     def _upo_setup_heads(self, args) -> None:
         """Build the heads of ``args`` (none without a ``UPOConfig``) and the names of a step's per-pair values."""
         specs: list[HeadSpec] = args.head_specs if isinstance(args, UPOArguments) else []
+        if specs and not isinstance(args, self._upo_config_class):  # before any scoring, not after it
+            raise TypeError(f"{type(self).__name__} needs a {self._upo_config_class.__name__} (or subclass) for reward "
+                            f"heads, got a {type(args).__name__}: build the same settings with the right config.")
         if not isinstance(args, UPOArguments):
             logger.info("%s got a %s, not a %s: no reward heads, training as %s.", type(self).__name__,
                         type(args).__name__, self._upo_config_class.__name__, self._upo_trl_class().__name__)
@@ -401,7 +399,7 @@ class UPOMixin:
         parts = [value.reshape(-1).to(torch.float64) for value in metrics.values()]
         logged = dict(zip(names, torch.cat(parts).tolist(), strict=True))
         if self._upo_drop_nan:  # unpaired data: a statistic over no row of its kind in this batch is not logged
-            logged = {k: v for k, v in logged.items() if k in self._upo_log_order or v == v}
+            logged = {k: v for k, v in logged.items() if k in self._upo_log_order or math.isfinite(v)}
         out = self._metrics[mode]
         for name in self._upo_log_order:
             out[name].append(logged.pop(name))

@@ -167,8 +167,10 @@ def upo_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def check_values(cfg: Mapping[str, Any]) -> None:
     """Check the UPO values of an axolotl config the way ``UPOConfig`` checks them (heads, ranges, choices, and the
-    loss the run uses for ``upo_combine: margin``) by building one; raises ``ValueError`` naming the problem."""
-    from trl_upo import UPOConfig
+    loss the run uses for ``upo_combine: margin``), without building a config (that would set up accelerate's
+    distributed state, a gloo process group under a launcher, before axolotl sets up NCCL); raises ``ValueError``
+    naming the problem."""
+    from trl_upo.config import check_upo_values
 
     rl = _rl_name(cfg.get("rl"))
     extra: dict[str, Any] = {}
@@ -176,6 +178,4 @@ def check_values(cfg: Mapping[str, Any]) -> None:
         extra["loss_type"] = ["ipo"]
     elif cfg.get("dpo_loss_type"):
         extra["loss_type"] = cfg["dpo_loss_type"]
-    # Only the UPO checks matter here: CPU and fp32, so that no device check of TrainingArguments runs.
-    output_dir = str(cfg.get("output_dir") or "upo-check")
-    UPOConfig(output_dir=output_dir, report_to="none", use_cpu=True, bf16=False, **extra, **upo_settings(cfg))
+    check_upo_values(**extra, **upo_settings(cfg))
