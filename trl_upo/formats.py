@@ -10,6 +10,12 @@ import json
 from typing import Any
 
 
+class DataError(ValueError):
+    """A problem with the user's data that the user can fix (a missing column, a label that is not boolean, a
+    non-finite score): the ``trl-upo`` command reports it as ``error: <message>`` with exit code 2, without a
+    traceback. A ``ValueError``, so code that catches ValueError keeps working."""
+
+
 def is_conversational(value: Any) -> bool:
     """Whether ``value`` is a list of chat messages (dicts with ``role`` and ``content``)."""
     return (

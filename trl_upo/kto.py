@@ -26,6 +26,7 @@ from trl import KTOTrainer
 
 from .compat import TESTED_TRL, TRLContractError, trl_version
 from .config import UPOArguments, UPOKTOConfig
+from .formats import DataError
 from .objective import masked_mean, sequence_loglik, unpaired_awr_term
 from .scoring import UNPAIRED_ROLES
 from .trainer import _UPO_CITATION, UPOMixin
@@ -68,7 +69,7 @@ def unpaired_dataset(dataset: Any, split: str, *, train: bool, applies_to: str, 
         cols = set(dataset.column_names)
     if "completion" not in cols or "label" not in cols:
         missing = [c for c in ("completion", "label") if c not in cols]
-        raise ValueError(
+        raise DataError(
             f"UPOKTOTrainer needs unpaired data: a 'prompt', a 'completion' and a boolean 'label' column (True: "
             f"desirable, False: undesirable), or preference pairs ('chosen' and 'rejected'), which it unpairs as "
             f"KTOTrainer does. The {split} dataset has no {missing}; its columns: {sorted(cols)}. Add the column "
@@ -76,7 +77,7 @@ def unpaired_dataset(dataset: Any, split: str, *, train: bool, applies_to: str, 
         )
     feature = dataset.features["label"]
     if not (isinstance(feature, Value) and feature.dtype == "bool"):
-        raise ValueError(
+        raise DataError(
             f"The 'label' column of the {split} dataset must be boolean (True: desirable, False: undesirable); it is "
             f"{feature}. Convert it explicitly, e.g. dataset.map(lambda r: {{'label': r['label'] == 'good'}}) (then "
             f"cast_column('label', Value('bool'))), so that no value is misread."
@@ -84,22 +85,22 @@ def unpaired_dataset(dataset: Any, split: str, *, train: bool, applies_to: str, 
     labels = dataset["label"]
     if any(v is None for v in labels):
         first = next(i for i, v in enumerate(labels) if v is None)
-        raise ValueError(
+        raise DataError(
             f"The {split} dataset has rows without a label (row {first} is the first): label every row True or False, "
             f"or filter those rows out (dataset.filter(lambda r: r['label'] is not None))."
         )
     if train:
         desirable = sum(labels)
         if len(labels) == 0:
-            raise ValueError("The train dataset is empty.")
+            raise DataError("The train dataset is empty.")
         if desirable == len(labels):
-            raise ValueError(
+            raise DataError(
                 f"Every row of the train dataset is desirable (label True, {desirable} rows): KTO learns from both "
                 f"kinds, and its loss needs undesirable rows (label False) too, such as the rejected answers of your "
                 f"preference data. With desirable answers only, train with SFT."
             )
         if desirable == 0 and applies_to == "desirable":
-            raise ValueError(
+            raise DataError(
                 f"No row of the train dataset is desirable (label True, out of {len(labels)}): the auxiliary term "
                 f"applies to the desirable completions (upo_applies_to='desirable') and would never train. Add "
                 f"desirable rows, or set upo_applies_to='all'."

@@ -25,6 +25,8 @@ import typing
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ..formats import DataError
+
 #: Exit code of a usage problem (a bad flag, key, value, file or split), printed without a traceback.
 EXIT_USAGE = 2
 #: Set to 1 (or pass ``--debug`` to ``trl-upo``) to print the traceback of usage problems too.
@@ -419,7 +421,7 @@ def debug_enabled() -> bool:
 
 #: Errors a user fixes by changing what they typed or named (exit code 2, one message, no traceback).
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+    UsageError, DataError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
 )
 
 

@@ -136,7 +136,8 @@ def unpaired_section(u: dict) -> list[str]:
         f"{u['n_desirable']} desirable and {u['n_undesirable']} undesirable rows; {u['metric']}, beta {u['beta']}.",
         "",
         f"- accuracy (reward above 0 on desirable rows, below 0 on undesirable rows; ties count half): "
-        f"**{_num(u['accuracy'])}**",
+        f"**{_num(u['accuracy'])}**" + (" (needs a reference: without one every reward is negative)"
+                                          if u["accuracy"] is None else ""),
         f"- ranking accuracy (desirable reward above undesirable reward, over all {u['n_desirable']} x "
         f"{u['n_undesirable']} combinations; ties count half): **{_num(u['ranking_accuracy'])}**",
         f"- mean reward: {_num(u['desirable_reward_mean'])} (desirable), {_num(u['undesirable_reward_mean'])} "
@@ -163,7 +164,8 @@ def console_table(result: dict) -> str:
     if u:
         kind = "implicit reward" if u["reference"] != "none" else "log-prob"
         rows.append((f"unpaired accuracy ({kind})", None, u["accuracy"],
-                     f"{u['n_desirable']} desirable + {u['n_undesirable']} undesirable rows, ties count half"))
+                     f"{u['n_desirable']} desirable + {u['n_undesirable']} undesirable rows, ties count half"
+                     if u["accuracy"] is not None else "needs a reference (--ref_model, or a PEFT adapter)"))
         rows.append((f"unpaired ranking accuracy ({kind})", None, u["ranking_accuracy"],
                      "desirable above undesirable, all combinations"))
     if result["win_rate"]:

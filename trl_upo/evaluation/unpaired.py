@@ -100,7 +100,8 @@ def unpaired_metrics(
 
     Returns:
         ``{"accuracy", "ranking_accuracy", "desirable_reward_mean", "undesirable_reward_mean", "n_desirable",
-        "n_undesirable", "reference", "metric", "beta"}``.
+        "n_undesirable", "reference", "metric", "beta"}``; ``accuracy`` is None without a reference (every reward
+        is then negative, so the sign says nothing).
     """
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta!r}.")
@@ -120,7 +121,9 @@ def unpaired_metrics(
     signed = torch.where(labels, rewards, -rewards)
     good, bad = rewards[labels], rewards[~labels]
     return {
-        "accuracy": _accuracy(signed),
+        # Without a reference every reward is beta * log pi < 0: the sign accuracy would only count the undesirable
+        # rows, so it is not reported (None); the ranking accuracy still compares the two kinds.
+        "accuracy": _accuracy(signed) if ref is not None else None,
         "ranking_accuracy": _ranking_accuracy(good, bad),
         "desirable_reward_mean": float(good.mean()) if good.numel() else float("nan"),
         "undesirable_reward_mean": float(bad.mean()) if bad.numel() else float("nan"),
