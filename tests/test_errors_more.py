@@ -140,3 +140,30 @@ def test_kto_liger_on_the_logits_path_is_refused(tiny_model_path, tmp_path, scor
     with pytest.raises(TRLContractError, match="use_liger_kernel=True with reward heads on TRL .*Set "
                                                "use_liger_kernel=False, or upgrade to trl>=1.15.0"):
         UPOKTOTrainer(model=tiny_model_path, args=args, train_dataset=data)
+
+
+@pytest.mark.parametrize(
+    ("trainer", "rows", "expected"),
+    [
+        pytest.param("dpo", [{"prompt": "p", "completion": "c", "label": True}],
+                     "train them with UPOKTOTrainer (trainer: kto in a recipe)", id="unpaired-rows-to-dpo"),
+        pytest.param("kto", [{"prompt": "p", "completion": "c", "label": 1}, {"prompt": "q", "completion": "d",
+                                                                            "label": 0}],
+                     "The 'label' column of the train dataset must be boolean", id="kto-integer-labels"),
+    ],
+)
+def test_data_errors_exit_2_with_the_message_and_no_traceback(trainer, rows, expected, tmp_path, tiny_model_path,
+                                                              score_cache, capsys):
+    """Data a user can fix (a DataError) ends the command with exit code 2 and the message; before, a traceback and
+    exit code 1."""
+    import json
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path=tiny_model_path, dataset_name=str(data),
+                          output_dir=str(tmp_path / "out"), trainer=trainer, max_steps=1, upo_score_cache_dir=score_cache,
+                          reward_heads=[{"name": "length"}], **CPU_RECIPE)
+    code, _, err = run_main(["--config", recipe], capsys)
+    assert code == 2, err
+    assert expected in err and "Traceback" not in err

@@ -8,6 +8,7 @@ compares every logged metric exactly (one CPU process: the same floating-point o
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -218,7 +219,7 @@ def test_a_batch_without_desirable_rows_adds_nothing(tiny_model_path, tmp_path, 
         if i == 0:  # same weights before the first update: the loss is KTO's, the term adds exactly 0
             assert upo_logs[i]["loss"] == kto_logs[i]["loss"]
     for h in upo_logs:
-        assert all(v == v for v in h.values() if isinstance(v, float))  # no NaN
+        assert all(math.isfinite(v) for v in h.values() if isinstance(v, float)), h  # no NaN, no -inf max
         assert ("upo/aux_loss" in h) == ("logps/chosen" in h)
 
 
@@ -271,6 +272,18 @@ def test_a_dpo_config_with_heads_is_refused(tiny_model_path, tmp_path):
     args = cpu_args(tmp_path, config_cls=UPOConfig, reward_heads=HEADS)
     with pytest.raises(TypeError, match="needs a UPOKTOConfig"):
         UPOKTOTrainer(model=tiny_model_path, args=args, train_dataset=unpaired(4))
+
+
+def test_a_kto_config_with_heads_is_refused_by_the_dpo_trainer_before_scoring(tiny_model_path, tmp_path, monkeypatch):
+    """The other direction: UPOTrainer given a UPOKTOConfig with heads fails at once (it used to score the whole
+    dataset and then fail inside DPOTrainer on a field KTOConfig lacks)."""
+    import trl_upo.trainer as trainer_module
+    from trl_upo import UPOTrainer
+
+    monkeypatch.setattr(trainer_module, "score_dataset", lambda *a, **k: pytest.fail("scored before the check"))
+    args = cpu_args(tmp_path, config_cls=UPOKTOConfig, reward_heads=HEADS)
+    with pytest.raises(TypeError, match="UPOTrainer needs a UPOConfig"):
+        UPOTrainer(model=tiny_model_path, args=args, train_dataset=preference_dataset(4))
 
 
 def test_alpha_raised_after_construction(tiny_model_path, tmp_path, score_cache):
