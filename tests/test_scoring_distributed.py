@@ -68,6 +68,17 @@ def test_an_error_on_one_rank_stops_every_rank(tmp_path, tiny_classifier_path):
     assert "failed on rank 1" in proc.stderr and "rank 1 refuses row" in proc.stderr
 
 
+@pytest.mark.slow
+def test_ranks_with_different_rows_fail_together_before_scoring(tmp_path, tiny_classifier_path):
+    """Shares are put together by row index: ranks given different rows (an unseeded shuffle) would get scores on the
+    wrong rows. Every rank raises the same clear error instead, before any scoring."""
+    proc = _launch([tiny_classifier_path, str(tmp_path / "out"), str(tmp_path / "c-{rank}"), "differ"], tmp_path,
+                   check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.count("The processes were given different train datasets") >= 2, proc.stderr[-4000:]
+    assert not (tmp_path / "out").exists()
+
+
 def score_and_write(classifier: str, out_dir: str, cache: str, mode: str) -> None:
     from accelerate import PartialState
 
@@ -92,6 +103,8 @@ def score_and_write(classifier: str, out_dir: str, cache: str, mode: str) -> Non
     if mode == "fail":
         specs, heads = parse_head_specs([{"name": "bad", "type": "length"}]), [FailsOnRankOne()]
     data = preference_dataset(N_ROWS, seed=3)
+    if mode == "differ":  # rank 1's rows in another order
+        data = data.shuffle(seed=state.process_index)
     scored, report = score_dataset(data, heads, specs, split="train", batch_size=8, distributed=True,
                                    cache_dir=cache.format(rank=state.process_index))
     scores = {s.name: [list(scored[f"upo_{s.name}_{r}"]) for r in ("chosen", "rejected")] for s in specs}
