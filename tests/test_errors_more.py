@@ -167,3 +167,20 @@ def test_data_errors_exit_2_with_the_message_and_no_traceback(trainer, rows, exp
     code, _, err = run_main(["--config", recipe], capsys)
     assert code == 2, err
     assert expected in err and "Traceback" not in err
+
+
+def test_build_pairs_row_errors_exit_2(tmp_path, capsys):
+    """A row-level data problem found inside the builder (a candidates cell that is no list) is a DataError: exit 2
+    with the row named, no traceback."""
+    import json
+
+    from trl_upo.cli import main as trl_upo
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "c": [" a", " b"]}) + "\n" + json.dumps({"prompt": "q", "c": "x"}) + "\n")
+    heads = json.dumps([{"name": "words", "type": "length"}])
+    rc = trl_upo(["build-pairs", "rank", "--dataset", str(data), "--candidates_column", "c", "--reward_heads", heads,
+                  "--output", str(tmp_path / "o.jsonl")])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Row 1: candidates_column 'c' must hold a list" in err and "Traceback" not in err

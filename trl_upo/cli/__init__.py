@@ -6,7 +6,9 @@ dependencies never break another. :mod:`trl_upo.cli.common` holds what the comma
 code 2, YAML configs, strict option parsing); :mod:`trl_upo.cli.launch` re-launches ``train`` under
 ``accelerate launch``.
 
-``--debug`` (anywhere on the command line), or ``TRL_UPO_DEBUG=1``, prints the traceback of usage errors too. The
+``--debug`` with no value (anywhere on the command line: last, or followed by another ``--option``), or
+``TRL_UPO_DEBUG=1``, prints the traceback of usage errors too; ``--debug VALUE`` is left to the command (transformers'
+``TrainingArguments.debug`` in ``train``, e.g. ``--debug underflow_overflow``), see :func:`pop_debug`. The
 current directory is importable, as with ``python -m trl_upo.cli``, so that a recipe can name a function in a module
 next to it (``function: my_rewards:brevity``).
 """
@@ -31,16 +33,13 @@ def _usage() -> str:
     lines = ["usage: trl-upo <command> [options]", "", "commands:"]
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "`trl-upo <command> --help` lists a command's options; `trl-upo --version` prints the version;",
-              "`--debug` (or TRL_UPO_DEBUG=1) shows the traceback of usage errors."]
+              "`--debug` with no value (or TRL_UPO_DEBUG=1) shows the traceback of usage errors."]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``trl-upo`` console script (also ``python -m trl_upo.cli``)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--debug" in argv:
-        argv.remove("--debug")
-        os.environ["TRL_UPO_DEBUG"] = "1"  # inherited by processes `accelerate launch` starts
+    argv = pop_debug(list(sys.argv[1:] if argv is None else argv), commands=COMMANDS)
     _import_from_cwd()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
@@ -60,6 +59,31 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest, prog=f"trl-upo {name}") or 0)
+
+
+def pop_debug(argv: list[str], commands=()) -> list[str]:
+    """``argv`` without trl-upo's own ``--debug`` flags, setting ``TRL_UPO_DEBUG=1`` (inherited by the processes
+    ``accelerate launch`` starts) when there was one.
+
+    A ``--debug`` is ours when no value follows it: it is the last token, the next token starts with ``--``, or (before
+    the command) the next token is a command name. ``--debug VALUE`` and ``--debug=VALUE`` are left in place: they are
+    ``TrainingArguments.debug`` (e.g. ``--debug underflow_overflow``).
+
+    Args:
+        argv: The command-line arguments.
+        commands: Command names that may follow a leading ``--debug`` (``trl-upo --debug train ...``).
+
+    Returns:
+        The arguments without our ``--debug`` flags.
+    """
+    out = []
+    for i, tok in enumerate(argv):
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if tok == "--debug" and (nxt is None or nxt.startswith("--") or (not out and nxt in commands)):
+            os.environ["TRL_UPO_DEBUG"] = "1"
+            continue
+        out.append(tok)
+    return out
 
 
 def _import_from_cwd() -> None:

@@ -269,6 +269,11 @@ def _resolve_resources(args: argparse.Namespace) -> None:
 
     from trl_upo.resources import RESOURCE_PREFIX, resolve_resource
 
+    from trl_upo.cli.checks import expand_home
+
+    for key in ("output", "shard_dir", "model"):  # `--key=~/x` and YAML leave `~` as it is
+        if hasattr(args, key):
+            setattr(args, key, expand_home(getattr(args, key)))
     for key, value in vars(args).items():
         if key in _OUTPUT_KEYS:
             continue
@@ -333,7 +338,7 @@ def main(argv: list[str], prog: str = "trl-upo build-pairs") -> int:
     Returns:
         The exit code: 0 on success, 2 for bad input (reported before any generation), 130 after Ctrl-C.
     """
-    return run_command(prog, lambda: _run(list(argv), prog), errors=(ValueError,))
+    return run_command(prog, lambda: _run(list(argv), prog))
 
 
 def _run(argv: list[str], prog: str) -> int:
@@ -341,11 +346,15 @@ def _run(argv: list[str], prog: str) -> int:
     from trl_upo.data.loading import load_split
 
     args = parse_args(argv, prog)
-    config = _rank_config(args) if args.method == "rank" else _critique_config(args)
-    output = _settings(OutputSettings, args, path=args.output)
-    output.check_writable()
+    try:  # the settings classes check their values with ValueError: here that is the user's input
+        config = _rank_config(args) if args.method == "rank" else _critique_config(args)
+        output = _settings(OutputSettings, args, path=args.output)
+        output.check_writable()
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     dataset = load_split(args.dataset, args.split, limit=args.limit, remove_columns=args.remove_columns,
                          fix="pass --split")
+    _check_input(dataset, config, output)
     build = build_rank_pairs if args.method == "rank" else build_critique_pairs
     try:
         result = build(dataset, config, output)
@@ -362,6 +371,30 @@ def _run(argv: list[str], prog: str) -> int:
         return 130
     _report(result, dataset, config if args.method == "rank" else None, output)
     return 0
+
+
+def _check_input(dataset: Any, config: RankConfig | CritiqueConfig, output: OutputSettings) -> None:
+    """Run the builders' own input checks (prompt column, candidate or response columns, columns the output would
+    overwrite) before building, so that their ``ValueError`` is reported as the user's data problem (exit 2)."""
+    from trl_upo.data.builder import check_column, check_output
+    from trl_upo.data.critique import OUTPUT_COLUMNS
+    from trl_upo.formats import DataError, check_prompt_column
+
+    try:
+        check_prompt_column(dataset, config.prompt_column)
+        if isinstance(config, RankConfig):
+            columns = [config.candidates_column] if config.candidates_column else list(config.candidate_columns or [])
+            for column in columns:
+                check_column(dataset, column, "candidate")
+            check_output(dataset, output, consumed={config.prompt_column, *columns},
+                         produced=config.output_columns(), hint=", or rank them as candidate_columns")
+        else:
+            if config.response_column is not None:
+                check_column(dataset, config.response_column, "response")
+            check_output(dataset, output, consumed={config.prompt_column, config.response_column},
+                         produced=OUTPUT_COLUMNS, hint="; existing answers go in response_column")
+    except ValueError as e:
+        raise DataError(str(e)) from e
 
 
 def _report(result: Any, dataset: Any, rank: RankConfig | None, output: OutputSettings) -> None:

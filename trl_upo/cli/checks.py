@@ -16,6 +16,11 @@ RESUME_LAST = ("true", "yes", "1", "last")
 RESUME_NONE = ("false", "no", "0", "none", "")
 
 
+def expand_home(path: Any) -> Any:
+    """``path`` with a leading ``~`` expanded (``os.path.expanduser``); other values (None, a Hub id) unchanged."""
+    return os.path.expanduser(path) if isinstance(path, str) and path.startswith("~") else path
+
+
 def check_output_dir(path: str, key: str = "output_dir") -> None:
     """Make sure ``path`` is a directory this process can write into, or one it can create (nothing is created).
 
@@ -110,11 +115,15 @@ def resolve_resume(value: Any, output_dir: str) -> str | None:
 
 def preflight(script_args, training_args, model_args) -> None:
     """Everything that can be checked before loading: the model path, the output directory, the checkpoint to
-    resume from, and the before/after report."""
+    resume from, and the before/after report. Nothing is written to disk; a leading ``~`` in ``model_name_or_path``
+    and ``output_dir`` is expanded in the parsed arguments."""
     from trl_upo.cli.report import check_report
 
     if not model_args.model_name_or_path:
         raise UsageError("no model: give `model_name_or_path` (hub name, local path or upo://...).")
+    # `~` is expanded here, where the paths are used (bash leaves `--key=~/x` as it is; YAML never expands it).
+    model_args.model_name_or_path = expand_home(model_args.model_name_or_path)
+    training_args.output_dir = expand_home(training_args.output_dir)
     check_report(script_args, training_args, model_args)
     check_model_path(model_args.model_name_or_path)
     check_output_dir(training_args.output_dir)

@@ -54,7 +54,7 @@ from trl_upo.cli.common import (
 from trl_upo.cli.eval_report import PREFERENCE_SKIPPED
 
 #: Keys of a ``--config`` YAML that ``trl-upo eval`` uses; the others (training settings) are listed and not used.
-CONFIG_KEYS = ("reward_heads", "beta")
+CONFIG_KEYS = ("reward_heads", "reward_funcs", "reward_weights", "beta")
 #: Options that name a file, directory or model, where ``upo://<asset>`` names a packaged asset.
 PATH_OPTIONS = ("model", "ref_model", "tokenizer", "config", "reward_model", "dataset")
 
@@ -121,8 +121,11 @@ def parse_args(argv: list[str], prog: str) -> EvalArguments:
     for name in ("num_prompts", "num_samples", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    from trl_upo.cli.checks import expand_home
+
     for name in PATH_OPTIONS:
-        setattr(args, name, resolve_resource(getattr(args, name)))
+        setattr(args, name, expand_home(resolve_resource(getattr(args, name))))
+    args.output_dir = expand_home(args.output_dir)  # `--key=~/x` and YAML leave `~` as it is
     return args
 
 
@@ -154,13 +157,21 @@ def read_heads(heads_json: str | None, config: str | None) -> tuple[list[dict], 
         return (heads if isinstance(heads, list) else [heads]), {}, []
     if not config:
         return [], {}, []
+    from trl_upo.cli.rewards import reward_func_heads
+
     data = read_yaml(config, "--config")
-    if "reward_heads" not in data:
+    if "reward_heads" not in data and "reward_funcs" not in data:
         hint = did_you_mean("reward_heads", data, quote="'")
-        raise UsageError(f"--config {config!r} has no reward_heads{hint}.")
-    heads = data["reward_heads"]
+        raise UsageError(f"--config {config!r} has no reward_heads or reward_funcs{hint}.")
+    heads = data.get("reward_heads") or []
     if isinstance(heads, str):
-        heads = json.loads(heads)
+        try:
+            heads = json.loads(heads)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--config {config!r}: reward_heads is a string that is not valid JSON ({e}).") from None
+    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads]
+    taken = [str(h.get("name") or h.get("type")) for h in heads if isinstance(h, dict)]
+    heads += reward_func_heads(data.get("reward_funcs"), data.get("reward_weights"), taken)  # as train does
     used = {k: data[k] for k in CONFIG_KEYS if k in data and k != "reward_heads"}
     unused = sorted(str(k) for k in data if k not in CONFIG_KEYS)
     return heads, used, unused
@@ -365,7 +376,7 @@ def main(argv: list[str] | None = None, prog: str | None = "trl-upo eval") -> in
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or "trl-upo eval"
-    return run_command(prog, lambda: _run(argv, prog), errors=(ValueError, ImportError))
+    return run_command(prog, lambda: _run(argv, prog))
 
 
 def _run(argv: list[str], prog: str) -> int:
@@ -375,11 +386,15 @@ def _run(argv: list[str], prog: str) -> int:
     args = parse_args(argv, prog)
     heads, used, unused = read_heads(args.heads, args.config)
     heads = resolve_resource(heads)  # upo://<asset> in a head's params (a packaged model or word list)
-    text_head_specs(heads)  # an unknown head or key fails here, with a suggestion
+    try:
+        text_head_specs(heads)  # an unknown head or key fails here, with a suggestion
+    except ValueError as e:  # the head spec's own message; a usage error, not a bug
+        raise UsageError(str(e)) from e
     if not heads and not args.reward_model:
         print(f"{prog}: no reward heads (--heads or --config): only preference metrics.", file=sys.stderr)
     if unused:
-        reads = " and ".join(k for k in CONFIG_KEYS if k in used or k == "reward_heads")
+        keys = [k for k in CONFIG_KEYS if k in used or k == "reward_heads"]
+        reads = " and ".join([", ".join(keys[:-1]), keys[-1]] if len(keys) > 1 else keys)
         more = f" and {len(unused) - 4} more training settings" if len(unused) > 4 else ""
         print(f"{prog}: --config: eval reads {reads} from it; not used by eval: {', '.join(unused[:4])}{more}.",
               file=sys.stderr)

@@ -83,12 +83,16 @@ or a flag (`--key value`); flags override the recipe.
 
   --config RECIPE.yaml   the recipe (a file or upo://<asset>); without it: the CPU quickstart recipe
                          (upo://quickstart.yaml) with your flags applied
-  --debug                print the traceback of usage errors too (or TRL_UPO_DEBUG=1)
+  --debug                (no value) print the traceback of usage errors too (or TRL_UPO_DEBUG=1);
+                         `--debug VALUE` (e.g. underflow_overflow) is transformers' `debug` option, listed below
 
 Launch keys (several processes; the command re-launches itself with `accelerate launch`):
-  num_processes N, accelerate_config NAME_OR_FILE (multi_gpu, zero3, fsdp2_qlora, multi_node_zero3, or a file),
-  num_machines, machine_rank, main_process_ip, main_process_port, mixed_precision, and every other
-  `accelerate launch --help` option."""
+  num_processes N, num_machines, machine_rank, main_process_ip, main_process_port, mixed_precision, and every
+  other `accelerate launch --help` option;
+  accelerate_config NAME_OR_FILE: a config file, or the name of one that ships with TRL (single_gpu, multi_gpu,
+  zero1, zero2, zero3, fsdp1, fsdp2); fsdp2_qlora and multi_node_zero3 are files in the trl-upo repository's
+  recipes/accelerate/ (not in the installed package): pass them by path, e.g. recipes/accelerate/fsdp2_qlora.yaml
+  (a name is also looked up in ./recipes/accelerate/)."""
 
 
 def order_recipe_help(parser, script_class: type, config_class: type, extra_dataclasses: tuple[type, ...]) -> None:

@@ -31,8 +31,7 @@ _NOT_LAUNCH_KEYS = {"help", "training_script", "training_script_args", "module",
 
 def launch_keys() -> dict[str, bool]:
     """``accelerate launch`` options a recipe or flag may give, as ``{key: takes_a_value}``; plus
-    ``accelerate_config`` (a file, or the name of a config in ``recipes/accelerate/`` or in TRL's
-    ``accelerate_configs``)."""
+    ``accelerate_config`` (a file, or a name: see :func:`resolve_accelerate_config`)."""
     from accelerate.commands.launch import launch_command_parser
 
     keys: dict[str, bool] = {"accelerate_config": True}
@@ -63,6 +62,11 @@ def launch_options(config_leftovers: list[str], cli_leftovers: list[str]) -> lis
 def resolve_accelerate_config(name: str) -> str:
     """Path of an accelerate config given as a file, or as the name of one in ``recipes/accelerate/`` (of the
     current directory or of the source tree this package runs from) or in TRL's ``accelerate_configs``.
+
+    From an installed package (a wheel holds only ``trl_upo/resources``) the names are TRL's (``single_gpu``,
+    ``multi_gpu``, ``zero1``, ``zero2``, ``zero3``, ``fsdp1``, ``fsdp2``) and those in ``./recipes/accelerate/``;
+    the repository's ``fsdp2_qlora`` and ``multi_node_zero3`` are found by name only in a source checkout, else
+    they are passed as files (``recipes/accelerate/fsdp2_qlora.yaml``).
 
     Args:
         name: A file path, or a config name with or without ``.yaml``.

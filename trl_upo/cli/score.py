@@ -147,11 +147,16 @@ def _run(argv: list[str], prog: str | None) -> int:
     script_args, training_args, model_args, dataset_args, score_args, launch = parse(
         argv, prog, extra_dataclasses=(ScoreArguments,)
     )
+    from trl_upo.cli.checks import check_model_path, expand_home
+
     specs = training_args.head_specs
     if not specs:
         raise UsageError("no reward heads: give `reward_heads` in the recipe or as a JSON flag.")
+    model_args.model_name_or_path = expand_home(model_args.model_name_or_path)
     if not model_args.model_name_or_path:
         _check_no_tokenizer_needed(specs)
+    check_model_path(model_args.model_name_or_path)
+    score_args.output = expand_home(score_args.output)
     _check_output(score_args.output)
     if launch and not under_launcher() and _processes(launch) > 1:
         return relaunch(argv, launch, use_cpu=bool(training_args.use_cpu), prog=prog, module=SCORE_MODULE)
@@ -253,4 +258,6 @@ def _write(output: str, scored: dict, specs, results: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:], prog="python -m trl_upo.cli.score"))
+    from trl_upo.cli import pop_debug
+
+    sys.exit(main(pop_debug(sys.argv[1:]), prog="python -m trl_upo.cli.score"))

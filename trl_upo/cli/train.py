@@ -271,8 +271,9 @@ def parse(argv: list[str], prog: str | None = None, extra_dataclasses: tuple[typ
         script_args.dataset_mixture = check_mixture(script_args.dataset_mixture)
         heads = reward_func_heads(script_args.reward_funcs, script_args.reward_weights,
                                   [s.name for s in training_args.head_specs])
-        if heads:
-            training_args = dataclasses.replace(training_args, reward_heads=[*training_args.reward_heads, *heads])
+        resolved = resolve_resource([*training_args.reward_heads, *heads])  # upo:// in a --reward_heads JSON flag
+        if resolved != training_args.reward_heads:
+            training_args = dataclasses.replace(training_args, reward_heads=resolved)
     except (ValueError, TypeError) as e:
         hint = " On a machine without a GPU, set `bf16: false` and `use_cpu: true` (--bf16 false --use_cpu true)."
         raise UsageError(str(e) + (hint if "bf16" in str(e) and "gpu" in str(e).lower() else "")) from e
@@ -292,13 +293,20 @@ def main(argv: list[str] | None = None, prog: str | None = "trl-upo train") -> i
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
-        return run_command(prog, lambda: make_parser(prog=prog, trainer=_trainer_kind(None, argv)).print_help())
+        return run_command(prog, lambda: _print_help(argv, prog))
     full = with_quickstart(argv)
     if full != argv and not under_launcher():
         flags = f" with {' '.join(argv)}" if argv else ""
         print(f"{prog}: no --config: running the CPU quickstart recipe ({QUICKSTART_RECIPE}){flags}; give --config "
               f"RECIPE.yaml to run your own.", flush=True)
     return run_command(prog, lambda: _run(full, prog))
+
+
+def _print_help(argv: list[str], prog: str | None) -> None:
+    """``--help`` for the trainer the command line or its recipe selects (``trainer: kto``: UPOKTOConfig's options)."""
+    path, rest = pop_config([a for a in argv if a not in ("-h", "--help")])
+    config = read_yaml(path, "recipe") if path else None
+    make_parser(prog=prog, trainer=_trainer_kind(config, rest)).print_help()
 
 
 def with_quickstart(argv: list[str]) -> list[str]:
@@ -312,6 +320,9 @@ def with_quickstart(argv: list[str]) -> list[str]:
 def _run(argv: list[str], prog: str | None) -> int:
     script_args, training_args, model_args, dataset_args, launch = parse(argv, prog)
     if launch and not under_launcher():
+        from trl_upo.cli.checks import preflight
+
+        preflight(script_args, training_args, model_args)  # a usage error: one message and exit 2, not N tracebacks
         return relaunch(argv, launch, use_cpu=bool(training_args.use_cpu), prog=prog)
     if launch:
         keys = ", ".join(k for k, _ in launch)
@@ -473,4 +484,6 @@ def train(script_args, training_args, model_args, dataset_args):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:], prog="python -m trl_upo.cli.train"))
+    from trl_upo.cli import pop_debug
+
+    sys.exit(main(pop_debug(sys.argv[1:]), prog="python -m trl_upo.cli.train"))

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ..fingerprints import short_hash
+from ..formats import DataError
 from .io import OutputSettings, dataset_digest, finish, open_store, run_in_shards
 
 #: ``process(rows, batch_index, first_row_index) -> output rows`` of one batch.
@@ -37,7 +38,7 @@ def check_column(dataset: Any, column: str, kind: str) -> None:
     if column not in names:
         close = difflib.get_close_matches(column, names, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"The dataset has no {kind} column {column!r}.{hint} Columns: {names}.")
+        raise DataError(f"The dataset has no {kind} column {column!r}.{hint} Columns: {names}.")
 
 
 def check_output(
@@ -65,7 +66,7 @@ def check_output(
         produced = [*produced, "completion", "label"]
     clash = sorted(set(passthrough) & set(produced))
     if clash:
-        raise ValueError(
+        raise DataError(
             f"The input dataset has column(s) {clash}, which the output would overwrite. Rename or remove them first "
             f"(Dataset.rename_column / remove_columns){hint}."
         )

@@ -15,7 +15,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..formats import as_completion, check_prompt_column, completion_text, is_conversational, mapping_list, prompt_text
+from ..formats import (
+    DataError,
+    as_completion,
+    check_prompt_column,
+    completion_text,
+    is_conversational,
+    mapping_list,
+    prompt_text,
+)
 from .builder import check_column, check_output, run_builder, run_fingerprint
 from .generation import Generator, GenerationSettings, batch_seed, make_generator
 from .io import OutputSettings
@@ -234,7 +242,7 @@ def build_critique_pairs(
         check_column(dataset, config.response_column, "response")
         for i, value in enumerate(dataset[config.response_column]):
             if not (isinstance(value, str) or is_conversational(value)):
-                raise ValueError(
+                raise DataError(
                     f"Row {i}: {config.response_column!r} must hold a string or a list of messages, got {value!r}."
                 )
     passthrough = check_output(

@@ -37,7 +37,8 @@ def _resolve(source: Any) -> str:
             f"No dataset given (got {source!r}): give a .json/.jsonl/.parquet/.csv file, a directory (save_to_disk "
             f"or data files), a Hub dataset name, or upo://<asset>."
         )
-    return resolve_resource(os.fspath(source))
+    path = resolve_resource(os.fspath(source))
+    return os.path.expanduser(path) if path.startswith("~") else path  # `--key=~/x` and YAML leave `~` as it is
 
 
 def _is_saved(path: str) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..formats import as_completion, check_prompt_column, is_conversational
+from ..formats import DataError, as_completion, check_prompt_column, is_conversational
 from ..heads import HeadSpec, RewardHead, build_head, parse_head_specs, resolve_head_class
 from ..models import load_tokenizer
 from ..scoring import call_head, check_finite
@@ -265,29 +265,29 @@ def _check_candidates(dataset: Any, config: RankConfig, conversational: bool) ->
             return
         if is_conversational(value):
             if not conversational:
-                raise ValueError(
+                raise DataError(
                     f"Row {row}, column {col!r}: a conversational candidate (message list) with a standard (string) "
                     f"prompt; use one format for prompts and responses."
                 )
             return
-        raise ValueError(
+        raise DataError(
             f"Row {row}, column {col!r}: a candidate must be a string or a list of messages, got {value!r}."
         )
 
     if config.candidates_column:
         for i, value in enumerate(dataset[config.candidates_column]):
             if not isinstance(value, (list, tuple)) or is_conversational(value):
-                raise ValueError(
+                raise DataError(
                     f"Row {i}: candidates_column {config.candidates_column!r} must hold a list of N >= 2 responses per "
                     f"row, got {value!r}. For one response per column use candidate_columns."
                 )
             if len(value) < 2:
-                raise ValueError(
+                raise DataError(
                     f"Row {i}: {len(value)} candidate(s) in {config.candidates_column!r}; a pair needs N >= 2. Remove "
                     f"the row or add candidates."
                 )
             if config.num_candidates is not None and len(value) != config.num_candidates:
-                raise ValueError(
+                raise DataError(
                     f"Row {i}: {len(value)} candidates in {config.candidates_column!r}, but num_candidates="
                     f"{config.num_candidates}. Unset num_candidates to take every row's candidates as they are."
                 )
@@ -376,7 +376,7 @@ def _load_heads(config: RankConfig, passthrough: list[str], columns: list[str]) 
     for head, spec in zip(heads, config.head_specs, strict=True):
         missing = [c for c in head.required_columns() if c not in passthrough]
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"Reward head {spec.name!r} ({spec.type}) reads column(s) {missing}, which the dataset does not have "
                 f"(besides the prompt and candidates). Columns: {columns}."
             )
