@@ -86,6 +86,10 @@ def worker(model_path: str, out_json: str, steps: int) -> None:
         result["upo_minus_dpo_per_step"] = result["upo"]["total_per_step"] - result["dpo"]["total_per_step"]
         with open(out_json, "w") as f:
             json.dump(result, f, indent=2)
+    del trainer  # then end the process group deliberately: no rank left in Gloo's destructor at exit
+    from trl_upo.cli.common import end_distributed
+
+    end_distributed()
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -103,3 +103,12 @@ def one_and_two_process_histories(script: str, model_path: str, tmp_path) -> tup
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(one.read_text()), json.loads(two.read_text())
+
+
+def end_distributed() -> None:
+    """End a launched test script as a careful user ends theirs: release what holds the process group (the caller
+    drops its trainer first), then destroy the group, so that no rank aborts or hangs in Gloo's destructor at exit
+    (seen on CPU: "terminate called without an active exception", 1 run in several)."""
+    from trl_upo.cli.common import end_distributed as end
+
+    end()

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, assert_same_training_steps, cpu_args, one_and_two_process_histories
+from tests.helpers import ROOT, assert_same_training_steps, cpu_args, end_distributed, one_and_two_process_histories
 
 
 @pytest.mark.slow
@@ -41,6 +41,8 @@ def train_and_write_history(model_path: str, out_json: str, per_device_batch: in
     if trainer.accelerator.is_main_process:
         with open(out_json, "w") as f:
             json.dump({"num_processes": trainer.accelerator.num_processes, "history": trainer.state.log_history}, f)
+    del trainer
+    end_distributed()
 
 
 if __name__ == "__main__":

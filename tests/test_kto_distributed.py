@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, cpu_args, one_and_two_process_histories
+from tests.helpers import ROOT, cpu_args, end_distributed, one_and_two_process_histories
 
 METRICS = ["loss", "upo/aux_loss", "upo/weight/max", "upo/advantage/max", "upo/novery/completion",
            "upo/length/completion_norm", "upo/loglik/desirable", "rewards/chosen", "logps/chosen"]
@@ -60,6 +60,8 @@ def train_and_write_history(model_path: str, out_json: str, per_device_batch: in
     if trainer.accelerator.is_main_process:
         with open(out_json, "w") as f:
             json.dump({"num_processes": trainer.accelerator.num_processes, "history": trainer.state.log_history}, f)
+    del trainer
+    end_distributed()
 
 
 if __name__ == "__main__":
