@@ -65,7 +65,8 @@ class RewardHead:
         Args:
             prompts: the prompts (strings, or message lists for conversational data).
             completions: the responses to score, aligned with ``prompts`` (same formats).
-            role: ``"chosen"`` or ``"rejected"``: which response of each pair is being scored.
+            role: ``"chosen"`` or ``"rejected"`` (which response of each pair is being scored), or
+                ``"completion"`` (the one response of an unpaired row).
             columns: the dataset's other columns for these rows, by name.
             tokenizer: the trainer's tokenizer, or None.
 
