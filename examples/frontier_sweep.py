@@ -171,23 +171,31 @@ def sft_warmup(task: Task, out_dir: str, seed: int, s: Settings) -> str:
     return quickstart.sft_warmup(seed_dir, seed, s.sft_steps, rows=task.rows(s.n_train, seed + 1000))
 
 
-def preference_run(task: Task, base: str, out_dir: str, name: str, seed: int, s: Settings) -> str:
-    """Train ``base`` on the task's pairs with configuration ``name``; return the saved model's path."""
+def train_run(trainer_cls: Any, config_cls: Any, configs: dict, task: Task, rows: list[dict], base: str,
+              out_dir: str, name: str, seed: int, s: Settings) -> str:
+    """Train ``base`` on ``rows`` with configuration ``name`` of ``configs`` (its ``heads: False`` trains without
+    heads) and the sweep's shared settings; return the saved model's path. Also used by ``examples/kto_sweep.py``."""
     from datasets import Dataset
 
-    from trl_upo import UPOConfig, UPOTrainer
-
-    overrides = dict(CONFIGS[name])
+    overrides = dict(configs[name])
     heads = task.train_heads if overrides.pop("heads", True) else []
-    args = UPOConfig(
+    args = config_cls(
         output_dir=os.path.join(out_dir, f"seed{seed}", name), per_device_train_batch_size=16, max_steps=s.steps,
         learning_rate=2e-3, beta=0.1, logging_steps=max(1, s.steps // 5), seed=seed, reward_heads=heads,
         upo_score_cache_dir=os.path.join(out_dir, "score-cache"), **CPU_RUN, **overrides,
     )
-    trainer = UPOTrainer(model=base, args=args, train_dataset=Dataset.from_list(task.rows(s.n_train, seed + 2000)))
+    trainer = trainer_cls(model=base, args=args, train_dataset=Dataset.from_list(rows))
     trainer.train()
     trainer.save_model()
     return args.output_dir
+
+
+def preference_run(task: Task, base: str, out_dir: str, name: str, seed: int, s: Settings) -> str:
+    """Train ``base`` on the task's pairs with configuration ``name``; return the saved model's path."""
+    from trl_upo import UPOConfig, UPOTrainer
+
+    rows = task.rows(s.n_train, seed + 2000)
+    return train_run(UPOTrainer, UPOConfig, CONFIGS, task, rows, base, out_dir, name, seed, s)
 
 
 def evaluate_run(task: Task, path: str, ref: Any, seed: int, s: Settings) -> dict:

@@ -53,23 +53,10 @@ def unpair(rows: list[dict], seed: int) -> list[dict]:
 
 def kto_run(task: Any, base: str, out_dir: str, name: str, seed: int, s: Any) -> str:
     """Train ``base`` on the task's unpaired rows with configuration ``name``; return the saved model's path."""
-    from datasets import Dataset
-
     from trl_upo import UPOKTOConfig, UPOKTOTrainer
-    from trl_upo.quickstart import CPU_RUN
 
-    overrides = dict(CONFIGS[name])
-    heads = task.train_heads if overrides.pop("heads", True) else []
-    args = UPOKTOConfig(
-        output_dir=os.path.join(out_dir, f"seed{seed}", name), per_device_train_batch_size=16, max_steps=s.steps,
-        learning_rate=2e-3, beta=0.1, logging_steps=max(1, s.steps // 5), seed=seed, reward_heads=heads,
-        upo_score_cache_dir=os.path.join(out_dir, "score-cache"), **CPU_RUN, **overrides,
-    )
-    data = Dataset.from_list(unpair(task.rows(s.n_train, seed + 2000), seed))
-    trainer = UPOKTOTrainer(model=base, args=args, train_dataset=data)
-    trainer.train()
-    trainer.save_model()
-    return args.output_dir
+    rows = unpair(task.rows(s.n_train, seed + 2000), seed)
+    return fs.train_run(UPOKTOTrainer, UPOKTOConfig, CONFIGS, task, rows, base, out_dir, name, seed, s)
 
 
 def evaluate(task: Any, path: str, ref: Any, seed: int, s: Any) -> dict:
