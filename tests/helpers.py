@@ -105,10 +105,22 @@ def one_and_two_process_histories(script: str, model_path: str, tmp_path) -> tup
     return json.loads(one.read_text()), json.loads(two.read_text())
 
 
+
+def train_and_record(trainer, out_json: str) -> None:
+    """The end of a launched training script: train, and write the run's logged history and process count to
+    ``out_json`` (main process), as :func:`one_and_two_process_histories` reads them."""
+    import json
+
+    trainer.train()
+    if trainer.accelerator.is_main_process:
+        with open(out_json, "w") as f:
+            json.dump({"num_processes": trainer.accelerator.num_processes, "history": trainer.state.log_history}, f)
+
+
 def end_distributed() -> None:
-    """End a launched test script as a careful user ends theirs: release what holds the process group (the caller
-    drops its trainer first), then destroy the group, so that no rank aborts or hangs in Gloo's destructor at exit
-    (seen on CPU: "terminate called without an active exception", 1 run in several)."""
+    """End a launched test script as a careful user ends theirs: once the trainer is released (call this after the
+    function that held it returned), destroy the process group, so that no rank aborts or hangs in Gloo's destructor
+    at exit (seen on CPU: "terminate called without an active exception", 1 run in several)."""
     from trl_upo.cli.common import end_distributed as end
 
     end()

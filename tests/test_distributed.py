@@ -5,13 +5,19 @@ batch: the batch baseline, the weight normalisation and the metrics are gathered
 The training script is this file: ``python tests/test_distributed.py MODEL OUT_JSON PER_DEVICE_BATCH CACHE_DIR``, with
 the repository root on ``PYTHONPATH`` (for ``tests.*``), writes the run's logged history to OUT_JSON (main process)."""
 
-import json
 import os
 import sys
 
 import pytest
 
-from tests.helpers import ROOT, assert_same_training_steps, cpu_args, end_distributed, one_and_two_process_histories
+from tests.helpers import (
+    ROOT,
+    assert_same_training_steps,
+    cpu_args,
+    end_distributed,
+    one_and_two_process_histories,
+    train_and_record,
+)
 
 
 @pytest.mark.slow
@@ -37,14 +43,10 @@ def train_and_write_history(model_path: str, out_json: str, per_device_batch: in
         upo_score_cache_dir=cache_dir,
     )
     trainer = UPOTrainer(model=model_path, args=args, train_dataset=preference_dataset(32, seed=0))
-    trainer.train()
-    if trainer.accelerator.is_main_process:
-        with open(out_json, "w") as f:
-            json.dump({"num_processes": trainer.accelerator.num_processes, "history": trainer.state.log_history}, f)
-    del trainer
-    end_distributed()
+    train_and_record(trainer, out_json)
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TQDM_DISABLE", "1")
     train_and_write_history(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    end_distributed()  # the trainer is released now

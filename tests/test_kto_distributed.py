@@ -8,13 +8,12 @@ a per-device batch, so its value depends on the per-device batch size by design 
 The training script is this file: ``python tests/test_kto_distributed.py MODEL OUT_JSON PER_DEVICE_BATCH CACHE_DIR``
 (repository root on ``PYTHONPATH``) writes the run's logged history to OUT_JSON (main process)."""
 
-import json
 import os
 import sys
 
 import pytest
 
-from tests.helpers import ROOT, cpu_args, end_distributed, one_and_two_process_histories
+from tests.helpers import ROOT, cpu_args, end_distributed, one_and_two_process_histories, train_and_record
 
 METRICS = ["loss", "upo/aux_loss", "upo/weight/max", "upo/advantage/max", "upo/novery/completion",
            "upo/length/completion_norm", "upo/loglik/desirable", "rewards/chosen", "logps/chosen"]
@@ -56,14 +55,10 @@ def train_and_write_history(model_path: str, out_json: str, per_device_batch: in
     )
     data = unpair_preference_dataset(preference_dataset(8, seed=0)).shuffle(seed=0)
     trainer = UPOKTOTrainer(model=model_path, args=args, train_dataset=data)
-    trainer.train()
-    if trainer.accelerator.is_main_process:
-        with open(out_json, "w") as f:
-            json.dump({"num_processes": trainer.accelerator.num_processes, "history": trainer.state.log_history}, f)
-    del trainer
-    end_distributed()
+    train_and_record(trainer, out_json)
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TQDM_DISABLE", "1")
     train_and_write_history(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    end_distributed()  # the trainer is released now
