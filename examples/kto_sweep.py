@@ -45,8 +45,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 
 def unpair(rows: list[dict], seed: int) -> list[dict]:
-    """Each pair -> a desirable and an undesirable row, shuffled (so every batch mixes both kinds)."""
-    out = [{"prompt": r["prompt"], "completion": r[k], "label": k == "chosen"} for r in rows for k in ("chosen", "rejected")]
+    """Each pair -> a desirable and an undesirable row (``trl_upo.data.unpair_rows``: a row an earlier pair already gave
+    is not repeated), shuffled (so every batch mixes both kinds)."""
+    from trl_upo.data import unpair_rows
+
+    out = unpair_rows(rows)
     random.Random(seed).shuffle(out)
     return out
 
