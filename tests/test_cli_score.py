@@ -145,7 +145,7 @@ def test_a_scored_output_trains_without_loading_the_head_model(tmp_path, tiny_cl
     trainer = UPOTrainer(model=tiny_model_path, args=cpu_args(tmp_path / "run", reward_heads=heads,
                                                               upo_use_score_cache=False),
                          train_dataset=splits["train"], eval_dataset=splits["test"])
-    assert trainer._upo_score_report == {"train": {"pos": "recorded"}, "eval": {"pos": "recorded"}}
+    assert trainer.upo.score_report == {"train": {"pos": "recorded"}, "eval": {"pos": "recorded"}}
 
 
 def _cli(args, cwd):

@@ -86,7 +86,8 @@ LAYERS = [
     {"formats", "fingerprints", "models", "resources", "compat"},
     {"objective"},
     {"heads"},
-    {"scoring", "config", "collator", "state", "data", "evaluation"},
+    {"scoring", "config", "layout", "collator", "step", "state", "data", "evaluation"},
+    {"core"},
     {"trainer", "kto"},
     {"cli", "quickstart", "quickstart_task", "integrations"},
 ]

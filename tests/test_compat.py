@@ -30,7 +30,7 @@ def _scoring_forbidden(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("scoring ran before the TRL check")
 
-    monkeypatch.setattr("trl_upo.trainer.score_dataset", forbidden)
+    monkeypatch.setattr("trl_upo.core.score_dataset", forbidden)
 
 
 def test_unknown_trl_fails_before_scoring_naming_version_and_range(monkeypatch, tiny_model_path, tmp_path,
@@ -58,7 +58,7 @@ def test_missing_hook_points_fail_naming_them(monkeypatch):
 
 def test_no_heads_checks_nothing(monkeypatch, tiny_model_path, tmp_path, train_dataset):
     """Without reward heads UPOTrainer is DPOTrainer: it trains on whatever TRL does, checked or not."""
-    monkeypatch.setattr("trl_upo.trainer.check_trl", lambda *a, **k: pytest.fail("checked without heads"))
+    monkeypatch.setattr("trl_upo.core.check_trl", lambda *a, **k: pytest.fail("checked without heads"))
     trainer = UPOTrainer(model=tiny_model_path, args=cpu_args(tmp_path, max_steps=1), train_dataset=train_dataset)
     trainer.train()
 

@@ -180,14 +180,14 @@ def test_scores_statistics_and_state(tiny_model_path, tmp_path, score_cache):
     assert trainer.train_dataset["completion_ids"] == kto.train_dataset["completion_ids"]
     expected = [0.0 if "very" in c.split() else 1.0 for c in list(pairs["chosen"]) + list(pairs["rejected"])]
     assert trainer.train_dataset[score_column("novery", "completion")] == expected
-    stats = trainer._upo_stats[0]
+    stats = trainer.upo.statistics[0]
     assert stats["count"] == 24 and stats["mean"] == pytest.approx(sum(expected) / 24)
     trainer.train()
     trainer.save_model()
     state = json.loads((tmp_path / "upo_state.json").read_text())
     assert state["statistics"] == [stats] and state["settings"]["upo_applies_to"] == "desirable"
     again = UPOKTOTrainer(model=tiny_model_path, args=args, train_dataset=pairs)
-    assert again._upo_score_report["train"] == {"novery": "cached"}
+    assert again.upo.score_report["train"] == {"novery": "cached"}
 
 
 def test_applies_to_all_trains_every_completion(tiny_model_path, tmp_path, score_cache):
@@ -277,7 +277,7 @@ def test_a_dpo_config_with_heads_is_refused(tiny_model_path, tmp_path):
 def test_a_kto_config_with_heads_is_refused_by_the_dpo_trainer_before_scoring(tiny_model_path, tmp_path, monkeypatch):
     """The other direction: UPOTrainer given a UPOKTOConfig with heads fails at once (it used to score the whole
     dataset and then fail inside DPOTrainer on a field KTOConfig lacks)."""
-    import trl_upo.trainer as trainer_module
+    import trl_upo.core as trainer_module
     from trl_upo import UPOTrainer
 
     monkeypatch.setattr(trainer_module, "score_dataset", lambda *a, **k: pytest.fail("scored before the check"))
@@ -309,12 +309,13 @@ def test_conversational_data_with_lora(tiny_model_path, tmp_path, score_cache):
     assert all(torch.isfinite(torch.tensor(h["upo/aux_loss"])) for h in trainer.state.log_history if "loss" in h)
 
 
-def test_upokto_is_the_mixin_on_ktotrainer():
-    from trl_upo import UPOKTOMixin
+def test_upokto_is_the_kto_adapter_of_the_core_on_ktotrainer():
+    """The DPO and KTO adapters are siblings on one core: neither is in the other's MRO."""
+    from trl_upo import UPOKTOMixin, UPOMixin
+    from trl_upo.core import UPOCore
 
-    from trl_upo import UPOMixin
-
-    assert UPOKTOTrainer.__mro__[1:4] == (UPOKTOMixin, UPOMixin, trl.KTOTrainer)
+    assert UPOKTOTrainer.__mro__[1:4] == (UPOKTOMixin, UPOCore, trl.KTOTrainer)
+    assert UPOMixin not in UPOKTOTrainer.__mro__
     assert UPOKTOTrainer._tag_names == ["trl", "kto", "upo"]
 
 

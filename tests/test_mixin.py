@@ -67,6 +67,8 @@ def test_heads_go_through_the_subclass_compute_loss(tiny_model_path, tmp_path, t
     assert first_mixed["loss"] == pytest.approx(first_plain["loss"] + CountingDPO.OFFSET, rel=1e-5)
 
 
-def test_upotrainer_is_the_mixin_on_dpotrainer():
-    assert UPOTrainer.__mro__[1:3] == (UPOMixin, trl.DPOTrainer)
+def test_upotrainer_is_the_dpo_adapter_of_the_core_on_dpotrainer():
+    from trl_upo.core import UPOCore
+
+    assert UPOTrainer.__mro__[1:4] == (UPOMixin, UPOCore, trl.DPOTrainer)
     assert UPOTrainer._tag_names == ["trl", "dpo", "upo"]

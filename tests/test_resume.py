@@ -96,20 +96,20 @@ def _copy_checkpoint(run_a, name, dest_dir):
 def test_upo_state_saved_in_checkpoints_and_output_dir(run_a):
     trainer, out = run_a["trainer"], run_a["out"]
     assert trainer.state.global_step == 6
-    expected_heads = [s.to_dict() for s in trainer._upo_specs]
+    expected_heads = [s.to_dict() for s in trainer.upo.specs]
     assert [h["name"] for h in expected_heads] == ["length", "novery"]
     assert [h["type"] for h in expected_heads] == ["length", "function"]
     assert expected_heads[1]["params"] == {"function": "trl_upo.quickstart_task:avoid_word_reward"}
     # Statistics fitted on the train split: one entry per head, z-scored by default, over 2 * 32 responses.
-    assert len(trainer._upo_stats) == 2
-    for st in trainer._upo_stats:
+    assert len(trainer.upo.statistics) == 2
+    for st in trainer.upo.statistics:
         assert st["mode"] == "zscore" and st["count"] == 64 and st["std"] > 0
     for where in (out / "checkpoint-3", out / "checkpoint-6", out):
         assert (where / STATE_FILE).is_file(), f"no {STATE_FILE} in {where}"
         state = _read_state(where)
         assert state["heads"] == expected_heads, where
-        assert state["statistics"] == trainer._upo_stats, where
-        assert state["head_fingerprints"] == [h.fingerprint() for h in trainer._upo_heads]
+        assert state["statistics"] == trainer.upo.statistics, where
+        assert state["head_fingerprints"] == [h.fingerprint() for h in trainer.upo.heads]
         assert state["settings"]["upo_alpha"] == trainer.args.upo_alpha
         assert state["settings"]["upo_normalization"] == "zscore"
 
@@ -160,7 +160,7 @@ def test_resume_continues_with_same_losses(run_a, tmp_path, caplog):
     assert counter.steps == [4, 5, 6]  # trained steps 4-6 only
     # Same data, same statistics: nothing to warn about.
     assert not [r for r in caplog.records if r.name.startswith("trl_upo") and r.levelno >= logging.WARNING]
-    assert trainer._upo_stats == run_a["trainer"]._upo_stats
+    assert trainer.upo.statistics == run_a["trainer"].upo.statistics
     _assert_same_step_logs(_loss_logs(trainer), a_logs, [4, 5, 6])
     # And the resumed run writes the same state in its own checkpoint.
     assert _read_state(out_b / "checkpoint-6") == _read_state(run_a["out"] / "checkpoint-6")
@@ -185,8 +185,8 @@ def test_resume_true_finds_last_checkpoint(run_a, tmp_path):
     )
     trainer.train(resume_from_checkpoint=True)
     assert counter.steps == [7]  # resumed after step 6, not step 3
-    assert trainer._upo_stats == state["statistics"]
-    assert trainer._upo_stats != run_a["trainer"]._upo_stats
+    assert trainer.upo.statistics == state["statistics"]
+    assert trainer.upo.statistics != run_a["trainer"].upo.statistics
 
 
 def test_resume_with_other_data_adopts_checkpoint_statistics(run_a, tmp_path, caplog):
@@ -200,13 +200,13 @@ def test_resume_with_other_data_adopts_checkpoint_statistics(run_a, tmp_path, ca
         args=_args(out_d, run_a["cache"], max_steps=4),
         train_dataset=other,
     )
-    fitted = trainer._upo_stats
+    fitted = trainer.upo.statistics
     assert fitted != saved  # otherwise this test would prove nothing
     assert abs(fitted[1]["mean"] - saved[1]["mean"]) > 0.2
     with caplog.at_level(logging.WARNING, logger="trl_upo"):
         trainer.train(resume_from_checkpoint=ckpt)
     assert trainer.state.global_step == 4
-    assert trainer._upo_stats == saved
+    assert trainer.upo.statistics == saved
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and "statistics" in r.getMessage()]
     assert warnings, [r.getMessage() for r in caplog.records]
     assert "checkpoint" in warnings[0].getMessage()
@@ -336,5 +336,5 @@ def test_resume_with_lora_continues_with_same_losses(tiny_model_path, tmp_path, 
     os.makedirs(out_b)
     shutil.copytree(tmp_path / "lora-a" / "checkpoint-2", out_b / "checkpoint-2")
     b = run(out_b, resume=str(out_b / "checkpoint-2"))
-    assert b._upo_stats == a._upo_stats
+    assert b.upo.statistics == a.upo.statistics
     _assert_same_step_logs(_loss_logs(b), _loss_logs(a), [3, 4])

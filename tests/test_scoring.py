@@ -403,18 +403,18 @@ def test_trainer_scores_once_and_second_trainer_uses_cache(
     t1 = UPOTrainer(model=tiny_model_path, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset)
     # train (32 rows) and eval (8 rows), each chosen + rejected, in one batch of <= 256
     assert TRAINER_CALLS == [32, 32, 8, 8]
-    assert t1._upo_score_report == {"train": {"counted": "scored"}, "eval": {"counted": "scored"}}
+    assert t1.upo.score_report == {"train": {"counted": "scored"}, "eval": {"counted": "scored"}}
     expected = [float(len(c.split())) for c in train_dataset["chosen"]]
     assert t1.train_dataset["upo_counted_chosen"] == expected
-    (st,) = t1._upo_stats
+    (st,) = t1.upo.statistics
     pooled = expected + [float(len(r.split())) for r in train_dataset["rejected"]]
     assert st["count"] == 64 and st["mean"] == pytest.approx(sum(pooled) / 64)
 
     t2 = UPOTrainer(model=tiny_model_path, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset)
     assert TRAINER_CALLS == [32, 32, 8, 8], "the second identical trainer called the head again"
-    assert t2._upo_score_report == {"train": {"counted": "cached"}, "eval": {"counted": "cached"}}
+    assert t2.upo.score_report == {"train": {"counted": "cached"}, "eval": {"counted": "cached"}}
     assert t2.train_dataset["upo_counted_chosen"] == expected
-    assert t2._upo_stats == t1._upo_stats
+    assert t2.upo.statistics == t1.upo.statistics
 
 
 @pytest.mark.parametrize("head", [

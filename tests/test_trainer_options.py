@@ -17,6 +17,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl_upo import UPOTrainer
 from trl_upo.objective import aux_reward, normalize_scores
 from trl_upo.quickstart import NOVERY_HEAD as NOVERY
+from trl_upo.collator import head_signs_and_weights
 from trl_upo.scoring import score_column
 
 from tests.helpers import cpu_args
@@ -34,11 +35,12 @@ def _first_step_margin_loss(trainer, dataset, alpha, beta):
     """At step 1 the policy equals the reference, so every DPO log-ratio difference D is 0 and the margin loss is
     mean(-log sigmoid(beta * 0 - alpha * m)) = mean(softplus(alpha * m)), m = r_aux(y_w) - r_aux(y_l), computed
     here from the dataset's score columns and the trainer's training-split statistics."""
-    names = [s.name for s in trainer._upo_specs]
+    names = [s.name for s in trainer.upo.specs]
     raw_c = torch.tensor([[row[score_column(n, "chosen")] for n in names] for row in dataset], dtype=torch.float64)
     raw_r = torch.tensor([[row[score_column(n, "rejected")] for n in names] for row in dataset], dtype=torch.float64)
-    r_c = aux_reward(normalize_scores(raw_c, trainer._upo_stats, trainer._upo_signs), trainer._upo_weights)
-    r_r = aux_reward(normalize_scores(raw_r, trainer._upo_stats, trainer._upo_signs), trainer._upo_weights)
+    signs, weights = head_signs_and_weights(trainer.upo.specs)
+    r_c = aux_reward(normalize_scores(raw_c, trainer.upo.statistics, signs), weights)
+    r_r = aux_reward(normalize_scores(raw_r, trainer.upo.statistics, signs), weights)
     return float(F.softplus(alpha * (r_c - r_r)).mean())
 
 
@@ -122,7 +124,7 @@ def test_alpha_zero_logs_scores_only(tiny_model_path, train_dataset, tmp_path, s
     trainer.train()
     log = [h for h in trainer.state.log_history if "loss" in h][0]
     assert "upo/novery/chosen" in log and "upo/aux_loss" not in log
-    assert trainer._upo_hook_handles == []  # nothing hooks the model when the term is off
+    assert not trainer.upo.hooks_attached  # nothing hooks the model when the term is off
 
 
 def test_eval_dict_and_evaluate_with_a_new_dataset(tiny_model_path, train_dataset, tmp_path, score_cache):
@@ -138,7 +140,7 @@ def test_eval_dict_and_evaluate_with_a_new_dataset(tiny_model_path, train_datase
     fresh = preference_dataset(8, seed=7)
     metrics = trainer.evaluate(eval_dataset=fresh)
     assert "eval_upo/novery/chosen_norm" in metrics
-    stats = trainer._upo_stats[0]
+    stats = trainer.upo.statistics[0]
     expected = sum((0.0 if "very" in r["chosen"].split() else 1.0) - stats["mean"] for r in fresh) / 8 / stats["std"]
     assert metrics["eval_upo/novery/chosen_norm"] == pytest.approx(expected)  # train statistics, not the eval set's
 
@@ -237,8 +239,8 @@ def test_model_heads_are_released_before_training(tiny_model_path, tiny_classifi
     head = {"name": "clf", "type": "classifier", "params": {"model": tiny_classifier_path, "labels": [1]}}
     args = cpu_args(tmp_path, reward_heads=[head], upo_score_cache_dir=score_cache, max_steps=1)
     trainer = UPOTrainer(model=tiny_model_path, args=args, train_dataset=train_dataset)
-    assert trainer._upo_score_report["train"] == {"clf": "scored"}
-    assert trainer._upo_heads[0]._model is None
+    assert trainer.upo.score_report["train"] == {"clf": "scored"}
+    assert trainer.upo.heads[0]._model is None
     trainer.train()
     metrics = trainer.evaluate(eval_dataset=preference_dataset(8, seed=9))  # reloads lazily to score a new set
     assert "eval_upo/clf/chosen" in metrics
@@ -302,7 +304,7 @@ def test_alpha_raised_after_construction(tiny_model_path, train_dataset, tmp_pat
     fails at ``train()``, naming the field."""
     args = cpu_args(tmp_path, reward_heads=[NOVERY], upo_alpha=0.0, max_steps=1, upo_score_cache_dir=score_cache)
     trainer = UPOTrainer(model=tiny_model_path, args=args, train_dataset=train_dataset)
-    assert trainer._upo_hook_handles == []
+    assert not trainer.upo.hooks_attached
     trainer.args.upo_temperature = 0
     with pytest.raises(ValueError, match="upo_temperature must be > 0"):
         trainer.train()
