@@ -96,18 +96,15 @@ class UPOKTOTrainer(UPOKTOMixin, KTOTrainer):
     ``KTOTrainer``. Paper: [Unified Preference Optimization](https://huggingface.co/papers/2405.17956), whose
     experiments put the term on KTO. To add UPO to another ``KTOTrainer`` subclass, use :class:`UPOKTOMixin`.
 
-    Example:
+    Example (unpaired rows; paired ``chosen``/``rejected`` data is unpaired as KTOTrainer does):
 
     ```python
+    from datasets import Dataset
     from trl_upo import UPOKTOConfig, UPOKTOTrainer
 
-    args = UPOKTOConfig(
-        output_dir="out",
-        reward_heads=[{"name": "length", "weight": 1.0, "params": {"direction": "shorter"}}],
-        upo_alpha=1.0,
-    )
-    # rows: prompt, completion, label (True: desirable); or chosen/rejected pairs, unpaired as KTOTrainer does
-    trainer = UPOKTOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    rows = Dataset.from_dict({"prompt": ["Hi"] * 2, "completion": [" Hello!", " Go away."], "label": [True, False]})
+    heads = [{"name": "length", "params": {"direction": "shorter"}}]
+    trainer = UPOKTOTrainer(model=model, args=UPOKTOConfig("out", reward_heads=heads), train_dataset=rows)
     trainer.train()
     ```
     """

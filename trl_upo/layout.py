@@ -43,6 +43,7 @@ class ValueLayout:
 
     @classmethod
     def of(cls, head_names: Sequence[str], roles: Sequence[str] = ROLES) -> ValueLayout:
+        """The layout of ``head_names`` (any sequence) for ``roles``."""
         return cls(tuple(head_names), tuple(roles))
 
     @property

@@ -371,15 +371,7 @@ def awr_term(
         else:
             ll = all_loglik[0] if applies_to == "chosen" else all_loglik.reshape(-1)
             aux_all = -masked_mean(ws.weights.to(torch.float64) * ll.to(torch.float64), both_mask)
-        stats = {
-            "aux_loss": aux_all,
-            "advantage/mean": masked_mean(adv.detach(), both_mask),
-            "advantage/max": masked_max(adv.detach(), both_mask),
-            "weight/mean": ws.stats[0],
-            "weight/max": ws.stats[1],
-            "weight/capped_frac": ws.stats[2],
-        }
-    return AuxTerm(loss=loss, stats=stats)
+    return AuxTerm(loss=loss, stats=_term_statistics(aux_all, adv, ws, both_mask))
 
 
 def unpaired_awr_term(
@@ -427,16 +419,21 @@ def unpaired_awr_term(
     scale = num_processes / count.clamp_min(1).to(loglik.dtype)
     loss = -(own_weights * loglik).sum() * scale
     with torch.no_grad():
-        ll = all_loglik.to(torch.float64)
-        stats = {
-            "aux_loss": -masked_mean(ws.weights.to(torch.float64) * ll, selected),
-            "advantage/mean": masked_mean(adv.detach(), selected),
-            "advantage/max": masked_max(adv.detach(), selected),
+        aux_all = -masked_mean(ws.weights.to(torch.float64) * all_loglik.to(torch.float64), selected)
+    return AuxTerm(loss=loss, stats=_term_statistics(aux_all, adv, ws, selected))
+
+
+def _term_statistics(aux_loss: torch.Tensor, adv: torch.Tensor, ws: WeightStats, mask: torch.Tensor | None) -> dict:
+    """The named statistics of a term over the responses it applies to (``mask``), detached."""
+    with torch.no_grad():
+        return {
+            "aux_loss": aux_loss,
+            "advantage/mean": masked_mean(adv.detach(), mask),
+            "advantage/max": masked_max(adv.detach(), mask),
             "weight/mean": ws.stats[0],
             "weight/max": ws.stats[1],
             "weight/capped_frac": ws.stats[2],
         }
-    return AuxTerm(loss=loss, stats=stats)
 
 
 def margin_correction(
