@@ -60,7 +60,7 @@ def train_score_summary(dataset: Any, heads: Sequence[dict[str, Any]]) -> dict[s
     """Each head's scores on a scored train split: how they sit and how they relate to the labels.
 
     Args:
-        dataset: The train split as the trainer holds it, with the score columns (``upo__score__<head>__<role>``).
+        dataset: The train split as the trainer holds it, with the score columns (``trl_upo.scoring.score_column``).
         heads: The heads, as in ``upo_state.json`` (``name``, ``higher_is_better``).
 
     Returns:
@@ -118,7 +118,8 @@ def _summary_cells(summary: dict[str, float] | None) -> tuple[str, str]:
     if not summary:
         return "not measured", "not measured"
     if "agree" in summary:
-        agree = f"{summary['agree']:.3f} of untied pairs prefer chosen ({summary['n']} pairs, {summary['ties']:.3f} tied)"
+        agree = (f"{summary['agree']:.3f} of untied pairs prefer chosen "
+                 f"({summary['n']} pairs, {summary['ties']:.3f} tied)")
     elif "label_corr" in summary:
         agree = f"correlation with the label {summary['label_corr']:.3f} ({summary['n']} rows)"
     else:
