@@ -86,7 +86,7 @@ LAYERS = [
     {"formats", "fingerprints", "models", "resources", "compat"},
     {"objective"},
     {"heads"},
-    {"scoring", "config", "collator", "state", "data", "evaluation"},
+    {"scoring", "config", "collator", "state", "card", "data", "evaluation"},
     {"trainer", "kto"},
     {"cli", "quickstart", "quickstart_task", "integrations"},
 ]
