@@ -39,7 +39,7 @@ def dist(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_build_makes_an_sdist_and_a_wheel_twine_accepts(dist):
-    """Measured: 40 s on 2 cores shared with other jobs (the isolated build environment is installed first)."""
+    """Measured: 54 s on 2 cores shared with other jobs (the isolated build environment is installed first)."""
     if importlib.util.find_spec("twine") is None:
         pytest.skip("needs the `twine` package (the test extra)")
     sdists, wheels = sorted(dist.glob("*.tar.gz")), sorted(dist.glob("*.whl"))
@@ -58,8 +58,9 @@ def test_build_makes_an_sdist_and_a_wheel_twine_accepts(dist):
 def test_wheel_installed_in_a_fresh_environment_trains_the_quickstart(dist, tmp_path):
     """A fresh virtual environment (no system packages), the torch build of this one first (so pip does not fetch
     another), then the wheel with its dependencies; `trl-upo train` there, from a directory where this checkout is
-    not importable, trains the quickstart (2 steps) and writes the model, upo_state.json and the card. Budget 15 min;
-    measured: about 4 min on 2 shared cores (mostly the dependencies' install)."""
+    not importable, trains the quickstart (2 steps) and writes the model, upo_state.json and the card. Budget 20 min;
+    measured by hand on 2 cores shared by six jobs: 9 min 46 s for the installs (1 min 46 s of CPU: mostly waiting
+    on the index), 49 s for the training run."""
     import torch
 
     env_dir = tmp_path / "venv"
@@ -83,4 +84,4 @@ def test_wheel_installed_in_a_fresh_environment_trains_the_quickstart(dist, tmp_
         assert (out / name).is_file(), name
     assert json.loads((out / "upo_state.json").read_text())["heads"][0]["name"] == "novery"
     assert "## UPO: what this model was tuned for" in (out / "README.md").read_text()
-    assert time.time() - t0 < 900
+    assert time.time() - t0 < 1200
