@@ -26,7 +26,8 @@ STATE = {
         {"name": "brevity", "type": "length", "weight": 0.5, "normalize": None, "higher_is_better": False,
          "params": {"unit": "words"}},
         {"name": "overlong", "type": "function", "weight": 2.0, "normalize": "rank", "higher_is_better": True,
-         "params": {"function": "trl.rewards:get_soft_overlong_punishment(max_completion_len=512, soft_punish_cache=64)"}},
+         "params": {"function": "trl.rewards:get_soft_overlong_punishment(max_completion_len=512, "
+                                "soft_punish_cache=64)"}},
     ],
     "statistics": [{"mode": "zscore", "count": 8, "mean": 12.5, "std": 3.0}, {"mode": "rank", "count": 8}],
     "settings": {"upo_alpha": 0.75, "upo_temperature": 0.25, "upo_weight_cap": 100.0, "upo_normalize_weights": True,
@@ -39,8 +40,8 @@ REPORT = {
     "after": {"designer": {"brevity": {"mean": 14.25}}, "preference": {"accuracy": 0.875, "policy_logp_accuracy": 0.75},
               "generation": {"num_prompts": 16, "num_samples": 2}},
 }
-TRL_CARD = "---\ntags:\n- trl\n---\n\n# Model Card for m\n\n## Training procedure\n\nThis model was trained with UPO.\n\n" \
-           "## Citations\n\nCite TRL as:\n"
+TRL_CARD = ("---\ntags:\n- trl\n---\n\n# Model Card for m\n\n## Training procedure\n\nThis model was trained with UPO."
+            "\n\n## Citations\n\nCite TRL as:\n")
 
 
 def test_section_names_the_objective_heads_report_and_citation():

@@ -157,8 +157,8 @@ def test_strict_build_fails_on_a_docstring_warning(tmp_path):
     (tmp_path / "docs" / "index.md").write_text("# t\n\n::: mod.add\n")
     proc = strict_build(tmp_path, tmp_path / "site1")
     assert proc.returncode != 0 and "'y' does not appear in the function signature" in proc.stderr, proc.stderr
-    (tmp_path / "mod.py").write_text('def add(x: int) -> int:\n    """Add.\n\n    Args:\n        x: a number.\n    """\n'
-                                     "    return x\n")
+    good_doc = '"""Add.\n\n    Args:\n        x: a number.\n    """'
+    (tmp_path / "mod.py").write_text(f"def add(x: int) -> int:\n    {good_doc}\n    return x\n")
     (tmp_path / "docs" / "index.md").write_text("# t\n\n[gone](missing.md)\n\n::: mod.add\n")
     proc = strict_build(tmp_path, tmp_path / "site2")
     assert proc.returncode != 0 and "missing.md" in proc.stderr, proc.stderr
