@@ -86,7 +86,7 @@ LAYERS = [
     {"formats", "fingerprints", "models", "resources", "compat"},
     {"objective"},
     {"heads"},
-    {"scoring", "config", "layout", "collator", "step", "state", "data", "evaluation"},
+    {"scoring", "config", "layout", "collator", "step", "state", "card", "data", "evaluation"},
     {"core"},
     {"trainer", "kto"},
     {"cli", "quickstart", "quickstart_task", "integrations"},

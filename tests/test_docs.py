@@ -120,14 +120,63 @@ def test_every_registered_head_has_a_doc_page():
     assert not missing, f"heads without docs/heads/<name>.md: {missing}"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("mkdocstrings") is None, reason="needs the docs extra (mkdocstrings)")
+NEEDS_DOCS = pytest.mark.skipif(importlib.util.find_spec("mkdocstrings") is None,
+                                reason="needs the docs extra (mkdocstrings)")
+
+
+def ci_docs_command() -> list[str]:
+    """The documentation step of .ci/run, as argv (without its ``--site-dir``): the tests run CI's very command."""
+    line = next(x for x in (ROOT / ".ci" / "run").read_text().splitlines() if "mkdocs build" in x)
+    argv = shlex.split(line.split("NO_MKDOCS_2_WARNING=1", 1)[1].split("--site-dir")[0])
+    assert argv[:4] == ["python", "-m", "mkdocs", "build"], line
+    return [sys.executable, *argv[1:]]
+
+
+def strict_build(cwd: Path, site: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([*ci_docs_command(), "--site-dir", str(site)], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+
+
+def test_ci_docs_step_is_strict_and_shows_warnings():
+    """``--quiet`` hides the warnings that ``--strict`` turns into a failure: CI's step must have neither it nor -q."""
+    argv = ci_docs_command()
+    assert "--strict" in argv and not {"--quiet", "-q"} & set(argv), argv
+
+
+@NEEDS_DOCS
+def test_strict_build_fails_on_a_docstring_warning(tmp_path):
+    """The check can fail: a tiny site built by CI's command aborts on one griffe warning (a documented parameter
+    that is not in the signature) and on a broken link, and builds once both are fixed."""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "mkdocs.yml").write_text(
+        "site_name: t\nstrict: true\nplugins:\n  - mkdocstrings:\n      handlers:\n        python:\n"
+        "          paths: [.]\n          options: {docstring_style: google}\n"
+    )
+    bad_doc = '"""Add.\n\n    Args:\n        x: a number.\n        y: not a parameter.\n    """'
+    (tmp_path / "mod.py").write_text(f"def add(x: int) -> int:\n    {bad_doc}\n    return x\n")
+    (tmp_path / "docs" / "index.md").write_text("# t\n\n::: mod.add\n")
+    proc = strict_build(tmp_path, tmp_path / "site1")
+    assert proc.returncode != 0 and "'y' does not appear in the function signature" in proc.stderr, proc.stderr
+    good_doc = '"""Add.\n\n    Args:\n        x: a number.\n    """'
+    (tmp_path / "mod.py").write_text(f"def add(x: int) -> int:\n    {good_doc}\n    return x\n")
+    (tmp_path / "docs" / "index.md").write_text("# t\n\n[gone](missing.md)\n\n::: mod.add\n")
+    proc = strict_build(tmp_path, tmp_path / "site2")
+    assert proc.returncode != 0 and "missing.md" in proc.stderr, proc.stderr
+    (tmp_path / "docs" / "index.md").write_text("# t\n\n::: mod.add\n")
+    proc = strict_build(tmp_path, tmp_path / "site3")
+    assert proc.returncode == 0, proc.stderr
+
+
+@NEEDS_DOCS
 def test_built_site_resolves_sphinx_roles_and_wraps_code(tmp_path):
     """The API reference turns the docstrings' Sphinx roles into links (docs/_ext/sphinx_roles.py): the strict build
-    passes and no literal :func:/:class:/:meth: text is left; code blocks wrap (docs/stylesheets/extra.css)."""
+    (CI's command, warnings shown) passes and no literal :func:/:class:/:meth: text is left; TRL's doc-builder links
+    point to TRL's documentation; defaults show as values; the KTO classes have their page; code blocks wrap
+    (docs/stylesheets/extra.css)."""
     site = tmp_path / "site"
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(site)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    proc = strict_build(ROOT, site)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "WARNING" not in proc.stderr, proc.stderr[-3000:]
     role = re.compile(r":(?:py:)?(?:func|class|meth|mod|data|attr|exc|obj):`")
     literal = {str(p.relative_to(site)): role.findall(p.read_text()) for p in site.rglob("*.html")}
     assert not {k: v for k, v in literal.items() if v}
@@ -136,3 +185,11 @@ def test_built_site_resolves_sphinx_roles_and_wraps_code(tmp_path):
     assert "white-space: pre-wrap" in (site / "stylesheets" / "extra.css").read_text()
     assert "stylesheets/extra.css" in (site / "index.html").read_text()
     assert not (site / "_ext").exists()
+    config = (site / "reference" / "config" / "index.html").read_text()
+    assert 'href="https://huggingface.co/docs/trl/dpo_trainer#trl.DPOConfig"' in config
+    assert "_choice_field" not in config and "[`" not in config and "*optional*" not in config
+    assert "&#39;zscore&#39;" in config or "'zscore'" in config
+    kto = (site / "reference" / "kto" / "index.html").read_text()
+    for name in ("UPOKTOConfig", "UPOKTOTrainer", "UPOKTOMixin"):
+        assert f'id="trl_upo.{name}"' in kto, name
+    assert 'href="https://huggingface.co/docs/trl/kto_trainer#trl.KTOConfig"' in kto

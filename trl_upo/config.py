@@ -26,9 +26,10 @@ from .objective import (
 )
 
 
-def _choice_field(default: str, help_: str, choices: tuple[str, ...]) -> Any:
-    """A string field limited to ``choices``: the help lists them, the parser and ``__post_init__`` check them."""
-    return field(default=default, metadata={"help": f"{help_}: {', '.join(choices)}.", "choices": list(choices)})
+def _choices(help_: str, choices: tuple[str, ...]) -> dict[str, Any]:
+    """The metadata of a string field limited to ``choices``: the help lists them, the parser and ``__post_init__``
+    check them. (The default stays a literal ``field(default=...)``, so the API reference shows it as a value.)"""
+    return {"help": f"{help_}: {', '.join(choices)}.", "choices": list(choices)}
 
 
 @dataclass
@@ -58,11 +59,14 @@ class UPOArguments:
     upo_normalize_weights: bool = field(
         default=True, metadata={"help": "Normalise the weights to mean 1 over the global batch."}
     )
-    upo_baseline: str = _choice_field("batch", "Advantage baseline", BASELINES)
-    upo_applies_to: str = _choice_field("chosen", "Responses the auxiliary term trains on", APPLIES_TO)
-    upo_loglik: str = _choice_field("mean", "Per-response log-likelihood", LOGLIK_REDUCTIONS)
-    upo_normalization: str = _choice_field("zscore", "Default per-head normalisation", NORMALIZATIONS)
-    upo_combine: str = _choice_field("awr", "How designer rewards enter (awr: UPO; margin: MODPO-style)", COMBINE_MODES)
+    upo_baseline: str = field(default="batch", metadata=_choices("Advantage baseline", BASELINES))
+    upo_applies_to: str = field(default="chosen",
+        metadata=_choices("Responses the auxiliary term trains on", APPLIES_TO))
+    upo_loglik: str = field(default="mean", metadata=_choices("Per-response log-likelihood", LOGLIK_REDUCTIONS))
+    upo_normalization: str = field(default="zscore",
+        metadata=_choices("Default per-head normalisation", NORMALIZATIONS))
+    upo_combine: str = field(default="awr",
+        metadata=_choices("How designer rewards enter (awr: UPO; margin: MODPO-style)", COMBINE_MODES))
     upo_score_batch_size: int = field(default=256, metadata={"help": "Responses per head call when scoring."})
     upo_score_cache_dir: str | None = field(default=None, metadata={"help": "Directory of the score cache."})
     upo_use_score_cache: bool = field(default=True, metadata={"help": "Reuse cached scores."})
@@ -192,9 +196,10 @@ class UPOKTOConfig(UPOArguments, KTOConfig):
 
     The total loss is ``L = L_KTO + upo_alpha * L_aux``: ``L_KTO`` is TRL's configured KTO loss (``loss_type`` ``kto``
     or ``apo_zero_unpaired``, ``desirable_weight``, ``undesirable_weight``) and ``L_aux`` the advantage-weighted
-    log-likelihood of the completions the term applies to.
+    log-likelihood of the completions the term applies to. The parameters below are those whose default or
+    choices differ from [`UPOConfig`]'s.
 
-    Parameters (those that differ from [`UPOConfig`]):
+    Parameters:
         upo_alpha (`float`, *optional*, defaults to `0.25`):
             Coefficient of the auxiliary term, relative to the KTO loss (weight 1); 0 disables it. The default comes
             from the sweep on unpaired data (``docs/evaluation.md``): 0.25 keeps KTO's held-out accuracy, 0.5 and
@@ -211,9 +216,11 @@ class UPOKTOConfig(UPOArguments, KTOConfig):
         default=0.25,
         metadata={"help": "Coefficient of the UPO auxiliary term, relative to the KTO loss (weight 1)."},
     )
-    upo_baseline: str = _choice_field("batch", "Advantage baseline", UNPAIRED_BASELINES)
-    upo_applies_to: str = _choice_field("desirable", "Completions the auxiliary term trains on", UNPAIRED_APPLIES_TO)
-    upo_combine: str = _choice_field("awr", "How designer rewards enter (unpaired data: awr only)", ("awr",))
+    upo_baseline: str = field(default="batch", metadata=_choices("Advantage baseline", UNPAIRED_BASELINES))
+    upo_applies_to: str = field(default="desirable",
+        metadata=_choices("Completions the auxiliary term trains on", UNPAIRED_APPLIES_TO))
+    upo_combine: str = field(default="awr",
+        metadata=_choices("How designer rewards enter (unpaired data: awr only)", ("awr",)))
 
 
 def check_upo_values(config_class: type = None, **values: Any) -> list[HeadSpec]:

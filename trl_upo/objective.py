@@ -347,8 +347,11 @@ def awr_term(
         all_loglik: ``(2, G)`` detached log-likelihoods of the global batch (chosen row, rejected row), for the
             logged ``aux_loss``; None: this process's.
         mask: ``(G,)`` bool, the rows that are pairs (the others are padding); None: all.
-        baseline, applies_to, temperature, weight_cap, normalize: as in :func:`advantages` and
-            :func:`awr_weights`.
+        baseline: as in :func:`advantages`.
+        applies_to: as in :func:`advantages`.
+        temperature: as in :func:`awr_weights`.
+        weight_cap: as in :func:`awr_weights`.
+        normalize: as in :func:`awr_weights`.
 
     Returns:
         The loss and its statistics.
@@ -404,7 +407,9 @@ def unpaired_awr_term(
         all_loglik: ``(G,)`` detached log-likelihoods of the global batch, for the logged ``aux_loss``.
         num_processes: ``P``, the processes the global batch is gathered from.
         baseline: ``"batch"`` (the mean r_aux of the selected completions) or ``"none"``.
-        temperature, weight_cap, normalize: as in :func:`awr_weights`.
+        temperature: as in :func:`awr_weights`.
+        weight_cap: as in :func:`awr_weights`.
+        normalize: as in :func:`awr_weights`.
 
     Example (worked by hand): one process, r_aux ``[0, ln 3, 5]``, selected ``[T, T, F]``, tau 1, loglik
     ``[-1, -2, -9]``: as in :func:`awr_term`, omega ``[0.5, 1.5]`` on the two selected rows,

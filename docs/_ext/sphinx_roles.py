@@ -8,6 +8,14 @@ the reference, plain code where it is not (``optional``: no warning, so strict b
 
 A name is resolved the way Python would see it from the documented object: its own members, then the names its
 module defines or imports, then the ``trl_upo`` package; ``~`` shows only the last part of the name.
+
+The configuration classes follow TRL's docstring conventions (Hugging Face's doc-builder), which mkdocstrings would
+also render literally; they are rewritten too:
+
+- ``[`UPOTrainer`]`` becomes a cross-reference like a role; ``[`~trl.DPOConfig`]`` (a name in TRL, or in
+  ``transformers``) becomes a link to that name in TRL's (or transformers') documentation, :func:`external_url`.
+- A parameter line ``name (`float`, *optional*, defaults to `0.5`):`` becomes ``name (float):``: the type goes to
+  the table's type column and the default is shown, as a value, from the signature.
 """
 
 from __future__ import annotations
@@ -23,6 +31,14 @@ ROLE = re.compile(
     r"`(?P<tilde>~?)(?P<body>[^`<]+?)(?:\s*<(?P<target>[^>]+)>)?`"
 )
 PACKAGE = "trl_upo"
+#: ``[`name`]`` or ``[`~name`]``: doc-builder's cross-reference.
+HF_REF = re.compile(r"\[`(?P<tilde>~?)(?P<name>[A-Za-z_][\w.]*)`\]")
+#: A doc-builder parameter line: ``name (`type` or `type`, *optional*, defaults to `value`):``.
+HF_PARAM = re.compile(r"^(?P<indent>\s+)(?P<name>\w+) \((?P<spec>`[^)]*?)\):\s*$", re.M)
+#: Where the documentation of a name in another package lives.
+EXTERNAL_DOCS = {"trl": "https://huggingface.co/docs/trl", "transformers": "https://huggingface.co/docs/transformers"}
+#: TRL documents each trainer's classes on one page: ``DPOConfig`` -> ``dpo_trainer``.
+TRL_PAGES = ("DPO", "KTO", "SFT", "GRPO", "RLOO", "Reward", "ORPO", "CPO", "PPO", "Online DPO", "XPO", "Nash")
 
 
 def _resolve(obj: Any, name: str) -> str:
@@ -39,6 +55,43 @@ def _resolve(obj: Any, name: str) -> str:
     if name.startswith(PACKAGE + ".") or name == PACKAGE:
         return name
     return f"{PACKAGE}.{name}"
+
+
+def external_url(name: str) -> str | None:
+    """The documentation address of ``name`` in TRL or transformers (``trl.DPOConfig`` ->
+    ``https://huggingface.co/docs/trl/dpo_trainer#trl.DPOConfig``); None for a name of another package."""
+    package, _, rest = name.partition(".")
+    if package not in EXTERNAL_DOCS or not rest:
+        return None
+    last = rest.rpartition(".")[2]
+    page = "index"
+    if package == "trl":
+        prefix = next((p for p in TRL_PAGES if last.startswith(p.replace(" ", ""))), None)
+        if prefix:
+            page = prefix.lower().replace(" ", "_") + "_trainer"
+    else:
+        page = "main_classes/trainer" if "Trainer" in last or "TrainingArguments" in last else "index"
+    return f"{EXTERNAL_DOCS[package]}/{page}#{package}.{last}"
+
+
+def _hf_type(spec: str) -> str:
+    """``"`list[dict]` or `str`, *optional*, defaults to `x`"`` -> ``"list[dict] | str"``."""
+    kind = spec.split(",")[0]
+    return " | ".join(t.strip() for t in re.findall(r"`([^`]+)`", kind)) or kind.strip("` ")
+
+
+def convert_hf(text: str, obj: Any) -> str:
+    """``text`` with doc-builder's cross-references and parameter lines rewritten (see the module docstring)."""
+
+    def ref(m: re.Match) -> str:
+        name, shown = m["name"], m["name"].rpartition(".")[2] if m["tilde"] else m["name"]
+        url = external_url(name)
+        if url:
+            return f"[`{shown}`]({url})"
+        return f'<autoref identifier="{_resolve(obj, name)}" optional><code>{shown}</code></autoref>'
+
+    text = HF_PARAM.sub(lambda m: f"{m['indent']}{m['name']} ({_hf_type(m['spec'])}):", text)
+    return HF_REF.sub(ref, text)
 
 
 def convert(text: str, obj: Any) -> str:
@@ -70,4 +123,6 @@ class SphinxRoles(griffe.Extension):
             seen.add(id(obj))
             if obj.docstring is not None and ":" in obj.docstring.value:
                 obj.docstring.value = convert(obj.docstring.value, obj)
+            if obj.docstring is not None and "`" in obj.docstring.value:
+                obj.docstring.value = convert_hf(obj.docstring.value, obj)
             stack.extend(obj.members.values())

@@ -3,6 +3,11 @@ table of the logged steps, instead of the raw metric dicts ``transformers`` prin
 
 The full metrics are unchanged where they are kept: every ``report_to`` integration, ``trainer.state.log_history``,
 and ``output_dir/log_history.json`` (written at the end). ``console: full`` keeps transformers' own printing.
+
+Neither mode hides the other long phases: the scoring bars (one per head, with rate and ETA), datasets' tokenizing
+bars, weight loading and the before/after report's generation keep their progress bars. They are silenced only
+when the user asks: ``disable_tqdm: true``, ``TQDM_DISABLE=1``, ``HF_DATASETS_DISABLE_PROGRESS_BARS=1`` or
+``HF_HUB_DISABLE_PROGRESS_BARS=1``.
 """
 
 from __future__ import annotations

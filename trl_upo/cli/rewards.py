@@ -37,6 +37,21 @@ class RewardFactory:
         self.factory = factory
         self.kwargs = dict(kwargs)
         self.__name__ = factory.rpartition(":")[2].rpartition(".")[2]
+        self._describe()
+
+    def _describe(self) -> None:
+        """Name the function as the factory call that makes it: ``__module__`` the factory's module and
+        ``__qualname__`` the call, so ``upo_state.json``, the config's ``to_dict`` and the model card record
+        ``trl.rewards:get_soft_overlong_punishment(max_completion_len=512, ...)``, not this class."""
+        module, sep, function = self.factory.partition(":")
+        if not sep:
+            module, _, function = self.factory.rpartition(".")
+        self.__dict__["__module__"] = module
+        self.__dict__["__qualname__"] = repr(self).replace(self.__name__, function, 1)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._describe()
 
     def _function(self):
         fn = self.__dict__.get("_fn")

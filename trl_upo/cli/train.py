@@ -384,9 +384,10 @@ def _split(ds, name: str, what: str):
 
 
 def quiet_progress(training_args, console: str = "full") -> None:
-    """With ``disable_tqdm`` or the compact console, silence the progress bars of datasets and of weight loading
-    (the compact console draws the one training bar)."""
-    if training_args.disable_tqdm or console == "compact":
+    """With ``disable_tqdm``, silence the progress bars of datasets and of weight loading (and with them the
+    scoring bars). Every console mode keeps them otherwise: scoring, tokenizing and loading are long phases on real
+    data (see ``trl_upo.cli.console``)."""
+    if training_args.disable_tqdm:
         import datasets
         import transformers
 
@@ -439,6 +440,7 @@ def train(script_args, training_args, model_args, dataset_args):
     from trl_upo.cli.checks import preflight
     from trl_upo.cli.console import silence_upstream_deprecations, use_compact_console
     from trl_upo.cli.report import REPORT_FILE, format_report, policy_report
+    from trl_upo.card import save_card
 
     _, trainer_class = trainer_classes(script_args.trainer)
     silence_upstream_deprecations()
@@ -468,12 +470,17 @@ def train(script_args, training_args, model_args, dataset_args):
     before = policy_report(trainer, script_args, model_id, report_ds, before=True) if report_ds is not None else None
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    report = None
     if report_ds is not None:
         after = policy_report(trainer, script_args, model_id, report_ds, before=False)
         if trainer.accelerator.is_main_process:
+            report = {"before": before, "after": after}
             with open(os.path.join(training_args.output_dir, REPORT_FILE), "w") as f:
-                json.dump({"before": before, "after": after}, f, indent=2, default=str)
+                json.dump(report, f, indent=2, default=str)
             print(format_report(before, after), flush=True)
+    # The model card (README.md): TRL's, with the UPO section (heads, alpha, the before/after numbers); also with
+    # save_strategy: no, where TRL writes none.
+    save_card(trainer, training_args.output_dir, report, script_args.dataset_name)
     saved = sorted(os.listdir(training_args.output_dir)) if trainer.accelerator.is_main_process else []
     trainer.accelerator.print(f"Model saved to {os.path.abspath(training_args.output_dir)} ({', '.join(saved)}).")
     if training_args.push_to_hub:

@@ -113,7 +113,7 @@ def load_splits(source: Any, *, config_name: str | None = None, file_split: str 
             saved datasets are read as they are.
 
     Returns:
-        A ``DatasetDict`` (an ``IterableDatasetDict`` when streaming).
+        (datasets.DatasetDict): A ``DatasetDict`` (an ``IterableDatasetDict`` when streaming).
 
     Raises:
         DatasetLoadError: no source, a file of an unknown type, or a local path that does not exist.

@@ -84,7 +84,14 @@ def generate_responses(
     sampling = dict(temperature=temperature, top_p=top_p) if do_sample else {}
     torch.manual_seed(seed)
     out: list[list[str]] = []
-    with eval_mode(model):
+    from tqdm.auto import tqdm
+
+    from ..scoring.shards import progress_enabled
+
+    # A bar over prompts (rate and ETA); off with TQDM_DISABLE or HF's progress-bar switches, as scoring's.
+    bar = tqdm(total=len(prompts), desc=f"Generating {num_samples} per prompt", unit="prompts", dynamic_ncols=True,
+               disable=not progress_enabled())
+    with eval_mode(model), bar:
         for start in range(0, len(encoded), batch_size):
             ids, attn = pad_batch(encoded[start : start + batch_size], pad_id, left=True)
             gen = model.generate(
@@ -101,4 +108,5 @@ def generate_responses(
             texts = tokenizer.batch_decode(gen[:, ids.shape[1] :], skip_special_tokens=True)
             texts = [t.strip() for t in texts]
             out.extend(texts[k : k + num_samples] for k in range(0, len(texts), num_samples))
+            bar.update(len(encoded[start : start + batch_size]))
     return out
