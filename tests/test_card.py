@@ -114,14 +114,6 @@ def test_reward_funcs_factories_are_recorded_by_function_and_arguments(tmp_path)
     assert repr(again) == expected.partition(":")[2] and jsonable(again) == expected
 
 
-class CardTrainer(UPOTrainer):
-    """The override the core trainer gets (see the report of issue 24): TRL's card, then the UPO section."""
-
-    def create_model_card(self, *args, **kwargs):
-        super().create_model_card(*args, **kwargs)
-        write_upo_section(self)
-
-
 def test_real_run_card_saved_and_pushed(tiny_model_path, train_dataset, tmp_path, score_cache, monkeypatch):
     """A tiny real run with save_strategy 'no': save_card writes TRL's card with the UPO section (head, weight,
     alpha, the train-split summary, the report); push_to_hub (to a local stand-in for the Hub) uploads it with the
@@ -131,9 +123,11 @@ def test_real_run_card_saved_and_pushed(tiny_model_path, train_dataset, tmp_path
     out = tmp_path / "out"
     args = cpu_args(out, max_steps=1, upo_alpha=0.75, upo_score_cache_dir=score_cache,
                     reward_heads=[{"name": "length", "weight": 0.5, "params": {"unit": "words"}}])
-    trainer = CardTrainer(model=tiny_model_path, args=args, train_dataset=train_dataset)
+    trainer = UPOTrainer(model=tiny_model_path, args=args, train_dataset=train_dataset)
     trainer.train()
-    trainer.save_model(str(out))
+    trainer.save_model(str(out))  # save_model alone writes the card, UPO section included (save_strategy 'no')
+    saved = (out / "README.md").read_text()
+    assert saved.count(BEGIN) == 1 and "**`upo_alpha = 0.75`**" in saved and "| `length` |" in saved
     text = Path(save_card(trainer, str(out), report=REPORT)).read_text()
     assert "# Model Card for out" in text and "This model was trained with UPO" in text  # TRL's card, kept
     assert text.count(BEGIN) == 1 and "**`upo_alpha = 0.75`**" in text

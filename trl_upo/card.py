@@ -274,8 +274,11 @@ def write_upo_section(trainer: Any, directory: str | os.PathLike | None = None) 
     state = trainer.upo_state()
     if not state.get("heads"):
         return None
+    from datasets import Dataset
+
     dataset = getattr(trainer, "train_dataset", None)
-    summary = train_score_summary(dataset, state["heads"]) if dataset is not None else None
+    # A stream is not read again for a summary: its card has none.
+    summary = train_score_summary(dataset, state["heads"]) if isinstance(dataset, Dataset) else None
     return add_upo_section(directory or trainer.args.output_dir, state, summary, getattr(trainer, "upo_report", None))
 
 

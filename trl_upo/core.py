@@ -27,7 +27,6 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import textwrap
 from typing import Any
 
 import torch
@@ -36,6 +35,7 @@ from transformers import AutoProcessor, ProcessorMixin
 from transformers.trainer_utils import get_last_checkpoint
 from trl.trainer.utils import get_config_model_id
 
+from .card import UPO_CITATION, save_card, write_upo_section
 from .collator import VALUES_COLUMN, VALUES_KEY, UPODataCollator, add_values_column, head_signs_and_weights
 from .compat import FUSED, LogProbCapture, check_trl, is_peft_model, policy_modules
 from .config import UPOArguments
@@ -46,18 +46,6 @@ from .state import build_state, resume_statistics, save_state
 from .step import UPOStep, UPOView
 
 logger = logging.getLogger(__name__)
-
-#: The UPO paper's BibTeX entry, cited by every UPO trainer's model card (next to its TRL method's).
-UPO_CITATION = textwrap.dedent("""\
-    @article{badrinath2025unified,
-        title        = {{Unified Preference Optimization: Language Model Alignment Beyond the Preference Frontier}},
-        author       = {Anirudhan Badrinath and Prabhat Agarwal and Jiajing Xu},
-        year         = 2025,
-        journal      = {Transactions on Machine Learning Research},
-        eprint       = {2405.17956},
-        archivePrefix= {arXiv},
-    }""")
-
 
 def upo_paper(trl_class: type) -> dict[str, str]:
     """The ``_paper`` entry of a UPO trainer on ``trl_class``: the UPO paper, citing the TRL method's paper too."""
@@ -311,10 +299,20 @@ class UPOCore:
         return build_state(self._upo_specs, self._upo_heads, self._upo_stats, self.args)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        """Save the model as the next class does, and ``upo_state.json`` next to it (with reward heads)."""
+        """Save the model as the next class does, ``upo_state.json`` next to it, and (called by the user, with or
+        without a ``save_strategy``) the model card with its UPO section; checkpoints and ``push_to_hub`` write the
+        card through :meth:`create_model_card`."""
         super().save_model(output_dir, _internal_call)
         if self._upo_specs and self.args.should_save:
             save_state(output_dir or self.args.output_dir, self.upo_state())
+        if self._upo_specs and not _internal_call:
+            save_card(self, output_dir)
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """TRL's model card, then the UPO section (``trl_upo.card``): the objective, the heads, the citation."""
+        super().create_model_card(*args, **kwargs)
+        if self._upo_specs:
+            write_upo_section(self)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """Train as the next class does; a resumed run first adopts the checkpoint's ``upo_state.json``."""
