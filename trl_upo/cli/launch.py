@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -207,5 +209,155 @@ def relaunch(
     launch_command_parser().parse_args([*launch_args, "-m", module, *script_args])
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "-m", module, *script_args]
     print(f"{prog}: launching: accelerate launch {shlex.join(cmd[3:])}", flush=True)
-    env = {**os.environ, LAUNCHED_ENV: "1"}
-    return subprocess.call(cmd, env=env)
+    # PYTHONSAFEPATH: `python -m` would put the current directory first on each rank's sys.path (see trl_upo.cli).
+    env = {**os.environ, LAUNCHED_ENV: "1", PARENT_ENV: str(os.getpid()), "PYTHONSAFEPATH": "1"}
+    return run_process_tree(cmd, env, prog=prog)
+
+
+#: The pid of the command that launched this rank's launcher (set by :func:`relaunch`).
+PARENT_ENV = "TRL_UPO_LAUNCHER_PARENT"
+#: Seconds the launcher and the ranks get to end after a forwarded signal before they are killed.
+GRACE_ENV = "TRL_UPO_SIGNAL_GRACE"
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_PR_SET_PDEATHSIG = 1
+
+
+def run_process_tree(cmd: list[str], env: dict[str, str], prog: str | None = None) -> int:
+    """Run the launcher ``cmd`` as the owner of its whole process tree; return its exit code.
+
+    The launcher starts in a process group of its own and dies with this process (``PR_SET_PDEATHSIG``); each rank
+    binds itself to the launcher the same way (:func:`die_with_launcher`: torchrun starts every rank in a session of
+    its own, so no process-group signal reaches them). SIGTERM, SIGINT and SIGHUP sent to this command are forwarded
+    to the launcher's group (torchrun then stops the ranks); whatever is still alive after the grace period
+    (:data:`GRACE_ENV`, default 15 s), launcher or rank, is killed. The exit code is then ``128 + signal``.
+
+    Args:
+        cmd: The launcher's command line.
+        env: Its environment.
+        prog: Program name for the message printed on a signal.
+
+    Returns:
+        The launcher's exit code, or ``128 + signal number`` after a forwarded signal.
+    """
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    received: list[int] = []
+
+    def forward(signum, _frame):
+        received.append(signum)
+        tree = descendants(proc.pid)
+        _signal_group(proc.pid, signum)
+        for pid in tree:
+            _signal_pid(pid, signum)
+
+    previous = {s: signal.signal(s, forward) for s in _FORWARDED}
+    try:
+        while True:
+            try:
+                code = proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if received:
+                    code = _end_tree(proc, received[0], prog)
+                    break
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 128 + int(received[0]) if received else code
+
+
+def _end_tree(proc: subprocess.Popen, signum: int, prog: str | None) -> int:
+    """After a forwarded signal: wait out the grace period, then kill what is left of the tree."""
+    grace = float(os.environ.get(GRACE_ENV, "15"))
+    name = signal.Signals(signum).name
+    print(f"{prog or 'trl-upo'}: got {name}: stopping the launcher and its processes (killed after {grace:g} s).",
+          file=sys.stderr, flush=True)
+    tree = set(descendants(proc.pid))
+    deadline = time.monotonic() + grace
+    code = None
+    while time.monotonic() < deadline:
+        tree |= set(descendants(proc.pid))
+        code = proc.poll()
+        if code is not None and not any(_alive(p) for p in tree):
+            return code
+        time.sleep(0.2)
+    tree |= set(descendants(proc.pid))
+    _signal_group(proc.pid, signal.SIGKILL)
+    for pid in tree:
+        _signal_pid(pid, signal.SIGKILL)
+    return proc.wait()
+
+
+def descendants(pid: int) -> list[int]:
+    """Pids of every live descendant of ``pid`` (children, their children, ...), read from ``/proc`` (Linux; empty
+    elsewhere). Ranks in sessions of their own are found too: the walk follows parents, not groups."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rpartition(")")[2].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _signal_pid(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _set_pdeathsig(signum: int) -> bool:
+    """Ask Linux to send ``signum`` to this process when its parent thread ends; False where that is unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _die_with_parent() -> None:  # runs in the launcher between fork and exec
+    _set_pdeathsig(signal.SIGTERM)
+
+
+def die_with_launcher() -> None:
+    """In a rank this command launched (:func:`relaunch`): end with the launcher (``PR_SET_PDEATHSIG``), so that no
+    rank outlives the run when the launcher is killed. Without a launcher parent of this command, nothing is done."""
+    if PARENT_ENV not in os.environ or "LOCAL_RANK" not in os.environ:
+        return
+    parent = os.getppid()
+    _set_pdeathsig(signal.SIGTERM)
+    if parent == 1 or os.getppid() != parent:  # the launcher died before the binding took effect
+        os.kill(os.getpid(), signal.SIGTERM)
