@@ -241,50 +241,48 @@ def run_process_tree(cmd: list[str], env: dict[str, str], prog: str | None = Non
     """
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
     received: list[int] = []
+    tree: dict[int, str] = {}  # pid -> start time, so that a reused pid is never signalled
 
     def forward(signum, _frame):
+        if not received:
+            print(f"{prog or 'trl-upo'}: got {signal.Signals(signum).name}: stopping the launcher and its processes "
+                  f"(killed after {_grace():g} s).", file=sys.stderr, flush=True)
         received.append(signum)
-        tree = descendants(proc.pid)
+        _track(proc.pid, tree)
         _signal_group(proc.pid, signum)
-        for pid in tree:
-            _signal_pid(pid, signum)
+        _signal_tree(tree, signum)
 
     previous = {s: signal.signal(s, forward) for s in _FORWARDED}
     try:
-        while True:
-            try:
-                code = proc.wait(timeout=0.5)
-                break
-            except subprocess.TimeoutExpired:
-                if received:
-                    code = _end_tree(proc, received[0], prog)
-                    break
+        code = _wait_tree(proc, tree, received)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     return 128 + int(received[0]) if received else code
 
 
-def _end_tree(proc: subprocess.Popen, signum: int, prog: str | None) -> int:
-    """After a forwarded signal: wait out the grace period, then kill what is left of the tree."""
-    grace = float(os.environ.get(GRACE_ENV, "15"))
-    name = signal.Signals(signum).name
-    print(f"{prog or 'trl-upo'}: got {name}: stopping the launcher and its processes (killed after {grace:g} s).",
-          file=sys.stderr, flush=True)
-    tree = set(descendants(proc.pid))
-    deadline = time.monotonic() + grace
-    code = None
-    while time.monotonic() < deadline:
-        tree |= set(descendants(proc.pid))
+def _grace() -> float:
+    return float(os.environ.get(GRACE_ENV, "15"))
+
+
+def _wait_tree(proc: subprocess.Popen, tree: dict[int, str], received: list[int]) -> int:
+    """Wait for the launcher, keeping track of its descendants; after a signal, give the tree the grace period, then
+    kill what is left of it. A rank still alive after its launcher ended is killed too."""
+    deadline = None
+    while True:
+        _track(proc.pid, tree)
         code = proc.poll()
-        if code is not None and not any(_alive(p) for p in tree):
+        if received and deadline is None:
+            deadline = time.monotonic() + _grace()
+        if code is not None and not any(_alive(p, t) for p, t in tree.items()):
             return code
-        time.sleep(0.2)
-    tree |= set(descendants(proc.pid))
-    _signal_group(proc.pid, signal.SIGKILL)
-    for pid in tree:
-        _signal_pid(pid, signal.SIGKILL)
-    return proc.wait()
+        if code is not None and deadline is None:
+            deadline = time.monotonic() + _grace()  # the launcher ended and left ranks behind
+        if deadline is not None and time.monotonic() > deadline:
+            _signal_group(proc.pid, signal.SIGKILL)
+            _signal_tree(tree, signal.SIGKILL)
+            return proc.wait()
+        time.sleep(0.2 if deadline is not None else 0.5)
 
 
 def descendants(pid: int) -> list[int]:
@@ -313,12 +311,31 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def _alive(pid: int) -> bool:
+def _stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first), or None."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
+            return f.read().rpartition(")")[2].split()
     except OSError:
-        return False
+        return None
+
+
+def _track(root: int, tree: dict[int, str]) -> None:
+    for pid in descendants(root):
+        fields = _stat(pid)
+        if fields is not None and pid not in tree:
+            tree[pid] = fields[19]  # start time since boot
+
+
+def _alive(pid: int, start: str | None = None) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z" and (start is None or fields[19] == start)
+
+
+def _signal_tree(tree: dict[int, str], signum: int) -> None:
+    for pid, start in tree.items():
+        if _alive(pid, start):
+            _signal_pid(pid, signum)
 
 
 def _signal_group(pgid: int, signum: int) -> None:

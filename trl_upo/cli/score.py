@@ -254,10 +254,15 @@ def _score(ds, splits, specs, training_args, model_args, output, roles, distribu
 
 
 def _write(output: str, scored: dict, specs, results: dict) -> None:
+    """Write each split and the summary atomically (temp file + rename: a full disk or a kill leaves the previous
+    file or none, never a truncated ``train.jsonl``)."""
+    from trl_upo.atomic import atomic_path, atomic_write
+
     os.makedirs(output, exist_ok=True)
     for split, data in scored.items():
-        data.to_json(os.path.join(output, f"{split}.jsonl"), lines=True, double_precision=15)
-    with open(os.path.join(output, "summary.json"), "w") as f:
+        with atomic_path(os.path.join(output, f"{split}.jsonl")) as tmp:
+            data.to_json(tmp, lines=True, double_precision=15)
+    with atomic_write(os.path.join(output, "summary.json")) as f:
         json.dump({"heads": [s.to_dict() for s in specs], "splits": results}, f, indent=2)
     print(f"Scored dataset and summary written to {os.path.abspath(output)} "
           f"({', '.join(f'{s}.jsonl' for s in scored)}, summary.json).")

@@ -433,6 +433,8 @@ def train(script_args, training_args, model_args, dataset_args):
     Returns:
         The trainer.
     """
+    from trl_upo.atomic import atomic_write
+    from trl_upo.checkpoints import marker_callback, mark_complete
     from trl_upo.cli.checks import preflight
     from trl_upo.cli.console import silence_upstream_deprecations, use_compact_console
     from trl_upo.cli.report import REPORT_FILE, format_report, policy_report
@@ -454,6 +456,7 @@ def train(script_args, training_args, model_args, dataset_args):
     report_ds = _split(ds, script_args.dataset_test_split, "test") if script_args.report_before_after else None
 
     trainer = _build_trainer(trainer_class, model_id, training_args, model_args, train_ds, eval_ds)
+    trainer.add_callback(marker_callback())  # a resume picks only checkpoints whose save finished
     if script_args.console == "compact":
         use_compact_console(trainer)
     if script_args.ignore_bias_buffers:
@@ -465,10 +468,12 @@ def train(script_args, training_args, model_args, dataset_args):
     before = policy_report(trainer, script_args, model_id, report_ds, before=True) if report_ds is not None else None
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        mark_complete(training_args.output_dir)  # the final model's files, names and sizes (upo_complete.json)
     if report_ds is not None:
         after = policy_report(trainer, script_args, model_id, report_ds, before=False)
         if trainer.accelerator.is_main_process:
-            with open(os.path.join(training_args.output_dir, REPORT_FILE), "w") as f:
+            with atomic_write(os.path.join(training_args.output_dir, REPORT_FILE)) as f:
                 json.dump({"before": before, "after": after}, f, indent=2, default=str)
             print(format_report(before, after), flush=True)
     saved = sorted(os.listdir(training_args.output_dir)) if trainer.accelerator.is_main_process else []
