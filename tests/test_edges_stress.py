@@ -50,7 +50,7 @@ def _recipe(tmp_path, name: str, data, trainer: str) -> str:
         "upo_score_cache_dir": str(tmp_path / "cache"),
     }
     if trainer == "kto":
-        recipe["loss_type"] = ["apo_zero_unpaired"]
+        recipe["loss_type"] = "apo_zero_unpaired"
     path = tmp_path / f"{name}.yaml"
     path.write_text(json.dumps(recipe))
     return str(path)
