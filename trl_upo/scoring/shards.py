@@ -10,11 +10,14 @@ does.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -46,12 +49,67 @@ def current_world(distributed: bool) -> World:
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
 
 
+#: What this process is doing, for the stuck-rank message (the description of the last progress bar opened).
+_ACTIVITY = {"what": "scoring"}
+#: Seconds between the warnings about ranks that have not reached a gather (0: no warning).
+STUCK_WARN_ENV = "TRL_UPO_STUCK_WARN"
+#: Seconds after which a rank that has not reached a gather aborts the run with its name (unset or 0: wait for
+#: the process group's own timeout, ``ddp_timeout``).
+STUCK_TIMEOUT_ENV = "TRL_UPO_STUCK_TIMEOUT"
+
+
+def wait_for_ranks(world: World, what: str | None = None) -> None:
+    """Before a gather: wait until every rank has arrived, naming the ones that have not.
+
+    Each rank other than 0 sends rank 0 a one-element tensor; rank 0 polls which of them arrived. Every
+    :data:`STUCK_WARN_ENV` seconds (default 60) a waiting rank logs whom it waits for and what the run was doing (the
+    reward head being scored); after :data:`STUCK_TIMEOUT_ENV` seconds (if set) it raises, naming the ranks. A head
+    that blocks on one rank is then reported within a bounded time instead of hanging silently for ``ddp_timeout``.
+    """
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    warn = float(os.environ.get(STUCK_WARN_ENV, "60") or 0)
+    abort = float(os.environ.get(STUCK_TIMEOUT_ENV, "0") or 0)
+    what = what or _ACTIVITY["what"]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    if world.rank == 0:
+        bufs = {r: torch.zeros(1, device=device) for r in range(1, world.size)}
+        works = {r: dist.irecv(bufs[r], src=r) for r in bufs}
+    else:
+        works = {0: dist.isend(torch.ones(1, device=device), dst=0)}
+    start = next_warn = time.monotonic()
+    next_warn += warn
+    while True:
+        pending = sorted(r for r, w in works.items() if not w.is_completed())
+        if not pending:
+            for w in works.values():
+                w.wait()
+            return
+        waited = time.monotonic() - start
+        ranks = ", ".join(map(str, pending))
+        if abort and waited > abort:
+            raise RuntimeError(
+                f"rank {world.rank}: rank(s) {ranks} did not reach the gather after {what!r} within {abort:g} s "
+                f"({STUCK_TIMEOUT_ENV}): a reward head is stuck or far slower there. That rank's log shows where."
+            )
+        if warn and time.monotonic() >= next_warn:
+            logger.warning("rank %d has waited %.0f s for rank(s) %s to finish %r (a reward head stuck there?); "
+                           "set %s to abort after a bound.", world.rank, waited, ranks, what, STUCK_TIMEOUT_ENV)
+            next_warn += warn
+        time.sleep(0.05)
+
+
 def all_gather(world: World, obj: Any) -> list[Any]:
-    """Every rank's ``obj``, in rank order (one collective; just ``[obj]`` in one process)."""
+    """Every rank's ``obj``, in rank order (one collective; just ``[obj]`` in one process). Ranks that do not
+    arrive are named (:func:`wait_for_ranks`)."""
     if world.size == 1:
         return [obj]
     import torch.distributed as dist
 
+    wait_for_ranks(world)
     out: list[Any] = [None] * world.size
     dist.all_gather_object(out, obj)
     return out
@@ -93,6 +151,7 @@ def progress_bar(world: World, total: int, desc: str):
     ``huggingface_hub.utils.disable_progress_bars()``)."""
     from tqdm.auto import tqdm
 
+    _ACTIVITY["what"] = desc
     return tqdm(total=total, desc=desc, unit="responses", unit_scale=True, dynamic_ncols=True, leave=True,
                 disable=not (world.is_main and progress_enabled()))
 
