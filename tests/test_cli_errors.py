@@ -76,6 +76,7 @@ def test_resume_true_picks_the_last_checkpoint(tmp_path):
 
     for step in (2, 10, 4):
         (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")  # a finished save writes it
     assert resolve_resume("true", str(tmp_path)) == str(tmp_path / "checkpoint-10")
     assert resolve_resume(True, str(tmp_path)) == str(tmp_path / "checkpoint-10")
     assert resolve_resume("false", str(tmp_path)) is None

@@ -103,8 +103,8 @@ def resolve_resume(value: Any, output_dir: str) -> str | None:
             print(f"resume_from_checkpoint: skipping {path}, an incomplete checkpoint: {why}.", file=sys.stderr)
         if last is None:
             raise UsageError(
-                f"resume_from_checkpoint: {text} resumes from the last complete checkpoint-* in output_dir "
-                f"{output_dir!r}, and there is none{' (every one is incomplete, see above)' if skipped else ''}: "
+                f"resume_from_checkpoint: {text} resumes from the last checkpoint-* in output_dir {output_dir!r} "
+                f"whose save finished, and there is none{' (every one is incomplete, see above)' if skipped else ''}: "
                 f"check output_dir, give a checkpoint directory, or start without resume_from_checkpoint."
             )
         return last
