@@ -41,6 +41,27 @@ def test_a_head_stuck_on_rank_1_is_named_and_the_run_ends(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400,
     )
     assert proc.returncode != 0
-    assert "rank(s) 1 did not reach the gather after" in proc.stderr and "'sleepy'" in proc.stderr, proc.stderr[-3000:]
-    assert "rank 0 has waited" in proc.stderr
+    err = proc.stderr
+    assert "rank 1: no progress for" in err and "with 'sleepy'" in err, err[-3000:]  # the stuck rank names itself
+    assert "rank 0: no progress for" in err and "the gather after" in err  # the waiting rank names the gather
     assert time.monotonic() - t0 < 400
+
+
+def test_the_watchdog_names_the_rank_and_what_it_does(monkeypatch, caplog):
+    from trl_upo.scoring.shards import STUCK_WARN_ENV, Watchdog, World
+
+    monkeypatch.setenv(STUCK_WARN_ENV, "0.2")
+    with caplog.at_level("WARNING", logger="trl_upo.scoring.shards"):
+        with Watchdog(World(rank=1, size=2), "Scoring the train dataset with 'sleepy'") as dog:
+            time.sleep(1.2)
+            quiet_after_beat = len(caplog.records)
+            dog.beat()
+    assert quiet_after_beat >= 1
+    assert "rank 1: no progress for" in caplog.text and "'sleepy'" in caplog.text
+
+
+def test_the_watchdog_is_off_in_one_process(monkeypatch):
+    from trl_upo.scoring.shards import STUCK_WARN_ENV, Watchdog, World
+
+    monkeypatch.setenv(STUCK_WARN_ENV, "0.1")
+    assert Watchdog(World(), "x")._thread is None

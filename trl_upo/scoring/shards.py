@@ -51,67 +51,80 @@ def current_world(distributed: bool) -> World:
 
 #: What this process is doing, for the stuck-rank message (the description of the last progress bar opened).
 _ACTIVITY = {"what": "scoring"}
-#: Seconds between the warnings about ranks that have not reached a gather (0: no warning).
+#: Seconds without progress (a scored block, or the end of a gather) between the warnings (0: no warning).
 STUCK_WARN_ENV = "TRL_UPO_STUCK_WARN"
-#: Seconds after which a rank that has not reached a gather aborts the run with its name (unset or 0: wait for
-#: the process group's own timeout, ``ddp_timeout``).
+#: Seconds without progress after which a rank ends the run with its name (unset or 0: wait for the process
+#: group's own timeout, ``ddp_timeout``).
 STUCK_TIMEOUT_ENV = "TRL_UPO_STUCK_TIMEOUT"
 
 
-def wait_for_ranks(world: World, what: str | None = None) -> None:
-    """Before a gather: wait until every rank has arrived, naming the ones that have not.
+class Watchdog:
+    """Reports a rank that makes no progress: a daemon thread that, after :data:`STUCK_WARN_ENV` seconds (default 60)
+    without :meth:`beat`, logs this rank and what it is doing (the reward head being scored, or the gather it waits
+    at), again every period; and after :data:`STUCK_TIMEOUT_ENV` seconds (if set) logs an error and ends the process
+    (exit code 3), so that the launcher stops the run instead of every rank waiting for ``ddp_timeout``.
 
-    Each rank other than 0 sends rank 0 a one-element tensor; rank 0 polls which of them arrived. Every
-    :data:`STUCK_WARN_ENV` seconds (default 60) a waiting rank logs whom it waits for and what the run was doing (the
-    reward head being scored); after :data:`STUCK_TIMEOUT_ENV` seconds (if set) it raises, naming the ranks. A head
-    that blocks on one rank is then reported within a bounded time instead of hanging silently for ``ddp_timeout``.
+    The rank stuck in a head names itself and the head; the ranks waiting for it at the gather name the gather.
     """
-    import time
 
-    import torch
-    import torch.distributed as dist
+    def __init__(self, world: World, what: str) -> None:
+        import threading
+        import time
 
-    warn = float(os.environ.get(STUCK_WARN_ENV, "60") or 0)
-    abort = float(os.environ.get(STUCK_TIMEOUT_ENV, "0") or 0)
-    what = what or _ACTIVITY["what"]
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    if world.rank == 0:
-        bufs = {r: torch.zeros(1, device=device) for r in range(1, world.size)}
-        works = {r: dist.irecv(bufs[r], src=r) for r in bufs}
-    else:
-        works = {0: dist.isend(torch.ones(1, device=device), dst=0)}
-    start = next_warn = time.monotonic()
-    next_warn += warn
-    while True:
-        pending = sorted(r for r, w in works.items() if not w.is_completed())
-        if not pending:
-            for w in works.values():
-                w.wait()
-            return
-        waited = time.monotonic() - start
-        ranks = ", ".join(map(str, pending))
-        if abort and waited > abort:
-            raise RuntimeError(
-                f"rank {world.rank}: rank(s) {ranks} did not reach the gather after {what!r} within {abort:g} s "
-                f"({STUCK_TIMEOUT_ENV}): a reward head is stuck or far slower there. That rank's log shows where."
-            )
-        if warn and time.monotonic() >= next_warn:
-            logger.warning("rank %d has waited %.0f s for rank(s) %s to finish %r (a reward head stuck there?); "
-                           "set %s to abort after a bound.", world.rank, waited, ranks, what, STUCK_TIMEOUT_ENV)
-            next_warn += warn
-        time.sleep(0.05)
+        self.world, self.what, self._time = world, what, time.monotonic
+        self.warn = float(os.environ.get(STUCK_WARN_ENV, "60") or 0)
+        self.abort = float(os.environ.get(STUCK_TIMEOUT_ENV, "0") or 0)
+        self.last = self._time()
+        self._stop = threading.Event()
+        self._thread = None
+        if world.size > 1 and (self.warn or self.abort):
+            self._thread = threading.Thread(target=self._watch, daemon=True, name="trl-upo-watchdog")
+            self._thread.start()
+
+    def beat(self) -> None:
+        """Progress was made."""
+        self.last = self._time()
+
+    def stop(self) -> None:
+        """The watched step is over."""
+        self._stop.set()
+
+    def _watch(self) -> None:
+        next_warn = self.warn
+        while not self._stop.wait(0.5):
+            idle = self._time() - self.last
+            if next_warn and idle >= next_warn:
+                logger.warning("rank %d: no progress for %.0f s in %r (a reward head stuck on some rank?); set %s "
+                               "to abort after a bound.", self.world.rank, idle, self.what, STUCK_TIMEOUT_ENV)
+                next_warn += self.warn
+            if self.abort and idle >= self.abort:
+                import sys
+
+                msg = (f"rank {self.world.rank}: no progress for {idle:.0f} s in {self.what!r} ({STUCK_TIMEOUT_ENV}="
+                       f"{self.abort:g}): stopping the run. A rank stuck in a reward head names the head; the "
+                       f"ranks waiting at the gather name the gather.")
+                logger.error(msg)
+                print(msg, file=sys.stderr, flush=True)
+                sys.stdout.flush()
+                os._exit(3)
+
+    def __enter__(self) -> Watchdog:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
 
 
 def all_gather(world: World, obj: Any) -> list[Any]:
-    """Every rank's ``obj``, in rank order (one collective; just ``[obj]`` in one process). Ranks that do not
-    arrive are named (:func:`wait_for_ranks`)."""
+    """Every rank's ``obj``, in rank order (one collective; just ``[obj]`` in one process). A wait for a rank that
+    does not arrive is reported (:class:`Watchdog`)."""
     if world.size == 1:
         return [obj]
     import torch.distributed as dist
 
-    wait_for_ranks(world)
     out: list[Any] = [None] * world.size
-    dist.all_gather_object(out, obj)
+    with Watchdog(world, f"the gather after {_ACTIVITY['what']}"):
+        dist.all_gather_object(out, obj)
     return out
 
 
@@ -151,9 +164,21 @@ def progress_bar(world: World, total: int, desc: str):
     ``huggingface_hub.utils.disable_progress_bars()``)."""
     from tqdm.auto import tqdm
 
+    class WatchedBar(tqdm):
+        """A bar whose updates are the watchdog's heartbeat (:class:`Watchdog`)."""
+
+        def update(self, n=1):
+            watchdog.beat()
+            return super().update(n)
+
+        def close(self):
+            watchdog.stop()
+            return super().close()
+
     _ACTIVITY["what"] = desc
-    return tqdm(total=total, desc=desc, unit="responses", unit_scale=True, dynamic_ncols=True, leave=True,
-                disable=not (world.is_main and progress_enabled()))
+    watchdog = Watchdog(world, desc)
+    return WatchedBar(total=total, desc=desc, unit="responses", unit_scale=True, dynamic_ncols=True, leave=True,
+                      disable=not (world.is_main and progress_enabled()))
 
 
 def progress_enabled() -> bool:
