@@ -44,7 +44,7 @@ def test_a_rejected_type_does_not_run_its_module(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="is a function, not a RewardHead subclass"):
         parse_head_specs([{"name": "p", "type": "planted23:score"}])
-    with pytest.raises(ValueError, match="defines no 'Missing'"):
+    with pytest.raises(ValueError, match="has no attribute 'Missing'"):
         parse_head_specs([{"name": "p", "type": "planted23:Missing"}])
     assert not (tmp_path / "planted23.ran").exists()
     assert "planted23" not in sys.modules

@@ -115,10 +115,10 @@ def static_problem(path: str, expect: str = "any") -> str | None:
     if bindings is None:
         return None
     if first not in bindings:
-        return f"module {module_name!r} defines no {first!r} (read without importing it)"
+        return f"Module {module_name!r} has no attribute {attr!r} (from {path!r}; read without importing it)."
     if expect == "class" and "." not in attr and isinstance(bindings[first], (ast.FunctionDef, ast.AsyncFunctionDef)):
         return (f"{path!r} is a function, not a RewardHead subclass (read without importing it). For a plain "
-                f"reward function use type 'function' with params {{'function': {path!r}}}")
+                f"reward function use type 'function' with params {{'function': {path!r}}}.")
     return None
 
 
@@ -154,7 +154,7 @@ def import_dotted(path: str, expect: str = "any") -> Any:
     module_name, attr = split_dotted(path)
     problem = static_problem(path, expect)
     if problem:
-        raise ValueError(f"Cannot use {path!r}: {problem}.")
+        raise ValueError(problem)
     try:
         module = import_module_explicit(module_name)
     except ImportError as e:
