@@ -76,6 +76,7 @@ def test_resume_true_picks_the_last_checkpoint(tmp_path):
 
     for step in (2, 10, 4):
         (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")  # a finished save writes it
     assert resolve_resume("true", str(tmp_path)) == str(tmp_path / "checkpoint-10")
     assert resolve_resume(True, str(tmp_path)) == str(tmp_path / "checkpoint-10")
     assert resolve_resume("false", str(tmp_path)) is None
@@ -124,14 +125,13 @@ def test_internal_errors_keep_their_traceback():
 
 
 def test_function_module_in_the_current_directory_imports_from_the_console_script(tmp_path):
-    """A console script starts with its own directory on sys.path, not the current directory."""
+    """A console script starts with its own directory on sys.path, not the current directory: a module next to the
+    recipe is imported explicitly (trl_upo.heads.dotted), without the command putting the directory first."""
     module = "def brevity(completions, **kw):\n    return [0.0] * len(completions)\n"
     (tmp_path / "my_rewards_cwd.py").write_text(module)
     code = (
         "import sys\n"
         "sys.path[:] = [p for p in sys.path if p not in ('', %r)]\n"
-        "from trl_upo.cli import _import_from_cwd\n"
-        "_import_from_cwd()\n"
         "from trl_upo.heads.registry import import_dotted\n"
         "print(import_dotted('my_rewards_cwd:brevity').__name__)\n"
     ) % str(tmp_path)

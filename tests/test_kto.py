@@ -239,7 +239,7 @@ RAISING = [{"name": "boom", "type": "function", "params": {"function": _raising_
         ({"prompt": ["a", "c"], "completion": [" b", " d"], "label": ["good", "bad"]}, "must be boolean"),
         ({"prompt": ["a", "c"], "completion": [" b", " d"], "label": [True, None]}, "rows without a label"),
         ({"prompt": ["a", "c"], "completion": [" b", " d"], "label": [True, True]}, "Every row of the train"),
-        ({"prompt": ["a", "c"], "completion": [" b", " d"], "label": [False, False]}, "upo_applies_to='all'"),
+        ({"prompt": ["a", "c"], "completion": [" b", " d"], "label": [False, False]}, "imitate the undesirable answers only"),
     ],
     ids=["no-label", "no-completion", "int-label", "string-label", "missing-label", "only-desirable",
          "no-desirable"],

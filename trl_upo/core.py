@@ -32,10 +32,10 @@ from typing import Any
 import torch
 from datasets import Dataset, IterableDataset
 from transformers import AutoProcessor, ProcessorMixin
-from transformers.trainer_utils import get_last_checkpoint
 from trl.trainer.utils import get_config_model_id
 
 from .card import UPO_CITATION, save_card, write_upo_section
+from .checkpoints import last_complete_checkpoint, marker_callback
 from .collator import VALUES_COLUMN, VALUES_KEY, UPODataCollator, add_values_column, head_signs_and_weights
 from .compat import FUSED, LogProbCapture, check_trl, is_peft_model, policy_modules
 from .config import UPOArguments
@@ -107,6 +107,7 @@ class UPOCore:
                 config, named.get("train_dataset"), named.get("eval_dataset"), tokenizer_of(named["processing_class"])
             )
         super().__init__(**named)
+        self.add_callback(marker_callback())  # a resume picks only checkpoints whose save finished
         self._upo_capture = None
         self._upo_hook_handles: list[Any] = []
         if self._upo_heads:
@@ -321,7 +322,13 @@ class UPOCore:
             self.args.validate_upo()
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
-            checkpoint = get_last_checkpoint(self.args.output_dir)
+            checkpoint, skipped = last_complete_checkpoint(self.args.output_dir)
+            for path, why in skipped:
+                logger.warning("resume_from_checkpoint=True: skipping %s, an incomplete checkpoint: %s.", path, why)
+            if checkpoint is None:
+                raise ValueError(f"No complete checkpoint found in output_dir {self.args.output_dir!r} to resume from"
+                                 + (f" ({len(skipped)} incomplete ones skipped)." if skipped else "."))
+            resume_from_checkpoint = checkpoint
         if checkpoint and self._upo_specs:
             self._upo_load_state(str(checkpoint))
         return super().train(

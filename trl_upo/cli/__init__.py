@@ -9,8 +9,9 @@ code 2, YAML configs, strict option parsing); :mod:`trl_upo.cli.launch` re-launc
 ``--debug`` with no value (anywhere on the command line: last, or followed by another ``--option``), or
 ``TRL_UPO_DEBUG=1``, prints the traceback of usage errors too; ``--debug VALUE`` is left to the command (transformers'
 ``TrainingArguments.debug`` in ``train``, e.g. ``--debug underflow_overflow``), see :func:`pop_debug`. The
-current directory is importable, as with ``python -m trl_upo.cli``, so that a recipe can name a function in a module
-next to it (``function: my_rewards:brevity``).
+command never puts the current directory on ``sys.path`` (a ``yaml.py`` there is not imported in place of PyYAML);
+a recipe that names a module next to it (``function: my_rewards:brevity``) gets it imported explicitly, with a warning
+naming the file, only when no installed module has that name (:mod:`trl_upo.heads.dotted`, docs/trust.md).
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ def _usage() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``trl-upo`` console script (also ``python -m trl_upo.cli``)."""
     argv = pop_debug(list(sys.argv[1:] if argv is None else argv), commands=COMMANDS)
-    _import_from_cwd()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
@@ -84,11 +84,3 @@ def pop_debug(argv: list[str], commands=()) -> list[str]:
             continue
         out.append(tok)
     return out
-
-
-def _import_from_cwd() -> None:
-    """Put the current directory first on ``sys.path``, as ``python -m`` does (a console script starts with the
-    script's directory there instead), so that modules next to the recipe import the same way under both."""
-    cwd = os.getcwd()
-    if "" not in sys.path and cwd not in sys.path:
-        sys.path.insert(0, cwd)

@@ -5,6 +5,7 @@ user mistyped fails in a second with a message naming the fix, instead of after 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from trl_upo.cli.common import UsageError
@@ -94,21 +95,29 @@ def resolve_resume(value: Any, output_dir: str) -> str | None:
     text = str(value).strip()
     if text.lower() in RESUME_NONE:
         return None
-    if value is True or text.lower() in RESUME_LAST:
-        from transformers.trainer_utils import get_last_checkpoint
+    from trl_upo.checkpoints import checkpoint_problem, last_complete_checkpoint
 
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    if value is True or text.lower() in RESUME_LAST:
+        last, skipped = last_complete_checkpoint(output_dir)
+        for path, why in skipped:
+            print(f"resume_from_checkpoint: skipping {path}, an incomplete checkpoint: {why}.", file=sys.stderr)
         if last is None:
             raise UsageError(
-                f"resume_from_checkpoint: {text} resumes from the last checkpoint-* in output_dir {output_dir!r}, "
-                f"and there is none: check output_dir, give a checkpoint directory, or start without "
-                f"resume_from_checkpoint."
+                f"resume_from_checkpoint: {text} resumes from the last checkpoint-* in output_dir {output_dir!r} "
+                f"whose save finished, and there is none{' (every one is incomplete, see above)' if skipped else ''}: "
+                f"check output_dir, give a checkpoint directory, or start without resume_from_checkpoint."
             )
         return last
     if not os.path.isdir(text):
         raise UsageError(
             f"resume_from_checkpoint {text!r} is not a directory: give a checkpoint directory (output_dir/"
             f"checkpoint-N), or `true` for the last checkpoint in output_dir."
+        )
+    problem = checkpoint_problem(text, require_state=False)
+    if problem:
+        raise UsageError(
+            f"resume_from_checkpoint {text!r} is not a complete checkpoint: {problem}. Resume from an earlier "
+            f"checkpoint-N, or `true` for the last complete one."
         )
     return text
 

@@ -453,16 +453,31 @@ def run_command(prog: str, body: Callable[[], int | None], errors: tuple[type[Ba
         return exit_code(e)
 
 
-def end_distributed() -> None:
+def end_distributed(completed: bool = True) -> None:
     """Tear down the ``torch.distributed`` process group, if this process started one (commands call it last).
 
-    Objects that hold the group (the trainer, its DDP model and reducer) must be released first: the garbage is
-    collected here, then the group is destroyed, so that no rank is left waiting in the group's destructor after
-    another rank has exited (seen with the Gloo backend on CPU).
+    Root cause of the exit hang this prevents: a Gloo group whose last reference is dropped later (by the DDP
+    ``Reducer`` inside a garbage collection, after ``accelerator.end_training()`` destroyed the group) runs its
+    destructor with the GIL held and joins its worker threads; a worker still finishing a collective, or one that needs
+    the GIL, never returns once the peer rank has exited. So, in this order: every rank reaches the end (a bounded
+    ``monitored_barrier`` on Gloo names the missing rank; then a barrier that waits for all queued work), the garbage
+    (trainer, DDP model, reducer) is collected while the group is still registered (no destructor runs there), and
+    only then is the group destroyed, with no work in flight.
+
+    Args:
+        completed: False on an error path: no barrier (the other ranks may never arrive), only the teardown.
     """
     import gc
+    from datetime import timedelta
 
-    gc.collect()
     dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
+    active = dist is not None and dist.is_available() and dist.is_initialized()
+    if active and completed and dist.get_world_size() > 1:
+        if dist.get_backend() == "gloo":
+            timeout = float(os.environ.get("TRL_UPO_EXIT_BARRIER_TIMEOUT", "300"))
+            dist.monitored_barrier(timeout=timedelta(seconds=timeout), wait_all_ranks=True)
+        dist.barrier()
+    gc.collect()
+    if active and dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()

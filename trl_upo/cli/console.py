@@ -68,9 +68,11 @@ class CompactConsole(TrainerCallback):
         self.bar = None
         self.rows: list[tuple[int, dict[str, Any]]] = []
         self.summary: dict[str, Any] = {}
+        self.start_step = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         """Open the progress bar."""
+        self.start_step = state.global_step  # after a resume: the checkpoint's step
         if state.is_world_process_zero and not args.disable_tqdm:
             from tqdm.auto import tqdm
 
@@ -102,10 +104,14 @@ class CompactConsole(TrainerCallback):
             return
         table = format_table(self.rows)
         runtime = self.summary.get("train_runtime")
-        done = f"Trained {state.global_step} steps" + (f" in {float(runtime):.1f} s" if runtime else "") + "."
+        ran = state.global_step - self.start_step
+        resumed = f" (resumed at step {self.start_step}, now at {state.global_step})" if self.start_step else ""
+        done = f"Trained {ran} steps{resumed}" + (f" in {float(runtime):.1f} s" if runtime else "") + "."
         path = os.path.join(args.output_dir, LOG_FILE)
         os.makedirs(args.output_dir, exist_ok=True)
-        with open(path, "w") as f:
+        from trl_upo.atomic import atomic_write
+
+        with atomic_write(path) as f:  # a symlink planted at the path is replaced, not followed
             json.dump(state.log_history, f, indent=1, default=str)
         print("\n".join(x for x in (table, done + f" Every metric: {path} (and report_to).") if x), flush=True)
 

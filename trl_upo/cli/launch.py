@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -207,5 +209,172 @@ def relaunch(
     launch_command_parser().parse_args([*launch_args, "-m", module, *script_args])
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "-m", module, *script_args]
     print(f"{prog}: launching: accelerate launch {shlex.join(cmd[3:])}", flush=True)
-    env = {**os.environ, LAUNCHED_ENV: "1"}
-    return subprocess.call(cmd, env=env)
+    # PYTHONSAFEPATH: `python -m` would put the current directory first on each rank's sys.path (see trl_upo.cli).
+    env = {**os.environ, LAUNCHED_ENV: "1", PARENT_ENV: str(os.getpid()), "PYTHONSAFEPATH": "1"}
+    return run_process_tree(cmd, env, prog=prog)
+
+
+#: The pid of the command that launched this rank's launcher (set by :func:`relaunch`).
+PARENT_ENV = "TRL_UPO_LAUNCHER_PARENT"
+#: Seconds the launcher and the ranks get to end after a forwarded signal before they are killed.
+GRACE_ENV = "TRL_UPO_SIGNAL_GRACE"
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_PR_SET_PDEATHSIG = 1
+
+
+def run_process_tree(cmd: list[str], env: dict[str, str], prog: str | None = None) -> int:
+    """Run the launcher ``cmd`` as the owner of its whole process tree; return its exit code.
+
+    The launcher starts in a process group of its own and dies with this process (``PR_SET_PDEATHSIG``); each rank
+    binds itself to the launcher the same way (:func:`die_with_launcher`: torchrun starts every rank in a session of
+    its own, so no process-group signal reaches them). SIGTERM, SIGINT and SIGHUP sent to this command are forwarded
+    to the launcher's group (torchrun then stops the ranks); whatever is still alive after the grace period
+    (:data:`GRACE_ENV`, default 15 s), launcher or rank, is killed. The exit code is then ``128 + signal``.
+
+    Args:
+        cmd: The launcher's command line.
+        env: Its environment.
+        prog: Program name for the message printed on a signal.
+
+    Returns:
+        The launcher's exit code, or ``128 + signal number`` after a forwarded signal.
+    """
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    received: list[int] = []
+    tree: dict[int, str] = {}  # pid -> start time, so that a reused pid is never signalled
+
+    def forward(signum, _frame):
+        if not received:
+            print(f"{prog or 'trl-upo'}: got {signal.Signals(signum).name}: stopping the launcher and its processes "
+                  f"(killed after {_grace():g} s).", file=sys.stderr, flush=True)
+        received.append(signum)
+        _track(proc.pid, tree)
+        _signal_group(proc.pid, signum)
+        _signal_tree(tree, signum)
+
+    previous = {s: signal.signal(s, forward) for s in _FORWARDED}
+    try:
+        code = _wait_tree(proc, tree, received)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 128 + int(received[0]) if received else code
+
+
+def _grace() -> float:
+    return float(os.environ.get(GRACE_ENV, "15"))
+
+
+def _wait_tree(proc: subprocess.Popen, tree: dict[int, str], received: list[int]) -> int:
+    """Wait for the launcher, keeping track of its descendants; after a signal, give the tree the grace period, then
+    kill what is left of it. A rank still alive after its launcher ended is killed too."""
+    deadline = None
+    while True:
+        _track(proc.pid, tree)
+        code = proc.poll()
+        if received and deadline is None:
+            deadline = time.monotonic() + _grace()
+        if code is not None and not any(_alive(p, t) for p, t in tree.items()):
+            return code
+        if code is not None and deadline is None:
+            deadline = time.monotonic() + _grace()  # the launcher ended and left ranks behind
+        if deadline is not None and time.monotonic() > deadline:
+            _signal_group(proc.pid, signal.SIGKILL)
+            _signal_tree(tree, signal.SIGKILL)
+            return proc.wait()
+        time.sleep(0.2 if deadline is not None else 0.5)
+
+
+def descendants(pid: int) -> list[int]:
+    """Pids of every live descendant of ``pid`` (children, their children, ...), read from ``/proc`` (Linux; empty
+    elsewhere). Ranks in sessions of their own are found too: the walk follows parents, not groups."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rpartition(")")[2].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
+def _track(root: int, tree: dict[int, str]) -> None:
+    for pid in descendants(root):
+        fields = _stat(pid)
+        if fields is not None and pid not in tree:
+            tree[pid] = fields[19]  # start time since boot
+
+
+def _alive(pid: int, start: str | None = None) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z" and (start is None or fields[19] == start)
+
+
+def _signal_tree(tree: dict[int, str], signum: int) -> None:
+    for pid, start in tree.items():
+        if _alive(pid, start):
+            _signal_pid(pid, signum)
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _signal_pid(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _set_pdeathsig(signum: int) -> bool:
+    """Ask Linux to send ``signum`` to this process when its parent thread ends; False where that is unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _die_with_parent() -> None:  # runs in the launcher between fork and exec
+    _set_pdeathsig(signal.SIGTERM)
+
+
+def die_with_launcher() -> None:
+    """In a rank this command launched (:func:`relaunch`): end with the launcher (``PR_SET_PDEATHSIG``), so that no
+    rank outlives the run when the launcher is killed. Without a launcher parent of this command, nothing is done."""
+    if PARENT_ENV not in os.environ or "LOCAL_RANK" not in os.environ:
+        return
+    parent = os.getppid()
+    _set_pdeathsig(signal.SIGTERM)
+    if parent == 1 or os.getppid() != parent:  # the launcher died before the binding took effect
+        os.kill(os.getpid(), signal.SIGTERM)

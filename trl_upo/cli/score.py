@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None, prog: str | None = "trl-upo score") -> i
         0 on success, 2 on a usage error, the launcher's exit code when re-launched.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    from trl_upo.cli.launch import die_with_launcher
+
+    die_with_launcher()  # a rank of `trl-upo score --num_processes N` ends with its launcher
     if not argv:
         print(f"usage: {prog} --config recipe.yaml [--output DIR] [--any_field value ...]")
         return 2
@@ -178,10 +181,13 @@ def _run(argv: list[str], prog: str | None) -> int:
         from accelerate import PartialState
 
         PartialState(cpu=bool(training_args.use_cpu) or not torch.cuda.is_available())
+    completed = False
     try:
-        return _score(ds, splits, specs, training_args, model_args, score_args.output, roles, distributed)
+        code = _score(ds, splits, specs, training_args, model_args, score_args.output, roles, distributed)
+        completed = True
+        return code
     finally:
-        end_distributed()
+        end_distributed(completed)
 
 
 def _processes(launch: list[tuple[str, Any]]) -> int:
@@ -248,10 +254,15 @@ def _score(ds, splits, specs, training_args, model_args, output, roles, distribu
 
 
 def _write(output: str, scored: dict, specs, results: dict) -> None:
+    """Write each split and the summary atomically (temp file + rename: a full disk or a kill leaves the previous
+    file or none, never a truncated ``train.jsonl``)."""
+    from trl_upo.atomic import atomic_path, atomic_write
+
     os.makedirs(output, exist_ok=True)
     for split, data in scored.items():
-        data.to_json(os.path.join(output, f"{split}.jsonl"), lines=True, double_precision=15)
-    with open(os.path.join(output, "summary.json"), "w") as f:
+        with atomic_path(os.path.join(output, f"{split}.jsonl")) as tmp:
+            data.to_json(tmp, lines=True, double_precision=15)
+    with atomic_write(os.path.join(output, "summary.json")) as f:
         json.dump({"heads": [s.to_dict() for s in specs], "splits": results}, f, indent=2)
     print(f"Scored dataset and summary written to {os.path.abspath(output)} "
           f"({', '.join(f'{s}.jsonl' for s in scored)}, summary.json).")

@@ -47,9 +47,9 @@ from trl_upo.cli.common import (
     split_leftovers,
     unknown_key,
 )
-from trl_upo.cli.launch import launch_keys, launch_options, relaunch, under_launcher
+from trl_upo.cli.launch import die_with_launcher, launch_keys, launch_options, relaunch, under_launcher
 from trl_upo.cli.trainers import TRAINERS, trainer_classes
-from trl_upo.resources import RESOURCE_PREFIX, resolve_resource
+from trl_upo.resources import RESOURCE_PREFIX, resolve_flags, resolve_inputs, resolve_resource
 
 #: The recipe ``trl-upo train`` runs when it is given no ``--config``.
 QUICKSTART_RECIPE = RESOURCE_PREFIX + "quickstart.yaml"
@@ -120,26 +120,20 @@ class UPOScriptArguments(ScriptArguments):
 
 
 class UPOParser(TrlParser):
-    """``trl.TrlParser`` that resolves ``upo://`` asset names in the recipe's values and in flag values, and gives
-    renamed keys (``trl_upo.cli.common.RENAMED_KEYS``) the name the installed dataclasses take."""
+    """``trl.TrlParser`` that resolves ``upo://`` asset names in the recipe's input values and in input flags
+    (outputs such as ``output_dir`` never take one: :mod:`trl_upo.resources`), and gives renamed keys
+    (``trl_upo.cli.common.RENAMED_KEYS``) the name the installed dataclasses take."""
 
     def set_defaults_with_config(self, **kwargs):
-        """Set the recipe's values as defaults, ``upo://`` names resolved (see ``trl.TrlParser``)."""
+        """Set the recipe's values as defaults, ``upo://`` inputs resolved (see ``trl.TrlParser``)."""
         kwargs = rename_keys(kwargs, option_names(self), "in the recipe")
-        return super().set_defaults_with_config(**resolve_resource(kwargs))
+        return super().set_defaults_with_config(**resolve_inputs(kwargs))
 
     def parse_args_into_dataclasses(self, args=None, *a, **kw):
-        """Parse flags into the dataclasses, ``upo://`` names resolved (see ``transformers.HfArgumentParser``)."""
+        """Parse flags into the dataclasses, ``upo://`` inputs resolved (see ``transformers.HfArgumentParser``)."""
         if args is not None:
-            args = [_resolve_token(t) for t in rename_flags(list(args), self)]
+            args = resolve_flags(rename_flags(list(args), self))
         return super().parse_args_into_dataclasses(args, *a, **kw)
-
-
-def _resolve_token(tok: str) -> str:
-    if tok.startswith("--") and "=" in tok:
-        key, value = tok.split("=", 1)
-        return f"{key}={resolve_resource(value)}"
-    return resolve_resource(tok)
 
 
 def make_parser(subparsers=None, prog: str | None = None, extra_dataclasses: tuple[type, ...] = (),
@@ -292,6 +286,7 @@ def main(argv: list[str] | None = None, prog: str | None = "trl-upo train") -> i
         The exit code: 0 on success, 2 on a usage error, the launcher's code when re-launched.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    die_with_launcher()  # a rank of `trl-upo train --num_processes N` ends with its launcher
     if any(a in ("-h", "--help") for a in argv):
         return run_command(prog, lambda: _print_help(argv, prog))
     full = with_quickstart(argv)
@@ -328,10 +323,12 @@ def _run(argv: list[str], prog: str | None) -> int:
         keys = ", ".join(k for k, _ in launch)
         print(f"{prog}: already running under a launcher; launch options ({keys}) are the launcher's business.",
               file=sys.stderr)
+    completed = False
     try:
         train(script_args, training_args, model_args, dataset_args)
+        completed = True
     finally:
-        end_distributed()  # the trainer is released by now: no rank waits in the process group's destructor
+        end_distributed(completed)  # the trainer is released by now: no rank waits in the group's destructor
     return 0
 
 
@@ -437,6 +434,8 @@ def train(script_args, training_args, model_args, dataset_args):
     Returns:
         The trainer.
     """
+    from trl_upo.atomic import atomic_write
+    from trl_upo.checkpoints import mark_complete
     from trl_upo.cli.checks import preflight
     from trl_upo.cli.console import silence_upstream_deprecations, use_compact_console
     from trl_upo.cli.report import REPORT_FILE, format_report, policy_report
@@ -470,12 +469,14 @@ def train(script_args, training_args, model_args, dataset_args):
     before = policy_report(trainer, script_args, model_id, report_ds, before=True) if report_ds is not None else None
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        mark_complete(training_args.output_dir)  # the final model's files, names and sizes (upo_complete.json)
     report = None
     if report_ds is not None:
         after = policy_report(trainer, script_args, model_id, report_ds, before=False)
         if trainer.accelerator.is_main_process:
             report = {"before": before, "after": after}
-            with open(os.path.join(training_args.output_dir, REPORT_FILE), "w") as f:
+            with atomic_write(os.path.join(training_args.output_dir, REPORT_FILE)) as f:
                 json.dump(report, f, indent=2, default=str)
             print(format_report(before, after), flush=True)
     # The model card (README.md): TRL's, with the UPO section (heads, alpha, the before/after numbers); also with
@@ -485,8 +486,8 @@ def train(script_args, training_args, model_args, dataset_args):
     trainer.accelerator.print(f"Model saved to {os.path.abspath(training_args.output_dir)} ({', '.join(saved)}).")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
-    if hasattr(trainer, "end"):
-        trainer.end()
+    for tracker in getattr(trainer.accelerator, "trackers", []):
+        tracker.finish()  # what trainer.end() does, without destroying the group under the live DDP model
     return trainer
 
 

@@ -74,10 +74,11 @@ def unpaired_dataset(dataset: Any, split: str, *, train: bool, applies_to: str, 
                 f"kinds, and its loss needs undesirable rows (label False) too, such as the rejected answers of your "
                 f"preference data. With desirable answers only, train with SFT."
             )
-        if desirable == 0 and applies_to == "desirable":
+        if desirable == 0:
             raise DataError(
                 f"No row of the train dataset is desirable (label True, out of {len(labels)}): the auxiliary term "
-                f"applies to the desirable completions (upo_applies_to='desirable') and would never train. Add "
-                f"desirable rows, or set upo_applies_to='all'."
+                f"trains on desirable completions and would never train (upo_applies_to='all' would make it imitate "
+                f"the undesirable answers only, upo_applies_to={applies_to!r} here). Add desirable rows (e.g. the "
+                f"chosen answers of your preference data), or train KTO without reward heads."
             )
     return dataset

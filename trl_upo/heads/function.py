@@ -130,6 +130,10 @@ def _noop_log_metric(*args: Any, **kwargs: Any) -> None:
     return None
 
 
+#: The keyword arguments a reward function gets from the head itself; a dataset column cannot have these names.
+RESERVED_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
+
+
 @register_head("function")
 class FunctionHead(RewardHead):
     """Wraps a TRL-style reward function. Parameters: the annotated ``__init__`` signature (the schema; see
@@ -186,6 +190,14 @@ class FunctionHead(RewardHead):
         columns: dict[str, list[Any]],
         tokenizer: Any = None,
     ) -> list[float]:
+        clash = sorted(set(columns) & set(RESERVED_ARGUMENTS))
+        if clash:
+            raise ValueError(
+                f"function head {getattr(self.fn, '__name__', self.fn)!r}: the dataset has column(s) {clash}, which "
+                f"collide with the reward function's own argument(s) of that name (TRL's convention passes every "
+                f"other column as a keyword argument). Rename the column(s) in the dataset, e.g. "
+                f"dataset.rename_column({clash[0]!r}, 'my_{clash[0]}')."
+            )
         step = self.batch_size or len(completions) or 1
         scores: list[float] = []
         for i in range(0, len(completions), step):

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
+from .dotted import import_dotted
 from .protocol import RewardHead
 
 ENTRY_POINT_GROUP = "trl_upo.heads"
@@ -58,31 +59,6 @@ def _load_builtin_heads() -> None:
     importlib.import_module("trl_upo.heads")
 
 
-def import_dotted(path: str) -> Any:
-    """The object at ``"package.module:name"`` or ``"package.module.name"`` (attributes may be nested).
-
-    Raises:
-        ValueError: not a dotted path, the module cannot be imported, or it has no such attribute.
-    """
-    if ":" in path:
-        module_name, _, attr = path.partition(":")
-    else:
-        module_name, _, attr = path.rpartition(".")
-    if not module_name or not attr:
-        raise ValueError(f"{path!r} is not a dotted path; use 'package.module:Name' or 'package.module.Name'.")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"Cannot import module {module_name!r} from {path!r}: {e}") from e
-    obj = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ValueError(f"Module {module_name!r} has no attribute {attr!r} (from {path!r}).") from None
-    return obj
-
-
 def resolve_head_class(type_name: str) -> type[RewardHead]:
     """Find a head class by registry name, entry-point name or dotted path."""
     _load_builtin_heads()
@@ -94,7 +70,7 @@ def resolve_head_class(type_name: str) -> type[RewardHead]:
             _check_head_class(cls, f"entry point {ep.value!r}")
             return cls
     if "." in type_name or ":" in type_name:
-        cls = import_dotted(type_name)
+        cls = import_dotted(type_name, expect="class")
         _check_head_class(cls, repr(type_name))
         return cls
     known = sorted(registered_heads())

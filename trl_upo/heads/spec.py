@@ -15,6 +15,11 @@ from .registry import NAME_RE, resolve_head_class
 
 
 SPEC_KEYS = ("name", "type", "weight", "normalize", "higher_is_better", "params")
+#: Names of UPO's own metrics under ``upo/`` (``upo/reward_aux/chosen``, ``upo/aux_loss``, ``upo/weight/mean``, ...):
+#: a head of one of these names would log ``upo/<name>/...`` over them, so it is refused when the config is built.
+RESERVED_HEAD_NAMES = (
+    "reward_aux", "loglik", "aux_loss", "advantage", "weight", "margin_correction", "reward_margin",
+)
 
 
 @dataclass
@@ -74,6 +79,8 @@ def parse_head_specs(value: Any) -> list[HeadSpec]:
                 f"parameters go under 'params'."
             )
         type_name = item.get("type") or item.get("name")
+        if isinstance(type_name, type):  # {"type": LengthHead}: the class itself, not a dotted path
+            type_name = class_type_name(type_name, f"reward_heads[{i}]")
         if not type_name:
             raise ValueError(f"reward_heads[{i}] needs a 'name' or a 'type'.")
         name = item.get("name") or (type_name if NAME_RE.match(str(type_name)) else None)
@@ -81,6 +88,12 @@ def parse_head_specs(value: Any) -> list[HeadSpec]:
             raise ValueError(
                 f"reward_heads[{i}]: head name {name!r} is not valid. Give a 'name' that starts with a letter and "
                 f"contains only letters, digits, '_' or '-' (it names the score columns and metrics)."
+            )
+        if str(name).lower() in RESERVED_HEAD_NAMES:
+            raise ValueError(
+                f"reward_heads[{i}]: head name {name!r} is one of UPO's own metric names (upo/{name}/...); "
+                f"reserved: {list(RESERVED_HEAD_NAMES)}. Give the head another 'name' (e.g. {name}_head); the "
+                f"'type' can stay."
             )
         weight = item.get("weight", 1.0)
         try:
@@ -118,6 +131,25 @@ def parse_head_specs(value: Any) -> list[HeadSpec]:
             f"(the 'type' can repeat)."
         )
     return specs
+
+
+def class_type_name(cls: type, where: str) -> str:
+    """The ``type`` of a head given as a class object: its registry name, or its dotted path ``module:Qualname``.
+
+    Raises:
+        ValueError: ``cls`` is not a RewardHead subclass.
+    """
+    from .registry import registered_heads
+
+    if not issubclass(cls, RewardHead):
+        raise ValueError(
+            f"{where}: type {cls!r} is not a RewardHead subclass. For a plain reward function use type 'function' "
+            f"with params {{'function': ...}}."
+        )
+    for name, registered in registered_heads().items():
+        if registered is cls:
+            return name
+    return f"{cls.__module__}:{cls.__qualname__}"
 
 
 def build_head(spec: HeadSpec) -> RewardHead:

@@ -6,13 +6,21 @@ their scores, written atomically); a rerun reads those chunks and scores only th
 row is scored, the complete array is saved as ``<name>-<key>.npy`` and the chunks are removed. A cache directory that
 cannot be written (no permission, a full disk, a file in its place) gives one warning and the run goes on with the
 scores in memory: caching is an optimisation, never a reason to lose work.
+
+What the cache trusts (docs/trust.md): only files it can verify. Every chunk carries the SHA-256 of its indices and
+scores, and the complete ``.npy`` has its digest in ``<name>-<key>.sha256`` (written before the ``.npy`` is renamed
+into place); a file without a matching digest is not read. A directory that others can write to (group- or
+other-writable without the sticky bit, or owned by another user), or a file owned by another user, is not trusted:
+one warning, and the run scores in memory (``TRL_UPO_TRUST_SHARED_CACHE=1`` accepts a group-writable team cache).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
+import stat
 import uuid
 
 import numpy as np
@@ -34,6 +42,44 @@ def warn_unwritable(cache_dir: str, error: BaseException) -> None:
         "The score cache directory %r cannot be written (%s): scores are kept in memory and this run goes on, but "
         "nothing is cached for the next run. Set upo_score_cache_dir to a writable directory (or "
         "upo_use_score_cache: false to silence this).", cache_dir, reason,
+    )
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def untrusted_reason(path: str) -> str | None:
+    """Why files under ``path`` (a cache directory, or a file in one) cannot be trusted, or None: owned by another
+    user, or writable by others without the sticky bit (then anyone could plant scores there)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # not there yet: created by this process with its own umask
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return f"{path} is owned by another user (uid {st.st_uid})"
+    sticky_dir = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
+    if st.st_mode & stat.S_IWOTH and not sticky_dir:
+        return f"{path} is writable by others"
+    own_group = hasattr(os, "getgid") and st.st_gid == os.getgid()  # a user-private group (umask 002)
+    team = os.environ.get("TRL_UPO_TRUST_SHARED_CACHE") == "1"
+    if st.st_mode & stat.S_IWGRP and not (sticky_dir or own_group or team):
+        return f"{path} is writable by its group (gid {st.st_gid})"
+    return None
+
+
+def _warn_untrusted(cache_dir: str, reason: str) -> None:
+    key = "untrusted:" + os.path.abspath(cache_dir)
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    logger.warning(
+        "The score cache directory %r is not trusted (%s): anyone who can write there could plant scores, so this "
+        "run neither reads nor writes it and scores in memory. Use a directory only you can write to (chmod "
+        "go-w), or set TRL_UPO_TRUST_SHARED_CACHE=1 for a group-writable team cache.", cache_dir, reason,
     )
 
 
@@ -68,6 +114,7 @@ class ChunkedScoreCache:
         self.cache_dir, self.shape, self.enabled = cache_dir, shape, enabled
         self.final_path = os.path.join(cache_dir, f"{stem}.npy")
         self.parts_dir = os.path.join(cache_dir, f"{stem}.parts")
+        self.digest_path = os.path.join(cache_dir, f"{stem}.sha256")
         self._prefix = f"{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._seq = 0
         #: Set by :meth:`load`: whether the complete ``.npy`` was there.
@@ -77,13 +124,16 @@ class ChunkedScoreCache:
         """``(scores, have)``: the cached scores (NaN where missing) and a boolean mask of the rows cached."""
         scores = np.full(self.shape, np.nan, dtype=np.float64)
         have = np.zeros(self.shape[0], dtype=bool)
-        if not self.enabled:
+        if not self.enabled or not self._trusted():
             return scores, have
         try:
-            full = np.load(self.final_path)
-            if full.shape == self.shape:
-                self.complete_on_disk = True
-                return full.astype(np.float64), np.ones(self.shape[0], dtype=bool)
+            if self._file_trusted(self.final_path):
+                full = np.load(self.final_path, allow_pickle=False)
+                with open(self.digest_path) as f:
+                    expected = f.read().strip()
+                if full.shape == self.shape and _digest(full) == expected:
+                    self.complete_on_disk = True
+                    return full.astype(np.float64), np.ones(self.shape[0], dtype=bool)
         except (OSError, ValueError, EOFError):
             pass
         try:
@@ -93,11 +143,16 @@ class ChunkedScoreCache:
         for name in names:
             if not name.endswith(".npz"):
                 continue
+            path = os.path.join(self.parts_dir, name)
             try:
-                with np.load(os.path.join(self.parts_dir, name)) as part:
-                    idx, values = part["idx"], part["scores"]
+                if not self._file_trusted(path):
+                    continue
+                with np.load(path, allow_pickle=False) as part:
+                    idx, values, digest = part["idx"], part["scores"], str(part["digest"])
             except (OSError, ValueError, KeyError, EOFError):
                 continue  # a kill never leaves half a chunk (written, then renamed); anything unreadable is skipped
+            if digest != _digest(idx, values):
+                continue  # not written by this cache (or altered since): not trusted
             in_range = len(idx) == 0 or (idx.min() >= 0 and idx.max() < self.shape[0])
             if values.shape != (len(idx), self.shape[1]) or not in_range:
                 continue
@@ -105,8 +160,22 @@ class ChunkedScoreCache:
             have[idx] = True
         return scores, have
 
+    def _trusted(self) -> bool:
+        """Whether the cache directory (and its chunk directory) can be trusted; else warn once and disable."""
+        for path in (self.cache_dir, self.parts_dir):
+            reason = untrusted_reason(path)
+            if reason:
+                _warn_untrusted(self.cache_dir, reason)
+                self.enabled = False
+                return False
+        return True
+
+    @staticmethod
+    def _file_trusted(path: str) -> bool:
+        return os.path.isfile(path) and not os.path.islink(path) and untrusted_reason(path) is None
+
     def _write(self, write) -> bool:
-        if not self.enabled:
+        if not self.enabled or not self._trusted():
             return False
         try:
             write()
@@ -123,7 +192,8 @@ class ChunkedScoreCache:
             os.makedirs(self.parts_dir, exist_ok=True)
             path = os.path.join(self.parts_dir, f"{self._prefix}-{self._seq:06d}.npz")
             tmp = f"{path}.tmp.npz"
-            np.savez(tmp, idx=np.asarray(idx, dtype=np.int64), scores=np.asarray(scores, dtype=np.float64))
+            idx64, values = np.asarray(idx, dtype=np.int64), np.asarray(scores, dtype=np.float64)
+            np.savez(tmp, idx=idx64, scores=values, digest=np.asarray(_digest(idx64, values)))
             os.replace(tmp, path)
             self._seq += 1
 
@@ -135,7 +205,12 @@ class ChunkedScoreCache:
         def write() -> None:
             os.makedirs(self.cache_dir, exist_ok=True)
             tmp = f"{self.final_path}.{self._prefix}.tmp.npy"
-            np.save(tmp, np.asarray(scores, dtype=np.float64))
+            values = np.asarray(scores, dtype=np.float64)
+            np.save(tmp, values)
+            digest_tmp = f"{self.digest_path}.{self._prefix}.tmp"
+            with open(digest_tmp, "w") as f:
+                f.write(_digest(values))
+            os.replace(digest_tmp, self.digest_path)  # the digest first: a .npy is never there without its digest
             os.replace(tmp, self.final_path)
             shutil.rmtree(self.parts_dir, ignore_errors=True)
 
