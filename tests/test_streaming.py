@@ -89,13 +89,13 @@ def test_statistics_read_from_an_earlier_runs_state(tiny_model_path, tmp_path, s
     first.save_model()
     state_path = tmp_path / "a" / STATE_FILE
     args = cpu_args(tmp_path / "b", reward_heads=HEADS, upo_score_cache_dir=score_cache, max_steps=1,
-                    upo_stream_stats_from=str(state_path))
+                    upo_statistics_from=str(state_path))
     second = UPOTrainer(model=tiny_model_path, args=args, train_dataset=_stream(preference_dataset(16, seed=5)))
     assert second.upo.statistics == first.upo.statistics
     second.train()
     second.save_model()
     saved = json.loads((tmp_path / "b" / STATE_FILE).read_text())
-    assert saved["statistics_source"]["source"] == "state"
+    assert saved["statistics_source"]["source"] == "upo_state"
 
 
 def test_kto_stream_trains_with_heads(tiny_model_path, tmp_path, score_cache):

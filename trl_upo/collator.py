@@ -10,13 +10,15 @@ completion); every function takes the roles. Which value sits in which column: :
 
 from __future__ import annotations
 
+import copy
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from datasets import Dataset
+from datasets import Dataset, Features, IterableDataset, List, Value
 from datasets.fingerprint import Hasher
 
 from .heads import HeadSpec
@@ -40,37 +42,56 @@ def head_signs_and_weights(specs: Sequence[HeadSpec]) -> tuple[torch.Tensor, tor
     return signs, weights
 
 
-def add_values_column(
-    dataset: Dataset, specs: Sequence[HeadSpec], stats: list[dict], roles: Sequence[str] = ROLES
-) -> Dataset:
-    """Eqs. (2)-(3) once per response for the whole dataset: add the ``upo__values`` column (raw scores, normalised
-    scores and r_aux of every response; :class:`~trl_upo.layout.ValueLayout`).
-
-    A column of this name (from an earlier trainer, or from statistics replaced on resume) is replaced.
-
-    Args:
-        dataset: a dataset with the heads' score columns (``upo_<head>_<role>``).
-        specs: the heads.
-        stats: the normalisation statistics fitted on the train split, one per head.
-        roles: the response columns (``ROLES``, or ``UNPAIRED_ROLES`` for unpaired data).
-
-    Returns:
-        The dataset with the column; its fingerprint covers the statistics, weights and signs instead of hashing
-        the new column's values.
-    """
+def value_rows(columns: Any, specs: Sequence[HeadSpec], stats: list[dict], roles: Sequence[str] = ROLES) -> torch.Tensor:
+    """Eqs. (2)-(3) for a block of rows: the ``(N, width)`` values (raw scores, normalised scores and r_aux of every
+    response; :class:`~trl_upo.layout.ValueLayout`) from the heads' score columns ``upo_<head>_<role>`` of
+    ``columns`` (a dataset or a batch of a stream)."""
     signs, weights = head_signs_and_weights(specs)
     names = [s.name for s in specs]
     raw = {
         role: torch.from_numpy(
-            np.stack([np.asarray(dataset[score_column(n, role)], dtype=np.float64) for n in names], axis=1)
+            np.stack([np.asarray(columns[score_column(n, role)], dtype=np.float64) for n in names], axis=1)
         )
         for role in roles
     }
     norm = {role: normalize_scores(raw[role], stats, signs) for role in roles}
     r_aux = {role: aux_reward(norm[role], weights) for role in roles}
-    values = ValueLayout.of(names, roles).assemble(raw, norm, r_aux)
+    return ValueLayout.of(names, roles).assemble(raw, norm, r_aux)
+
+
+def add_values_column(
+    dataset: Dataset | IterableDataset, specs: Sequence[HeadSpec], stats: list[dict], roles: Sequence[str] = ROLES
+) -> Dataset | IterableDataset:
+    """Eqs. (2)-(3) once per response: add the ``upo__values`` column (:func:`value_rows`). A map-style dataset gets
+    it for all rows at once (vectorised); a stream gets it batch by batch as it is read.
+
+    A column of this name (from an earlier trainer, or from statistics replaced on resume) is replaced.
+
+    Args:
+        dataset: a dataset (or stream) with the heads' score columns (``upo_<head>_<role>``).
+        specs: the heads.
+        stats: the normalisation statistics (fitted on the train split, or read), one per head.
+        roles: the response columns (``ROLES``, or ``UNPAIRED_ROLES`` for unpaired data).
+
+    Returns:
+        The dataset with the column; a map-style dataset's fingerprint covers the statistics, weights and signs
+        instead of hashing the new column's values.
+    """
+    stats = copy.deepcopy(stats)
+    if isinstance(dataset, IterableDataset):
+        def add(batch: dict[str, list]) -> dict[str, list]:
+            batch[VALUES_COLUMN] = value_rows(batch, specs, stats, roles).tolist()
+            return batch
+
+        features = None
+        if dataset.features is not None:
+            features = Features({**{k: v for k, v in dataset.features.items() if k != VALUES_COLUMN},
+                                 VALUES_COLUMN: List(Value("float64"))})
+        return dataset.map(add, batched=True, features=features)
+    values = value_rows(dataset, specs, stats, roles)
     if VALUES_COLUMN in dataset.column_names:
         dataset = dataset.remove_columns(VALUES_COLUMN)
+    signs, weights = head_signs_and_weights(specs)
     fingerprint = Hasher.hash((dataset._fingerprint, stats, weights.tolist(), signs.tolist()))
     return dataset.add_column(VALUES_COLUMN, values.tolist(), new_fingerprint=fingerprint)
 

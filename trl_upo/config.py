@@ -70,6 +70,17 @@ class UPOArguments:
     upo_score_batch_size: int = field(default=256, metadata={"help": "Responses per head call when scoring."})
     upo_score_cache_dir: str | None = field(default=None, metadata={"help": "Directory of the score cache."})
     upo_use_score_cache: bool = field(default=True, metadata={"help": "Reuse cached scores."})
+    upo_stream_stats_rows: int = field(
+        default=1000,
+        metadata={"help": "With a streamed (IterableDataset) train set: the first rows of the stream the "
+                  "normalisation statistics are fitted on (scored once more when training reads them)."},
+    )
+    upo_statistics_from: str | None = field(
+        default=None,
+        metadata={"help": "Read the normalisation statistics instead of fitting them: a trl-upo score --output "
+                  "directory (its upo_statistics.json) or an earlier run's directory or checkpoint (its "
+                  "upo_state.json), made with the same heads."},
+    )
 
     def __post_init__(self):
         if "activation_checkpointing" in type(self).__dataclass_fields__ and self.activation_checkpointing is None:
@@ -108,6 +119,9 @@ class UPOArguments:
                 raise ValueError(f"{f.name} must be one of {list(choices)}, got {getattr(self, f.name)!r}.")
         if self.upo_score_batch_size < 1:
             raise ValueError(f"upo_score_batch_size must be >= 1, got {self.upo_score_batch_size}.")
+        if isinstance(self.upo_stream_stats_rows, bool) or not isinstance(self.upo_stream_stats_rows, int) or \
+                self.upo_stream_stats_rows < 1:
+            raise ValueError(f"upo_stream_stats_rows must be a whole number >= 1, got {self.upo_stream_stats_rows!r}.")
 
     @property
     def head_specs(self) -> list[HeadSpec]:
@@ -165,6 +179,12 @@ class UPOConfig(UPOArguments, DPOConfig):
             Where scores are cached (default ``$HF_HOME/trl_upo/scores``).
         upo_use_score_cache (`bool`, *optional*, defaults to `True`):
             Reuse cached scores of the same dataset and head.
+        upo_stream_stats_rows (`int`, *optional*, defaults to `1000`):
+            With a streamed (``IterableDataset``) train set: the normalisation statistics are fitted on the stream's
+            first rows, this many (see docs/streaming.md).
+        upo_statistics_from (`str`, *optional*):
+            Read the normalisation statistics instead of fitting them: a ``trl-upo score --output`` directory or an
+            earlier run's directory or checkpoint, made with the same heads.
     """
 
     def validate_upo(self) -> None:

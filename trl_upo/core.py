@@ -41,8 +41,16 @@ from .compat import FUSED, LogProbCapture, check_trl, is_peft_model, policy_modu
 from .config import UPOArguments
 from .heads import HeadSpec, build_head
 from .layout import ValueLayout
-from .scoring import fit_head_statistics, score_column, score_dataset
-from .state import build_state, resume_statistics, save_state
+from .scoring import (
+    StatisticsSource,
+    fit_head_statistics,
+    load_statistics,
+    score_column,
+    score_dataset,
+    score_stream,
+    stream_statistics,
+)
+from .state import build_state, load_upo_state, resume_statistics, save_state
 from .step import UPOStep, UPOView
 
 logger = logging.getLogger(__name__)
@@ -129,6 +137,7 @@ class UPOCore:
         self._upo_specs = specs
         self._upo_heads = [build_head(s) for s in specs]
         self._upo_stats: list[dict] = []
+        self._upo_stats_source: dict | None = None
         self._upo_path = None
         self._upo_layout = ValueLayout.of([s.name for s in specs], self.upo_roles)
         self._upo_score_report: dict[str, dict[str, str]] = {}
@@ -160,6 +169,7 @@ class UPOCore:
             specs=tuple(self._upo_specs),
             heads=tuple(self._upo_heads),
             statistics=self._upo_stats,
+            statistics_source=self._upo_stats_source,
             layout=self._upo_layout,
             score_report=self._upo_score_report,
             hooks_attached=bool(getattr(self, "_upo_hook_handles", [])),
@@ -167,8 +177,9 @@ class UPOCore:
 
     # ---- scoring (before training) ---------------------------------------------------------------------------------
     def _upo_prepare_datasets(self, args: UPOArguments, train_dataset, eval_dataset, tokenizer) -> tuple[Any, Any]:
-        """Check every split (the adapter's checks), then score the train and eval sets (cached), fit the statistics
-        on the train split, add the per-row values, and free the heads' models before training starts."""
+        """Check every split (the adapter's checks), then score the train and eval sets (cached; a stream lazily, as
+        it is read), get the normalisation statistics (:meth:`_upo_statistics`), add the per-row values, and free
+        the heads' models before training starts (a stream's heads stay loaded: they score as training reads)."""
         if train_dataset is None:
             raise ValueError("`train_dataset` is required")
         train_dataset = self.upo_prepare_split(train_dataset, "train", train=True, args=args)
@@ -176,25 +187,48 @@ class UPOCore:
             eval_dataset = {k: self.upo_prepare_split(v, k, train=False, args=args) for k, v in eval_dataset.items()}
         elif eval_dataset is not None:
             eval_dataset = self.upo_prepare_split(eval_dataset, "eval", train=False, args=args)
-        train_dataset = self._upo_score(train_dataset, "train", args, tokenizer)
-        self._upo_stats = fit_head_statistics(train_dataset, self._upo_specs, args.upo_normalization,
-                                              roles=self.upo_roles)
-        train_dataset = self._upo_add_values(train_dataset)
+        scored = self._upo_score(train_dataset, "train", args, tokenizer)
+        self._upo_stats, source = self._upo_statistics(args, train_dataset, scored, tokenizer)
+        self._upo_stats_source = source.to_dict()
+        logger.info("UPO normalisation statistics %s.", source.describe())
+        train_dataset = self._upo_add_values(scored)
         if eval_dataset is not None:
             eval_dataset = self._upo_prepare_eval(eval_dataset, "eval", args, tokenizer)
-        for head in self._upo_heads:
-            head.release()
+        if not self._upo_streaming(train_dataset, eval_dataset):
+            for head in self._upo_heads:
+                head.release()
         return train_dataset, eval_dataset
 
-    def _upo_score(self, dataset, split: str, args: UPOArguments, tokenizer) -> Dataset:
+    def _upo_statistics(self, args: UPOArguments, raw, scored, tokenizer) -> tuple[list[dict], StatisticsSource]:
+        """The statistics, by the user's choice: read from ``upo_statistics_from``; fitted on the first
+        ``upo_stream_stats_rows`` rows of a stream; or fitted on the whole scored train split."""
+        kw = dict(roles=self.upo_roles, tokenizer=tokenizer)
+        if args.upo_statistics_from:
+            return load_statistics(args.upo_statistics_from, self._upo_heads, self._upo_specs, args.upo_normalization,
+                                   **kw)
+        if isinstance(raw, IterableDataset):
+            return stream_statistics(raw, self._upo_heads, self._upo_specs, args.upo_normalization,
+                                     rows=args.upo_stream_stats_rows, batch_size=args.upo_score_batch_size,
+                                     distributed=args.world_size > 1, cache_dir=args.upo_score_cache_dir,
+                                     use_cache=args.upo_use_score_cache, **kw)
+        stats = fit_head_statistics(scored, self._upo_specs, args.upo_normalization, roles=self.upo_roles)
+        return stats, StatisticsSource("train_split", len(scored))
+
+    @staticmethod
+    def _upo_streaming(*datasets: Any) -> bool:
+        found = [d for x in datasets for d in (x.values() if isinstance(x, dict) else [x])]
+        return any(isinstance(d, IterableDataset) for d in found)
+
+    def _upo_score(self, dataset, split: str, args: UPOArguments, tokenizer) -> Dataset | IterableDataset:
         if isinstance(dataset, IterableDataset):
-            raise ValueError(
-                f"Reward heads score the whole {split} dataset before training and normalise over the train split, "
-                f"which an IterableDataset does not allow. Load it as a map-style Dataset (streaming=False), or "
-                f"train without reward heads."
-            )
+            # Scored lazily, batch by batch, as the stream is read (the same head calls and checks).
+            self._upo_score_report[split] = {s.name: "stream" for s in self._upo_specs}
+            return score_stream(dataset, self._upo_heads, self._upo_specs, split=split, tokenizer=tokenizer,
+                                batch_size=args.upo_score_batch_size, roles=self.upo_roles,
+                                cache_dir=args.upo_score_cache_dir, use_cache=args.upo_use_score_cache)
         if not isinstance(dataset, Dataset):
-            raise TypeError(f"The {split} dataset must be a `datasets.Dataset`, got {type(dataset).__name__}.")
+            raise TypeError(f"The {split} dataset must be a `datasets.Dataset` or `IterableDataset`, got "
+                            f"{type(dataset).__name__}.")
         if "image" in dataset.column_names or "images" in dataset.column_names:
             raise NotImplementedError(
                 f"Reward heads on vision-language preference data are not supported yet; train this dataset with "
@@ -217,7 +251,7 @@ class UPOCore:
         dataset = self.upo_prepare_split(dataset, split, train=False, args=args)  # a no-op on a prepared split
         return self._upo_add_values(self._upo_score(dataset, split, args, tokenizer))
 
-    def _upo_add_values(self, dataset: Dataset) -> Dataset:
+    def _upo_add_values(self, dataset):
         return add_values_column(dataset, self._upo_specs, self._upo_stats, self.upo_roles)
 
     def _set_signature_columns_if_needed(self):
@@ -297,7 +331,7 @@ class UPOCore:
     # ---- saving and resuming ---------------------------------------------------------------------------------------
     def upo_state(self) -> dict[str, Any]:
         """The resolved heads, their fingerprints and normalisation statistics, and the UPO settings."""
-        return build_state(self._upo_specs, self._upo_heads, self._upo_stats, self.args)
+        return build_state(self._upo_specs, self._upo_heads, self._upo_stats, self.args, self._upo_stats_source)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Save the model as the next class does, ``upo_state.json`` next to it, and (called by the user, with or
@@ -343,6 +377,8 @@ class UPOCore:
         if stats is None or stats == self._upo_stats:
             return
         self._upo_stats = stats
+        self._upo_stats_source = load_upo_state(checkpoint).get("statistics_source", {"source": "upo_state",
+                                                                                     "path": checkpoint})
         self.train_dataset = self._upo_add_values(self.train_dataset)
         if isinstance(self.eval_dataset, dict):
             self.eval_dataset = {k: self._upo_add_values(v) for k, v in self.eval_dataset.items()}

@@ -51,7 +51,8 @@ def head_identity(spec: HeadSpec, head: RewardHead) -> dict[str, Any]:
     }
 
 
-def build_state(specs: Sequence[HeadSpec], heads: Sequence[RewardHead], stats: list[dict], args: Any) -> dict:
+def build_state(specs: Sequence[HeadSpec], heads: Sequence[RewardHead], stats: list[dict], args: Any,
+                source: dict | None = None) -> dict:
     """The state of a run.
 
     Args:
@@ -59,6 +60,8 @@ def build_state(specs: Sequence[HeadSpec], heads: Sequence[RewardHead], stats: l
         heads: the built heads (for their identities and fingerprints).
         stats: the normalisation statistics, one per head.
         args: the run's ``UPOConfig`` (its :data:`SETTINGS` are recorded).
+        source: where the statistics came from (``StatisticsSource.to_dict()``: the whole train split, the first
+            rows of a stream, a score summary or an earlier state), recorded as ``statistics_source``.
 
     Returns:
         The JSON-serialisable state.
@@ -70,6 +73,7 @@ def build_state(specs: Sequence[HeadSpec], heads: Sequence[RewardHead], stats: l
         "head_identity": [head_identity(s, h) for s, h in zip(specs, heads, strict=True)],
         "head_fingerprints": [h.fingerprint() for h in heads],
         "statistics": stats,
+        **({"statistics_source": source} if source is not None else {}),
         "settings": {k: getattr(args, k, None) for k in SETTINGS},
     }
 

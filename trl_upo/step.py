@@ -171,8 +171,9 @@ class UPOView:
     Attributes:
         specs: the resolved heads' specs.
         heads: the head objects (their models are released after scoring).
-        statistics: the normalisation statistics in use, one dict per head (fitted on the train split, or adopted
-            from a checkpoint on resume).
+        statistics: the normalisation statistics in use, one dict per head (fitted on the train split or the first
+            rows of a stream, read from ``upo_statistics_from``, or adopted from a checkpoint on resume).
+        statistics_source: where they came from (``source``, ``rows``, ``path``), as recorded in ``upo_state.json``.
         layout: the per-row value layout (column order and metric names).
         score_report: per split, what scoring did per head: ``scored``, ``cached`` or ``recorded``.
         hooks_attached: whether the log-prob capture hooks the model (only while the term is on).
@@ -181,6 +182,7 @@ class UPOView:
     specs: tuple[HeadSpec, ...]
     heads: tuple[RewardHead, ...]
     statistics: list[dict[str, Any]]
+    statistics_source: dict[str, Any] | None
     layout: ValueLayout
     score_report: dict[str, dict[str, str]]
     hooks_attached: bool
@@ -188,3 +190,4 @@ class UPOView:
     def __post_init__(self) -> None:
         object.__setattr__(self, "statistics", copy.deepcopy(self.statistics))
         object.__setattr__(self, "score_report", copy.deepcopy(self.score_report))
+        object.__setattr__(self, "statistics_source", copy.deepcopy(self.statistics_source))
