@@ -37,6 +37,13 @@ def warn_unwritable(cache_dir: str, error: BaseException) -> None:
     )
 
 
+def default_cache_dir() -> str:
+    """Where scores are cached when ``upo_score_cache_dir`` is unset: ``trl_upo/scores`` under the HF cache home."""
+    from datasets import config as ds_config
+
+    return os.path.join(str(ds_config.HF_CACHE_HOME), "trl_upo", "scores")
+
+
 def writable_dir(path: str) -> str | None:
     """Why ``path`` cannot be used as a directory to write in (None: it can): created if missing, and probed with a
     small file that is removed again."""
