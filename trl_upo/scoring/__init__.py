@@ -15,9 +15,29 @@ from .calls import call_head, check_finite, reads_tokenizer, score_batch
 from .columns import RESPONSE_COLUMNS, ROLES, UNPAIRED_ROLES, ensure_prompt, score_column
 from .dataset import PARALLEL_BLOCK, ScoreReport, score_dataset
 from .provenance import PROVENANCE_COLUMN, head_digest, recorded_scores, row_digests
-from .statistics import fit_head_statistics
+from .statistics import (
+    DEFAULT_STREAM_ROWS,
+    SOURCES,
+    STATISTICS_FILE,
+    StatisticsSource,
+    fit_head_statistics,
+    load_statistics,
+    statistics_summary,
+    stream_statistics,
+    write_statistics_summary,
+)
+from .stream import score_stream
 
 __all__ = [
+    "DEFAULT_STREAM_ROWS",
+    "SOURCES",
+    "STATISTICS_FILE",
+    "StatisticsSource",
+    "load_statistics",
+    "score_stream",
+    "statistics_summary",
+    "stream_statistics",
+    "write_statistics_summary",
     "PARALLEL_BLOCK",
     "PROVENANCE_COLUMN",
     "RESPONSE_COLUMNS",
