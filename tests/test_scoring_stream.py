@@ -212,6 +212,11 @@ def _two_ranks(rank: int, port: int, out_dir: str) -> None:
     check_same_rows(world, data, roles, "train")  # the same rows: no error
     result["digests_match"] = sharded_digests(data, ("prompt", *roles), world) == row_digests(
         data, ("prompt", *roles))
+    heads, specs = _heads(TEXT_HEADS[:2])
+    stats, source = stream_statistics(data.to_iterable_dataset(), heads, specs, "zscore", rows=101, batch_size=16,
+                                      use_cache=False, distributed=True)  # each rank scores half of the 101 rows
+    mapped, _ = score_dataset(data.select(range(101)), heads, specs, split="train", use_cache=False)
+    result["stream_statistics_match"] = stats == fit_head_statistics(mapped, specs, "zscore") and source.rows == 101
     cases = {"order": data.shuffle(seed=rank), "rows": data.select(range(rank, 600 - 1 + rank)),
              "size": data.select(range(600 - rank))}
     for name, mine in cases.items():
@@ -228,7 +233,8 @@ def _two_ranks(rank: int, port: int, out_dir: str) -> None:
 @pytest.mark.slow
 def test_two_processes_the_sampled_same_rows_check_catches_different_rows(tmp_path):
     """Two gloo processes (torch.multiprocessing): the same rows pass; another order, a one-row shift of the rows
-    and another size fail on both ranks; the provenance digests built from the two shares equal one process's."""
+    and another size fail on both ranks; the provenance digests built from the two shares equal one process's; the
+    statistics of the first rows of a stream, scored half by each rank, equal one process's on every rank."""
     import socket
 
     import torch.multiprocessing as mp
@@ -239,6 +245,6 @@ def test_two_processes_the_sampled_same_rows_check_catches_different_rows(tmp_pa
     mp.spawn(_two_ranks, args=(port, str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert result["digests_match"] is True
+        assert result["digests_match"] is True and result["stream_statistics_match"] is True
         for name in ("order", "rows", "size"):
             assert result[name].startswith("The processes were given different train datasets"), (name, result)

@@ -128,11 +128,19 @@ def stream_statistics(
         for c in columns:
             mine[c].append(row[c])
     parts = all_gather(world, mine)
-    values = {c: [v for part in parts for v in part[c]] for c in columns}
+    values = {c: _interleave([part[c] for part in parts]) for c in columns}  # the stream's order: the same sums
     n = len(values[columns[0]]) if columns else 0
     if n == 0:
         raise DataError("The train stream is empty: no rows to fit the normalisation statistics on.")
     return fit_head_statistics(values, specs, default_mode, roles), StatisticsSource("stream", n)
+
+
+def _interleave(parts: list[list[float]]) -> list[float]:
+    """Rank ``r`` of ``size`` held rows ``r, r + size, ...``: put them back in the stream's order."""
+    out: list[float] = [0.0] * sum(len(p) for p in parts)
+    for rank, part in enumerate(parts):
+        out[rank :: len(parts)] = part
+    return out
 
 
 def statistics_summary(
