@@ -91,7 +91,7 @@ def score_dataset(
     fingerprint = getattr(dataset, "_fingerprint", None)
     cache_dir = cache_dir or default_cache_dir()
     report = ScoreReport({})
-    new_columns: dict[str, np.ndarray] = {}
+    new_columns: dict[str, tuple[np.ndarray, str]] = {}
     recorded: dict[str, tuple[str, list[str]]] = {}
     # The tokenizer keys the scores of the heads that may read it (see reads_tokenizer).
     tok_key = Hasher.hash(tokenizer) if tokenizer is not None else "none"
@@ -121,15 +121,24 @@ def score_dataset(
         if record:
             recorded[spec.name] = (digest, row_keys(head))
         for j, col in enumerate(cols):
-            new_columns[col] = scores[:, j]
-    for col, values in new_columns.items():
-        if col in dataset.column_names:
-            logger.info("Replacing existing column %r in the %s dataset with fresh scores.", col, split)
-            dataset = dataset.remove_columns(col)
-        dataset = dataset.add_column(col, values.tolist())
+            new_columns[col] = (scores[:, j], digest)
+    dataset = _add_columns(dataset, new_columns, split)
     if recorded:
         dataset = record_provenance(dataset, recorded)
     return dataset, report
+
+
+def _add_columns(dataset: Dataset, new_columns: dict[str, tuple[np.ndarray, str]], split: str) -> Dataset:
+    """The dataset with the score columns (``new_columns[col]``: the scores and the head digest)."""
+    for col, (values, digest) in new_columns.items():
+        if col in dataset.column_names:
+            logger.info("Replacing existing column %r in the %s dataset with fresh scores.", col, split)
+            dataset = dataset.remove_columns(col)
+        # The scores follow from the rows and the head digest: a fingerprint made of those, instead of datasets
+        # hashing every score of the column on every rank (O(rows), the largest unsharded cost of scoring).
+        dataset = dataset.add_column(col, values.tolist(),
+                                     new_fingerprint=short_hash(f"{dataset._fingerprint}|{col}|{digest}"))
+    return dataset
 
 
 def _recorded(dataset: Dataset, name: str, digest: str, keys: Any, cols: list[str], world: World):
@@ -227,11 +236,12 @@ def _score_rows(
     with progress_bar(world, len(todo) * len(roles), desc) as bar:
         for lo in range(0, len(todo), block):
             rows = todo[lo : lo + block]
-            sub = dataset.select(rows)
             if parallel:
+                sub = dataset.select(rows, new_fingerprint=short_hash(f"{dataset._fingerprint}|{rows[0]}|{len(rows)}"))
                 values = _score_parallel(sub, rows, head, spec, split, tokenizer, batch_size, num_proc, roles)
-            else:
-                values = np.asarray(score_batch(head, spec, sub[:], int(rows[0]), split, tokenizer, roles)).T
+            else:  # read the rows without select(), whose fingerprint would hash the index list
+                batch = dataset[rows.tolist()]
+                values = np.asarray(score_batch(head, spec, batch, int(rows[0]), split, tokenizer, roles)).T
             out[lo : lo + len(rows)] = values
             cache.add_chunk(rows, values)
             bar.update(len(rows) * len(roles))
