@@ -1,7 +1,7 @@
 """Scoring at scale: the wall time of scoring 20,000+ responses with a model head in 1 and in 2 processes, and the
 peak memory of a trainer built with the policy passed by name (the policy must not be loaded while heads score).
 
-    python benchmarks/scoring_scale.py [--pairs 10000] [--processes 1 2] [--hidden 128] [--json out.json]
+    python benchmarks/scoring_scale.py [--pairs 10000] [--processes 1 2] [--heads model text] [--json out.json]
     python benchmarks/scoring_scale.py --memory [--json out.json]
     python benchmarks/scoring_scale.py --short        # the CI check: 400 pairs, both parts
 
@@ -40,40 +40,58 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
 
 
-def worker(classifier: str, pairs: int, out: str) -> None:
-    """One rank: score ``pairs`` pairs with a classifier head, distributed; write this rank's timing."""
+#: The text heads of ``--heads text`` (each scores every response).
+TEXT_HEADS = [
+    {"name": "len", "type": "length"},
+    {"name": "lex", "type": "lexicon", "params": {"encourage": ["clear", "good"], "avoid": ["very"]}},
+    {"name": "read", "type": "readability"},
+]
+
+
+def worker(classifier: str, pairs: int, out: str, kind: str = "model") -> None:
+    """One rank: score ``pairs`` pairs with a classifier head (``kind`` model) or the three text heads (text),
+    distributed; write this rank's timing, and the time of the same-rows check against hashing every row."""
     import torch
     from accelerate import PartialState
 
     from tests.tiny import preference_dataset
     from trl_upo.heads import build_head, parse_head_specs
-    from trl_upo.scoring import score_dataset
+    from trl_upo.scoring import row_digests, score_dataset
+    from trl_upo.scoring.rows import same_rows_key
 
     torch.set_num_threads(1)
     state = PartialState(cpu=True)
     params = {"model": classifier, "labels": "positive", "device": "cpu", "batch_size": 64}
-    specs = parse_head_specs([{"name": "cls", "type": "classifier", "params": params}])
+    specs = parse_head_specs(TEXT_HEADS if kind == "text" else
+                             [{"name": "cls", "type": "classifier", "params": params}])
     heads = [build_head(s) for s in specs]
-    heads[0].load()
+    for head in heads:  # models loaded, lazy resources (the readability head's word lists) read, before the clock
+        head.load()
+        head.score(["p"], ["Warm up."], role="chosen", columns={})
     data = preference_dataset(pairs, seed=0)
     state.wait_for_everyone()
     start, cpu_start = time.perf_counter(), time.process_time()
     _, report = score_dataset(data, heads, specs, split="train", batch_size=256, use_cache=False, distributed=True)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     state.wait_for_everyone()
+    check = time.perf_counter()
+    same_rows_key(data, ("chosen", "rejected"))
+    check, every_row = time.perf_counter() - check, time.perf_counter()
+    row_digests(data, ("prompt", "chosen", "rejected"))
+    every_row = time.perf_counter() - every_row
     with open(f"{out}.rank{state.process_index}.json", "w") as f:
-        json.dump({"seconds": seconds, "cpu_seconds": cpu_seconds, "responses": report.responses["cls"],
-                   "world": state.num_processes}, f)
+        json.dump({"seconds": seconds, "cpu_seconds": cpu_seconds, "responses": sum(report.responses.values()),
+                   "world": state.num_processes, "same_rows_check_s": check, "hash_every_row_s": every_row}, f)
     if state.num_processes > 1:
         import torch.distributed as dist
 
         dist.destroy_process_group()
 
 
-def time_scoring(classifier: str, pairs: int, processes: int, work: str) -> dict:
+def time_scoring(classifier: str, pairs: int, processes: int, work: str, kind: str = "model") -> dict:
     """Launch ``processes`` ranks; the slowest rank's scoring time and each rank's responses."""
-    out = os.path.join(work, f"timing-{processes}")
-    script = [str(Path(__file__).resolve()), "--worker", classifier, str(pairs), out]
+    out = os.path.join(work, f"timing-{kind}-{processes}")
+    script = [str(Path(__file__).resolve()), "--worker", classifier, str(pairs), out, kind]
     if processes == 1:
         cmd = [sys.executable, *script]
     else:
@@ -84,7 +102,22 @@ def time_scoring(classifier: str, pairs: int, processes: int, work: str) -> dict
     ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(processes)]
     return {"processes": processes, "seconds": max(r["seconds"] for r in ranks),
             "cpu_seconds_per_rank": [r["cpu_seconds"] for r in ranks],
-            "responses_per_rank": [r["responses"] for r in ranks]}
+            "responses_per_rank": [r["responses"] for r in ranks],
+            "same_rows_check_s": max(r["same_rows_check_s"] for r in ranks),
+            "hash_every_row_s": max(r["hash_every_row_s"] for r in ranks)}
+
+
+def _timing(classifier: str, pairs: int, kind: str, args: argparse.Namespace, work: str) -> dict:
+    """``args.repeats`` rounds of every process count, alternating; the best of each, all of them, and the ratio."""
+    tries = [[time_scoring(classifier, pairs, n, work, kind) for n in args.processes] for _ in range(args.repeats)]
+    runs = [min((t[i] for t in tries), key=lambda r: r["seconds"]) for i in range(len(args.processes))]
+    for i, run in enumerate(runs):
+        run["all_seconds"] = [t[i]["seconds"] for t in tries]
+    out = {"responses": 2 * pairs, "hidden_size": args.hidden, "runs": runs}
+    if len(runs) > 1:
+        out["ratio"] = runs[-1]["seconds"] / runs[0]["seconds"]
+        out["cpu_ratio"] = max(runs[-1]["cpu_seconds_per_rank"]) / runs[0]["cpu_seconds_per_rank"][0]
+    return out
 
 
 MEMORY_CHILD = """
@@ -160,11 +193,13 @@ def load_average() -> str:
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark (see the module docstring); returns and prints the results."""
     if argv and argv[0] == "--worker":
-        worker(argv[1], int(argv[2]), argv[3])
+        worker(argv[1], int(argv[2]), argv[3], *argv[4:5])
         return {}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", type=int, default=10_000, help="pairs to score (two responses each)")
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--heads", nargs="+", choices=["model", "text"], default=["model", "text"],
+                   help="a classifier head, and/or the length, lexicon and readability heads")
     p.add_argument("--hidden", type=int, default=128, help="hidden size of the tiny classifier")
     p.add_argument("--repeats", type=int, default=3,
                    help="timing rounds (1 then 2 processes, alternating); the best of each is reported")
@@ -182,14 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
             args.repeats = 1 if args.short else args.repeats
             classifier = save_tiny_classifier(os.path.join(work, "classifier"), labels=["negative", "positive"],
                                               hidden_size=32 if args.short else args.hidden)
-            tries = [[time_scoring(classifier, pairs, n, work) for n in args.processes] for _ in range(args.repeats)]
-            runs = [min((t[i] for t in tries), key=lambda r: r["seconds"]) for i in range(len(args.processes))]
-            for i, run in enumerate(runs):
-                run["all_seconds"] = [t[i]["seconds"] for t in tries]
-            results["timing"] = {"responses": 2 * pairs, "hidden_size": args.hidden, "runs": runs,
-                                 "control": free_cores_control()}
-            if len(runs) > 1:
-                results["timing"]["ratio"] = runs[-1]["seconds"] / runs[0]["seconds"]
+            results["timing"] = {kind: _timing(classifier, pairs, kind, args, work) for kind in args.heads}
+            results["timing"]["control"] = free_cores_control()
         if args.memory or args.timing_and_memory:
             results["memory"] = measure_memory(work, *((64, 2) if args.short else (512, 8)))
     results["load_after"] = load_average()

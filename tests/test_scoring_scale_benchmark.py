@@ -15,7 +15,10 @@ def test_scoring_scale_short_run():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     results = module.main(["--short"])
-    one, two = results["timing"]["runs"]
-    assert one["responses_per_rank"] == [800] and two["responses_per_rank"] == [400, 400]
+    for kind, heads in (("model", 1), ("text", 3)):
+        one, two = results["timing"][kind]["runs"]
+        assert one["responses_per_rank"] == [800 * heads] and two["responses_per_rank"] == [400 * heads] * 2
+        assert two["same_rows_check_s"] >= 0 and two["hash_every_row_s"] > 0
+    assert results["timing"]["control"]["slowdown"] > 0
     assert results["memory"]["causal_lms_alive_after_scoring"] == 0
     assert results["memory"]["policy_parameters"] > 0

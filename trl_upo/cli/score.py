@@ -15,7 +15,8 @@ With ``num_processes > 1`` the command re-launches itself under ``accelerate lau
 share of the responses on its own device and the main process prints the summary and writes ``--output``.
 
 ``--output DIR`` writes ``<split>.jsonl`` (each row with its scores and the ``upo__scored_by`` column that records
-which head wrote them) and ``summary.json``. ``trl-upo train --dataset_name DIR`` with the same heads then loads no
+which head wrote them), ``summary.json`` and ``upo_statistics.json`` (the normalisation statistics of the first split,
+which a streaming training run with the same heads can adopt: see docs/scoring.md). ``trl-upo train --dataset_name DIR`` with the same heads then loads no
 head model at all: the recorded scores are used as they are (see docs/scoring.md).
 
 For each split (train, and test when present) and each head, the summary gives the mean, std, min and max of the
@@ -218,7 +219,7 @@ def _check_output(output: str | None) -> None:
 
 def _score(ds, splits, specs, training_args, model_args, output, roles, distributed) -> int:
     from trl_upo.heads import build_head
-    from trl_upo.scoring import score_dataset
+    from trl_upo.scoring import score_dataset, statistics_summary, write_statistics_summary
     from trl_upo.scoring.shards import current_world
 
     tokenizer = None
@@ -242,6 +243,9 @@ def _score(ds, splits, specs, training_args, model_args, output, roles, distribu
                 distributed=distributed, record=bool(output),
             )
             results[split] = summarize(scored[split], specs, roles)
+            if output and split == splits[0]:  # upo_statistics.json: a streaming run can adopt these statistics
+                stats = statistics_summary(scored[split], heads, specs, training_args.upo_normalization, roles=roles,
+                                           tokenizer=tokenizer, split=split)
             if main_process:
                 print(format_summary(split, results[split], report.status), flush=True)
                 print("seconds per head: " + ", ".join(f"{n} {t:.2f}" for n, t in report.seconds.items()), flush=True)
@@ -250,6 +254,7 @@ def _score(ds, splits, specs, training_args, model_args, output, roles, distribu
             head.release()
     if output and main_process:
         _write(output, scored, specs, results)
+        write_statistics_summary(output, stats)
     return 0
 
 

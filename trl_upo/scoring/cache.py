@@ -71,7 +71,7 @@ def untrusted_reason(path: str) -> str | None:
     return None
 
 
-def _warn_untrusted(cache_dir: str, reason: str) -> None:
+def warn_untrusted(cache_dir: str, reason: str) -> None:
     key = "untrusted:" + os.path.abspath(cache_dir)
     if key in _WARNED:
         return
@@ -81,6 +81,13 @@ def _warn_untrusted(cache_dir: str, reason: str) -> None:
         "run neither reads nor writes it and scores in memory. Use a directory only you can write to (chmod "
         "go-w), or set TRL_UPO_TRUST_SHARED_CACHE=1 for a group-writable team cache.", cache_dir, reason,
     )
+
+
+def default_cache_dir() -> str:
+    """Where scores are cached when ``upo_score_cache_dir`` is unset: ``trl_upo/scores`` under the HF cache home."""
+    from datasets import config as ds_config
+
+    return os.path.join(str(ds_config.HF_CACHE_HOME), "trl_upo", "scores")
 
 
 def writable_dir(path: str) -> str | None:
@@ -165,7 +172,7 @@ class ChunkedScoreCache:
         for path in (self.cache_dir, self.parts_dir):
             reason = untrusted_reason(path)
             if reason:
-                _warn_untrusted(self.cache_dir, reason)
+                warn_untrusted(self.cache_dir, reason)
                 self.enabled = False
                 return False
         return True

@@ -1,0 +1,185 @@
+"""Scoring a stream (``datasets.IterableDataset``) lazily: batch by batch, as the trainer reads it.
+
+:func:`score_stream` returns a stream whose rows carry the same score columns ``upo_<head>_<role>`` as
+:func:`~trl_upo.scoring.score_dataset` gives a map-style dataset, computed by ``IterableDataset.map(batched=True)``
+when a batch of rows is read: step 1 starts after one batch is scored, not after the whole split. The heads are
+called exactly as for a map-style dataset (:func:`~trl_upo.scoring.calls.score_batch`: one call per role and batch
+of ``batch_size`` rows; model heads batch on their device and halve their batch on a CUDA out-of-memory error), and a
+non-finite score raises naming the head and the row (its position in the stream as this process reads it).
+
+The score cache of a stream is keyed on the content of each batch (not on row indices: a stream has no length and
+no fingerprint that names its rows): a re-read of the same stream with the same batch size (a second run, an
+evaluation) loads each batch's scores instead of running the head. It applies to heads that are not
+``parallel_safe``: model and function heads. The text heads (length, lexicon, readability) score a batch faster than
+its content can be hashed and its file written, so they are not cached.
+
+In a distributed run each rank scores the rows of its own share of the stream, as TRL shards it: no collective, no
+rank reads another's rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from datasets import Features, IterableDataset, Value
+from datasets.fingerprint import Hasher
+
+from ..formats import DataError
+from ..heads import HeadSpec, RewardHead
+from .cache import default_cache_dir, untrusted_reason, warn_untrusted, warn_unwritable
+from .calls import check_finite, reads_tokenizer, score_batch
+from .columns import ROLES, missing_columns_error, score_column
+from .provenance import head_digest
+
+
+def score_stream(
+    stream: IterableDataset,
+    heads: Sequence[RewardHead],
+    specs: Sequence[HeadSpec],
+    *,
+    split: str = "train",
+    tokenizer: Any = None,
+    batch_size: int = 256,
+    roles: Sequence[str] = ROLES,
+    cache_dir: str | None = None,
+    use_cache: bool = True,
+) -> IterableDataset:
+    """The stream with the score columns ``upo_<head>_<role>`` added, computed lazily ``batch_size`` rows at a time.
+
+    Args:
+        stream: the rows: ``prompt`` (optional for pairs: an implicit prompt is extracted as DPOTrainer does),
+            ``chosen`` and ``rejected`` (``roles=ROLES``) or ``completion`` (``roles=UNPAIRED_ROLES``), and the
+            columns the heads read.
+        heads, specs: the built heads and their specs, in the same order.
+        split: the split's name, for messages.
+        tokenizer: passed to the heads (the policy's).
+        batch_size: rows per head call (``upo_score_batch_size``).
+        roles: the response columns.
+        cache_dir, use_cache: the score cache (see the module docstring: model and function heads only).
+
+    Returns:
+        An ``IterableDataset``; nothing is scored until it is iterated. Its features are the stream's plus one
+        ``float64`` per score column when the stream's features are known.
+
+    Raises:
+        DataError: at once when the stream's columns are known and a response column (or a column a head reads) is
+            missing; else when the first batch is read. A non-finite score raises when its batch is read.
+    """
+    roles = tuple(roles)
+    names = stream.column_names
+    if names is not None:
+        _check_columns(set(names), heads, specs, roles, split)
+    tok_key = Hasher.hash(tokenizer) if tokenizer is not None else "none"
+    digests = [head_digest(h, tok_key if reads_tokenizer(h) else "unused", roles) for h in heads]
+    cache = StreamCache(cache_dir or default_cache_dir(), enabled=use_cache)
+    state = {"checked": names is not None}
+
+    def score(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        if not state["checked"]:
+            _check_columns(set(batch), heads, specs, roles, split)
+            state["checked"] = True
+        batch = _with_prompt(batch, roles)
+        for head, spec, digest in zip(heads, specs, digests, strict=True):
+            values = cache.load(spec.name, digest, batch, head, roles) if not head.parallel_safe else None
+            if values is None:
+                values = np.asarray(score_batch(head, spec, batch, indices[0], split, tokenizer, roles), dtype=float)
+                check_finite(values, spec.name, f"the {split} stream",
+                             lambda idx: f"row {indices[idx[1]]} {roles[idx[0]]}")
+                if not head.parallel_safe:
+                    cache.save(spec.name, digest, batch, head, roles, values)
+            for role, row in zip(roles, values, strict=True):
+                batch[score_column(spec.name, role)] = row.tolist()
+        return batch
+
+    features = None
+    if stream.features is not None and "prompt" in stream.features:
+        extra = {score_column(s.name, r): Value("float64") for s in specs for r in roles}
+        features = Features({**{k: v for k, v in stream.features.items() if k not in extra}, **extra})
+    return stream.map(score, batched=True, batch_size=batch_size, with_indices=True, features=features)
+
+
+def _check_columns(cols: set[str], heads: Sequence[RewardHead], specs: Sequence[HeadSpec], roles: tuple[str, ...],
+                   split: str) -> None:
+    error = missing_columns_error(cols, roles)
+    if error is not None:
+        raise error
+    for head, spec in zip(heads, specs, strict=True):
+        missing = [c for c in head.required_columns() if c not in cols]
+        if missing:
+            raise DataError(
+                f"Reward head {spec.name!r} ({spec.type}) reads column(s) {missing}, which the {split} stream does "
+                f"not have. Columns: {sorted(cols)}."
+            )
+
+
+def _with_prompt(batch: dict[str, list], roles: tuple[str, ...]) -> dict[str, list]:
+    """The batch with an implicit prompt extracted (preference pairs without ``prompt``), as DPOTrainer does."""
+    if "prompt" in batch or roles != ROLES:
+        return batch
+    from trl.data_utils import extract_prompt
+
+    rows = [extract_prompt({"chosen": c, "rejected": r}) for c, r in zip(batch["chosen"], batch["rejected"],
+                                                                         strict=True)]
+    return {**batch, **{k: [row[k] for row in rows] for k in ("prompt", "chosen", "rejected")}}
+
+
+class StreamCache:
+    """Scores of stream batches on disk, keyed on the head's digest and the content of the batch (its prompts,
+    responses and the columns the head reads): ``<cache_dir>/stream/<head>-<key>.npy``. A directory that cannot be
+    written gives one warning and scoring goes on uncached."""
+
+    def __init__(self, cache_dir: str, enabled: bool = True) -> None:
+        self.cache_dir, self.enabled = cache_dir, enabled
+        self.dir = os.path.join(cache_dir, "stream")
+
+    def path(self, name: str, digest: str, batch: dict[str, list], head: RewardHead, roles: tuple[str, ...]) -> str:
+        """The file of this batch's scores by this head."""
+        columns = ("prompt", *roles, *sorted(c for c in head.required_columns() if c in batch))
+        content = json.dumps([batch[c] for c in columns], sort_keys=True, default=repr).encode()
+        key = hashlib.sha256(digest.encode() + b"|" + content).hexdigest()[:24]
+        return os.path.join(self.dir, f"{name}-{key}.npy")
+
+    def trusted(self) -> bool:
+        """Whether the cache directory can be trusted (as the map-style cache judges it); else warn once and
+        disable: planted files in a directory others can write are never read."""
+        for path in (self.cache_dir, self.dir):
+            reason = untrusted_reason(path)
+            if reason is not None:
+                warn_untrusted(self.cache_dir, reason)
+                self.enabled = False
+                return False
+        return True
+
+    def load(self, name: str, digest: str, batch: dict, head: RewardHead, roles: tuple[str, ...]) -> Any:
+        """The cached ``(n_roles, n_rows)`` scores of this batch, or None."""
+        if not self.enabled or not self.trusted():
+            return None
+        path = self.path(name, digest, batch, head, roles)
+        if os.path.islink(path) or untrusted_reason(path) is not None:
+            return None
+        try:
+            values = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            return None
+        n = len(batch[roles[0]])
+        return values if values.shape == (len(roles), n) and np.isfinite(values).all() else None
+
+    def save(self, name: str, digest: str, batch: dict, head: RewardHead, roles: tuple[str, ...],
+             values: np.ndarray) -> None:
+        """Save this batch's scores (atomically: written under a temporary name, then renamed)."""
+        if not self.enabled or not self.trusted():
+            return
+        path = self.path(name, digest, batch, head, roles)
+        tmp = f"{path}.{os.getpid()}.tmp.npy"
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            np.save(tmp, np.asarray(values, dtype=np.float64))
+            os.replace(tmp, path)
+        except OSError as e:
+            warn_unwritable(self.cache_dir, e)
+            self.enabled = False
