@@ -288,6 +288,22 @@ def _axolotl_train(config_path: Path, timeout: int = 900) -> subprocess.Complete
     return subprocess.run(command, capture_output=True, text=True, cwd=config_path.parent, env=env, timeout=timeout)
 
 
+def _train_runs(runs: dict, base: Path, make_config) -> dict:
+    """``axolotl train`` for each of ``runs`` (name -> plugins and settings), its config from
+    ``make_config(output_dir, plugins, **settings)``; each run's records (see ``ForwardCounter``) and output dir."""
+    done_runs = {}
+    for name, settings in runs.items():
+        out = base / name
+        settings = dict(settings)
+        if "reward_heads" in settings:
+            settings["upo_score_cache_dir"] = str(base / "score-cache")
+        config = make_config(out, settings.pop("plugins"), **settings)
+        done = _axolotl_train(_write(base / f"{name}.yml", config))
+        assert done.returncode == 0, f"axolotl train ({name}) failed:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
+        done_runs[name] = {"out": out, **_records(out)}
+    return done_runs
+
+
 def _records(out: Path) -> dict:
     return {name: json.loads((out / f"{name}.json").read_text()) for name in ("forwards", "log_history", "classes",
                                                                                "args")}
@@ -308,16 +324,7 @@ def axolotl_runs(tiny_model_path, tmp_path_factory):
     base = tmp_path_factory.mktemp("axolotl-runs")
     start = _sft(tiny_model_path, str(base / "start-model"))
     data = _write_pairs(base / "train.jsonl", 200, seed=0)
-    runs = {}
-    for name, settings in RUNS.items():
-        out = base / name
-        settings = dict(settings)
-        if "reward_heads" in settings:
-            settings["upo_score_cache_dir"] = str(base / "score-cache")
-        config = _tiny_config(start, data, out, settings.pop("plugins"), **settings)
-        done = _axolotl_train(_write(base / f"{name}.yml", config))
-        assert done.returncode == 0, f"axolotl train ({name}) failed:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
-        runs[name] = {"out": out, **_records(out)}
+    runs = _train_runs(RUNS, base, lambda out, plugins, **settings: _tiny_config(start, data, out, plugins, **settings))
     runs["start"] = start
     return runs
 
@@ -326,22 +333,28 @@ def _steps(history: list[dict]) -> list[dict]:
     return [h for h in history if "loss" in h]
 
 
+def _assert_same_run(plain: dict, upo: dict, steps: int) -> None:
+    """The plugin's run without heads logged exactly what axolotl's plain run logged, every value of every one of
+    ``steps`` steps, and its training arguments carry the same values (its run directories aside)."""
+    assert len(_steps(plain["log_history"])) == len(_steps(upo["log_history"])) == steps
+    for a, b in zip(_steps(plain["log_history"]), _steps(upo["log_history"]), strict=True):
+        assert a == b
+    skip = {"output_dir", "logging_dir", "run_name", "dataset_prepared_path"}
+    same = {k: v for k, v in plain["args"].items() if k not in skip}
+    assert {k: upo["args"][k] for k in same} == same
+
+
 @needs_axolotl
 @pytest.mark.slow
 def test_no_heads_is_axolotl_dpo_step_for_step(axolotl_runs):
     """With the plugin and no heads, every logged value of every step equals plain axolotl DPO's, and the training
     arguments carry the same values (the plugin's AxolotlUPOConfig is axolotl's AxolotlDPOConfig plus UPO)."""
     dpo, upo = axolotl_runs["dpo"], axolotl_runs["upo_no_heads"]
-    assert len(_steps(dpo["log_history"])) == len(_steps(upo["log_history"])) == STEPS
-    for a, b in zip(_steps(dpo["log_history"]), _steps(upo["log_history"])):
-        assert a == b
+    _assert_same_run(dpo, upo, STEPS)
     assert upo["classes"]["trainer"][:3] == ["AxolotlUPOTrainer", "UPOMixin", "AxolotlDPOTrainer"]
     assert upo["classes"]["args"][:2] == ["AxolotlUPOConfig", "AxolotlDPOConfig"] and "UPOConfig" in upo["classes"][
         "args"]
     assert dpo["classes"]["trainer"][0] == "AxolotlDPOTrainer"
-    skip = {"output_dir", "logging_dir", "run_name", "dataset_prepared_path"}
-    same = {k: v for k, v in dpo["args"].items() if k not in skip}
-    assert {k: upo["args"][k] for k in same} == same
 
 
 @needs_axolotl
@@ -426,17 +439,8 @@ def axolotl_kto_runs(tiny_model_path, tmp_path_factory):
     base = tmp_path_factory.mktemp("axolotl-kto-runs")
     data = base / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in unpair_rows(preference_rows(16, seed=0, p_word=0.5))))
-    runs = {}
-    for name, settings in KTO_RUNS.items():
-        out = base / name
-        settings = dict(settings)
-        if "reward_heads" in settings:
-            settings["upo_score_cache_dir"] = str(base / "score-cache")
-        config = _kto_config(tiny_model_path, str(data), out, settings.pop("plugins"), **settings)
-        done = _axolotl_train(_write(base / f"{name}.yml", config))
-        assert done.returncode == 0, f"axolotl train ({name}) failed:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
-        runs[name] = {"out": out, **_records(out)}
-    return runs
+    return _train_runs(KTO_RUNS, base,
+                       lambda out, plugins, **settings: _kto_config(tiny_model_path, str(data), out, plugins, **settings))
 
 
 @needs_axolotl
@@ -446,9 +450,7 @@ def test_kto_no_heads_is_axolotl_kto_step_for_step(axolotl_kto_runs):
     same forwards per step; the trainer is UPOKTOMixin on axolotl's KTO trainer, its arguments axolotl's KTO
     arguments plus UPOKTOConfig, with UPOKTOConfig's defaults (upo_alpha 0.25, upo_applies_to desirable)."""
     kto, upo = axolotl_kto_runs["kto"], axolotl_kto_runs["upo_kto_no_heads"]
-    assert len(_steps(kto["log_history"])) == len(_steps(upo["log_history"])) == KTO_STEPS
-    for a, b in zip(_steps(kto["log_history"]), _steps(upo["log_history"])):
-        assert a == b
+    _assert_same_run(kto, upo, KTO_STEPS)
     assert upo["forwards"] == kto["forwards"]
     mro = upo["classes"]["trainer"]
     assert mro[0] == "AxolotlUPOKTOTrainer" and mro.index("UPOKTOMixin") < mro.index("AxolotlKTOTrainer")
@@ -456,9 +458,6 @@ def test_kto_no_heads_is_axolotl_kto_step_for_step(axolotl_kto_runs):
     assert upo["classes"]["args"][:2] == ["AxolotlUPOKTOConfig", "AxolotlKTOConfig"]
     assert "UPOKTOConfig" in upo["classes"]["args"]
     assert (upo["args"]["upo_alpha"], upo["args"]["upo_applies_to"]) == (0.25, "desirable")
-    skip = {"output_dir", "logging_dir", "run_name", "dataset_prepared_path"}
-    same = {k: v for k, v in kto["args"].items() if k not in skip}
-    assert {k: upo["args"][k] for k in same} == same
 
 
 @needs_axolotl

@@ -261,7 +261,7 @@ def draw_plots(result: dict, out_dir: str, plt: Any) -> list[str]:
         for ax, (name, m, r) in zip(axes[0], panels, strict=True):
             _bar_panel(ax, result, name, m, r)
         title = (f"Designer metrics on {n} sampled responses\nerror bars: 95% confidence interval of the mean "
-                 f"(Student's t), clipped to the head's range where it is known")
+                 f"(Student's t), within the head's range")
         fig.suptitle(wrap_text(title, width - 0.2, 10), fontsize=10)
         fig.savefig(os.path.join(out_dir, "designer.png"))
         plt.close(fig)
