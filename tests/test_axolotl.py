@@ -351,7 +351,8 @@ def test_no_heads_is_axolotl_dpo_step_for_step(axolotl_runs):
     arguments carry the same values (the plugin's AxolotlUPOConfig is axolotl's AxolotlDPOConfig plus UPO)."""
     dpo, upo = axolotl_runs["dpo"], axolotl_runs["upo_no_heads"]
     _assert_same_run(dpo, upo, STEPS)
-    assert upo["classes"]["trainer"][:3] == ["AxolotlUPOTrainer", "UPOMixin", "AxolotlDPOTrainer"]
+    mro = upo["classes"]["trainer"]
+    assert mro[0] == "AxolotlUPOTrainer" and mro.index("UPOMixin") < mro.index("AxolotlDPOTrainer")
     assert upo["classes"]["args"][:2] == ["AxolotlUPOConfig", "AxolotlDPOConfig"] and "UPOConfig" in upo["classes"][
         "args"]
     assert dpo["classes"]["trainer"][0] == "AxolotlDPOTrainer"
