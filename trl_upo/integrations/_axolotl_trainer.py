@@ -24,10 +24,27 @@ class AxolotlUPOConfig(AxolotlDPOConfig, UPOConfig):
     """axolotl's DPO training arguments and ``UPOConfig`` in one class: what ``AxolotlUPOTrainer`` trains with."""
 
 
-@dataclasses.dataclass
-class AxolotlUPOKTOConfig(AxolotlKTOConfig, UPOKTOConfig):
-    """axolotl's KTO training arguments and ``UPOKTOConfig`` in one class: what ``AxolotlUPOKTOTrainer`` trains
-    with."""
+def _upokto_fields() -> list[tuple[str, Any, dataclasses.Field]]:
+    """The UPO fields as ``UPOKTOConfig`` declares them (defaults, help and choices for unpaired data), declared again
+    on ``AxolotlUPOKTOConfig``: otherwise the ``UPOTrainingArgsMixin`` axolotl merges into ``AxolotlKTOConfig`` (with
+    ``UPOConfig``'s, the pair choices) would come first in the class's fields and its checks."""
+    spec = []
+    for f in dataclasses.fields(UPOKTOConfig):
+        if f.name in upo_keys():
+            default = {"default": f.default} if f.default is not dataclasses.MISSING else {
+                "default_factory": f.default_factory}
+            spec.append((f.name, f.type, dataclasses.field(metadata=f.metadata, **default)))
+    return spec
+
+
+AxolotlUPOKTOConfig = dataclasses.make_dataclass(
+    "AxolotlUPOKTOConfig", _upokto_fields(), bases=(AxolotlKTOConfig, UPOKTOConfig)
+)
+AxolotlUPOKTOConfig.__module__ = __name__
+AxolotlUPOKTOConfig.__doc__ = (
+    "axolotl's KTO training arguments and ``UPOKTOConfig`` in one class: what ``AxolotlUPOKTOTrainer`` trains with "
+    "(the UPO fields as ``UPOKTOConfig`` declares them)."
+)
 
 
 def _converted(args: Any, axolotl_class: type, upo_class: type, trainer: str) -> Any:
