@@ -426,7 +426,7 @@ KTO_RUNS = {
 def _kto_config(model: str, data: str, out: Path, plugins: list[str], **extra) -> dict:
     """An axolotl KTO config for the tiny model on CPU: unpaired rows as they are (no dataset type), 4 steps."""
     config = _tiny_config(model, data, out, plugins, rl="kto", remove_unused_columns=False, micro_batch_size=8,
-                          num_epochs=1, max_steps=KTO_STEPS, learning_rate=1e-4, **extra)
+                          num_epochs=1, max_steps=KTO_STEPS, **extra)
     del config["datasets"][0]["type"]
     return config
 
