@@ -5,7 +5,11 @@ Skipped when axolotl is not installed: CI installs it, pinned, next to the TRL 1
 config loading and validation, with the plugin's keys merged into its schema) in this process, and
 ``axolotl train cfg.yml`` in subprocesses (its dataset preparation, model loading, trainer builder and training loop).
 
-The slow runs share one setup, that of ``tests/test_direction.py`` (200 quickstart pairs, the tiny Llama fine-tuned
+``rl: kto`` (the plugin's ``AxolotlUPOKTOTrainer`` on axolotl's KTO trainer) has three short runs of its own (the
+tiny model, 32 unpaired quickstart rows, 4 steps): plain axolotl KTO, the plugin with no heads, the plugin with the
+``novery`` head.
+
+The DPO runs share one setup, that of ``tests/test_direction.py`` (200 quickstart pairs, the tiny Llama fine-tuned
 by maximum likelihood as the starting model, batch 8, 2 epochs = 50 steps, lr 1e-3, beta 0.1, alpha 1), through
 axolotl: plain axolotl DPO (no plugin), the plugin with no heads, the plugin with the quickstart's ``novery`` head.
 A second test plugin (``tests/axolotl_plugins/forward_counter.py``) records each run's forwards per step, log history
@@ -37,6 +41,7 @@ needs_axolotl = pytest.mark.skipif(
 )
 PLUGIN = "trl_upo.integrations.axolotl.UPOPlugin"
 TRAINER = "trl_upo.integrations.axolotl.AxolotlUPOTrainer"
+KTO_TRAINER = "trl_upo.integrations.axolotl.AxolotlUPOKTOTrainer"
 COUNTER = "tests.axolotl_plugins.forward_counter.ForwardCounter"
 EXAMPLES = sorted((ROOT / "examples" / "axolotl").glob("*.yaml"))
 DOC = ROOT / "docs" / "axolotl.md"
@@ -139,6 +144,29 @@ def test_the_upo_keys_are_upoconfig_fields():
     assert defaults == {name: UPOConfig.__dataclass_fields__[name].default for name in expected}
 
 
+def test_kto_gets_the_kto_trainer_and_upokto_defaults():
+    """Without axolotl: `rl: kto` sets the KTO trainer (a DPO trainer_cls is refused), its values are checked as
+    UPOKTOConfig checks them, and the keys it leaves unset get UPOKTOConfig's defaults, not UPOConfig's."""
+    from trl_upo import UPOConfig, UPOKTOConfig
+    from trl_upo.integrations.axolotl import RL_TYPES, check_raw_config, check_values, upo_defaults, upo_keys
+
+    assert RL_TYPES == ("dpo", "ipo", "kto")
+    keys = {"rl", "trainer_cls", *upo_keys()}
+    assert check_raw_config({"rl": "kto"}, keys)["trainer_cls"] == KTO_TRAINER
+    assert check_raw_config({"rl": "dpo"}, keys)["trainer_cls"] == TRAINER
+    with pytest.raises(ValueError, match="not a subclass of " + KTO_TRAINER):
+        check_raw_config({"rl": "kto", "trainer_cls": TRAINER}, keys)
+    kto, dpo = upo_defaults("kto"), upo_defaults("dpo")
+    assert set(kto) == set(dpo) == set(upo_keys())
+    assert kto["upo_alpha"] == UPOKTOConfig.upo_alpha == 0.25 and kto["upo_applies_to"] == "desirable"
+    assert dpo["upo_alpha"] == UPOConfig.upo_alpha and dpo["upo_applies_to"] == UPOConfig.upo_applies_to
+    check_values({"rl": "kto", "upo_applies_to": "all"})
+    for bad in ({"upo_applies_to": "chosen"}, {"upo_combine": "margin"}, {"upo_baseline": "pair"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            check_values({"rl": "kto", **bad})
+    check_values({"rl": "dpo", "upo_baseline": "pair"})  # a pair baseline is DPO's
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Config validation: axolotl's load_cfg with the plugin
 # ----------------------------------------------------------------------------------------------------------------
@@ -165,8 +193,13 @@ BAD_VALUES = {
     "negative alpha": ({"upo_alpha": -1.0}, ["upo_alpha must be >= 0"]),
     "unknown choice": ({"upo_baseline": "batchh"}, ["upo_baseline must be one of"]),
     "unknown head": ({"reward_heads": [{"name": "lenght"}]}, ["lenght"]),
-    "not DPO": ({"rl": "kto"}, ["rl: kto", "rl: dpo"]),
+    "not DPO or KTO": ({"rl": "orpo"}, ["rl: orpo", "rl: dpo", "rl: kto"]),
     "own trainer_cls": ({"trainer_cls": "axolotl.core.trainers.dpo.trainer.AxolotlDPOTrainer"}, ["trainer_cls"]),
+    "kto: DPO's trainer": ({"rl": "kto", "remove_unused_columns": False, "trainer_cls": TRAINER},
+                           ["is not a subclass of " + KTO_TRAINER]),
+    "kto: margin mode": ({"rl": "kto", "remove_unused_columns": False, "upo_combine": "margin"}, ["upo_combine"]),
+    "kto: pair choice": ({"rl": "kto", "remove_unused_columns": False, "upo_applies_to": "chosen"},
+                         ["upo_applies_to"]),
 }
 
 
@@ -205,24 +238,25 @@ def test_axolotl_keys_are_not_touched(tiny_model_path, tmp_path):
 
 
 @needs_axolotl
-@pytest.mark.parametrize("source", [*(p.name for p in EXAMPLES), *(f"docs block {i}" for i in range(2))])
+@pytest.mark.parametrize("source", [*(p.name for p in EXAMPLES), *(f"docs block {i}" for i in range(3))])
 def test_the_documented_configs_validate(source, tmp_path):
     """The examples and the config blocks of docs/axolotl.md pass axolotl's validation with the plugin (the Hub
-    model is not loaded: validation comes first); with heads they keep them, without they train plain DPO."""
+    model is not loaded: validation comes first); with heads they keep them, without they train plain DPO; the KTO
+    example gets the KTO trainer."""
     from axolotl.cli.config import prepare_plugins
     from axolotl.utils.config import validate_config
     from axolotl.utils.dict import DictDefault
 
     if source.startswith("docs block"):
         configs = _doc_configs()
-        assert len(configs) == 2, "docs/axolotl.md shows two plugin configs (with and without heads)"
+        assert len(configs) == 3, "docs/axolotl.md shows three plugin configs (DPO with and without heads, KTO)"
         raw = configs[int(source.split()[-1])]
     else:
         raw = yaml.safe_load((ROOT / "examples" / "axolotl" / source).read_text())
     cfg = DictDefault(dict(raw))
     prepare_plugins(cfg)
     cfg = validate_config(cfg)
-    assert cfg.trainer_cls == TRAINER
+    assert cfg.trainer_cls == (KTO_TRAINER if raw["rl"] == "kto" else TRAINER)
     assert cfg.reward_heads == raw.get("reward_heads")
 
 
@@ -235,9 +269,9 @@ def test_the_docs_list_every_upo_key():
 
 
 def test_the_docs_show_the_examples():
-    """docs/axolotl.md shows the two example files as they are."""
+    """docs/axolotl.md shows the three example files as they are."""
     text = DOC.read_text()
-    assert len(EXAMPLES) == 2
+    assert len(EXAMPLES) == 3
     for path in EXAMPLES:
         assert path.read_text().strip() in text, f"{path.name} differs from its copy in docs/axolotl.md"
 
@@ -252,6 +286,22 @@ def _axolotl_train(config_path: Path, timeout: int = 900) -> subprocess.Complete
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "axolotl.cli.main", "train", str(config_path)]
     return subprocess.run(command, capture_output=True, text=True, cwd=config_path.parent, env=env, timeout=timeout)
+
+
+def _train_runs(runs: dict, base: Path, make_config) -> dict:
+    """``axolotl train`` for each of ``runs`` (name -> plugins and settings), its config from
+    ``make_config(output_dir, plugins, **settings)``; each run's records (see ``ForwardCounter``) and output dir."""
+    done_runs = {}
+    for name, settings in runs.items():
+        out = base / name
+        settings = dict(settings)
+        if "reward_heads" in settings:
+            settings["upo_score_cache_dir"] = str(base / "score-cache")
+        config = make_config(out, settings.pop("plugins"), **settings)
+        done = _axolotl_train(_write(base / f"{name}.yml", config))
+        assert done.returncode == 0, f"axolotl train ({name}) failed:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
+        done_runs[name] = {"out": out, **_records(out)}
+    return done_runs
 
 
 def _records(out: Path) -> dict:
@@ -274,16 +324,7 @@ def axolotl_runs(tiny_model_path, tmp_path_factory):
     base = tmp_path_factory.mktemp("axolotl-runs")
     start = _sft(tiny_model_path, str(base / "start-model"))
     data = _write_pairs(base / "train.jsonl", 200, seed=0)
-    runs = {}
-    for name, settings in RUNS.items():
-        out = base / name
-        settings = dict(settings)
-        if "reward_heads" in settings:
-            settings["upo_score_cache_dir"] = str(base / "score-cache")
-        config = _tiny_config(start, data, out, settings.pop("plugins"), **settings)
-        done = _axolotl_train(_write(base / f"{name}.yml", config))
-        assert done.returncode == 0, f"axolotl train ({name}) failed:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
-        runs[name] = {"out": out, **_records(out)}
+    runs = _train_runs(RUNS, base, lambda out, plugins, **settings: _tiny_config(start, data, out, plugins, **settings))
     runs["start"] = start
     return runs
 
@@ -292,22 +333,29 @@ def _steps(history: list[dict]) -> list[dict]:
     return [h for h in history if "loss" in h]
 
 
+def _assert_same_run(plain: dict, upo: dict, steps: int) -> None:
+    """The plugin's run without heads logged exactly what axolotl's plain run logged, every value of every one of
+    ``steps`` steps, and its training arguments carry the same values (its run directories aside)."""
+    assert len(_steps(plain["log_history"])) == len(_steps(upo["log_history"])) == steps
+    for a, b in zip(_steps(plain["log_history"]), _steps(upo["log_history"]), strict=True):
+        assert a == b
+    skip = {"output_dir", "logging_dir", "run_name", "dataset_prepared_path"}
+    same = {k: v for k, v in plain["args"].items() if k not in skip}
+    assert {k: upo["args"][k] for k in same} == same
+
+
 @needs_axolotl
 @pytest.mark.slow
 def test_no_heads_is_axolotl_dpo_step_for_step(axolotl_runs):
     """With the plugin and no heads, every logged value of every step equals plain axolotl DPO's, and the training
     arguments carry the same values (the plugin's AxolotlUPOConfig is axolotl's AxolotlDPOConfig plus UPO)."""
     dpo, upo = axolotl_runs["dpo"], axolotl_runs["upo_no_heads"]
-    assert len(_steps(dpo["log_history"])) == len(_steps(upo["log_history"])) == STEPS
-    for a, b in zip(_steps(dpo["log_history"]), _steps(upo["log_history"])):
-        assert a == b
-    assert upo["classes"]["trainer"][:3] == ["AxolotlUPOTrainer", "UPOMixin", "AxolotlDPOTrainer"]
+    _assert_same_run(dpo, upo, STEPS)
+    mro = upo["classes"]["trainer"]
+    assert mro[0] == "AxolotlUPOTrainer" and mro.index("UPOMixin") < mro.index("AxolotlDPOTrainer")
     assert upo["classes"]["args"][:2] == ["AxolotlUPOConfig", "AxolotlDPOConfig"] and "UPOConfig" in upo["classes"][
         "args"]
     assert dpo["classes"]["trainer"][0] == "AxolotlDPOTrainer"
-    skip = {"output_dir", "logging_dir", "run_name", "dataset_prepared_path"}
-    same = {k: v for k, v in dpo["args"].items() if k not in skip}
-    assert {k: upo["args"][k] for k in same} == same
 
 
 @needs_axolotl
@@ -361,6 +409,72 @@ def test_a_typo_stops_axolotl_train_before_the_model_loads(tmp_path):
     assert "unknown UPO key `upo_alpah`" in output and "did you mean `upo_alpha`" in output
     assert "no-such-model" not in output.split("unknown UPO key")[0]
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rl: kto through `axolotl train`
+# ----------------------------------------------------------------------------------------------------------------
+
+KTO_STEPS = 4
+KTO_RUNS = {
+    "kto": dict(plugins=[COUNTER]),
+    "upo_kto_no_heads": dict(plugins=[PLUGIN, COUNTER]),
+    "upo_kto_novery": dict(plugins=[PLUGIN, COUNTER], reward_heads=[NOVERY_HEAD], upo_alpha=1.0),
+}
+
+
+def _kto_config(model: str, data: str, out: Path, plugins: list[str], **extra) -> dict:
+    """An axolotl KTO config for the tiny model on CPU: unpaired rows as they are (no dataset type), 4 steps."""
+    config = _tiny_config(model, data, out, plugins, rl="kto", remove_unused_columns=False, micro_batch_size=8,
+                          num_epochs=1, max_steps=KTO_STEPS, **extra)
+    del config["datasets"][0]["type"]
+    return config
+
+
+@pytest.fixture(scope="module")
+def axolotl_kto_runs(tiny_model_path, tmp_path_factory):
+    """The three KTO runs of the module docstring, each a real ``axolotl train``; their records."""
+    from trl_upo.data import unpair_rows
+    from trl_upo.quickstart_task import preference_rows
+
+    base = tmp_path_factory.mktemp("axolotl-kto-runs")
+    data = base / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in unpair_rows(preference_rows(16, seed=0, p_word=0.5))))
+    return _train_runs(KTO_RUNS, base,
+                       lambda out, plugins, **settings: _kto_config(tiny_model_path, str(data), out, plugins, **settings))
+
+
+@needs_axolotl
+@pytest.mark.slow
+def test_kto_no_heads_is_axolotl_kto_step_for_step(axolotl_kto_runs):
+    """`rl: kto` with the plugin and no heads: every logged value of every step equals plain axolotl KTO's, with the
+    same forwards per step; the trainer is UPOKTOMixin on axolotl's KTO trainer, its arguments axolotl's KTO
+    arguments plus UPOKTOConfig, with UPOKTOConfig's defaults (upo_alpha 0.25, upo_applies_to desirable)."""
+    kto, upo = axolotl_kto_runs["kto"], axolotl_kto_runs["upo_kto_no_heads"]
+    _assert_same_run(kto, upo, KTO_STEPS)
+    assert upo["forwards"] == kto["forwards"]
+    mro = upo["classes"]["trainer"]
+    assert mro[0] == "AxolotlUPOKTOTrainer" and mro.index("UPOKTOMixin") < mro.index("AxolotlKTOTrainer")
+    assert kto["classes"]["trainer"][0] == "AxolotlKTOTrainer"
+    assert upo["classes"]["args"][:2] == ["AxolotlUPOKTOConfig", "AxolotlKTOConfig"]
+    assert "UPOKTOConfig" in upo["classes"]["args"]
+    assert (upo["args"]["upo_alpha"], upo["args"]["upo_applies_to"]) == (0.25, "desirable")
+
+
+@needs_axolotl
+@pytest.mark.slow
+def test_kto_with_a_head_logs_upo_metrics_with_kto_forwards(axolotl_kto_runs):
+    """`rl: kto` with the novery head trains through `axolotl train`: the UPO metrics of the head are logged at every
+    step, the loss differs from KTO's, and the policy and the reference run exactly KTO's forwards (UPO reads the
+    policy forward KTO already runs)."""
+    kto, upo = axolotl_kto_runs["kto"], axolotl_kto_runs["upo_kto_novery"]
+    steps = _steps(upo["log_history"])
+    assert len(steps) == KTO_STEPS
+    for step in steps:
+        assert "upo/aux_loss" in step and any(k.startswith("upo/novery") for k in step), step
+    assert [s["loss"] for s in steps] != [s["loss"] for s in _steps(kto["log_history"])]
+    assert upo["forwards"] == kto["forwards"]
+    assert upo["args"]["upo_alpha"] == 1.0 and upo["args"]["reward_heads"][0]["name"] == "novery"
 
 
 def _qlora_run(model: str, tmp_path: Path, **extra) -> dict:

@@ -39,12 +39,14 @@ def data_file(tmp_path_factory) -> str:
 def test_eval_writes_json_markdown_and_plots(policy_path, tiny_model_path, tiny_reward_model_path, data_file,
                                              tmp_path, capsys):
     out = tmp_path / "eval"
-    rc = cli(["eval", "--model", policy_path, "--ref-model", tiny_model_path, "--dataset", data_file,
-              "--heads", HEADS, "--reward-model", tiny_reward_model_path, "--num-prompts", "4", "--num-samples", "2",
-              "--max-new-tokens", "6", "--output-dir", str(out)])
+    rc = cli(["eval", "--model_name_or_path", policy_path, "--ref-model", tiny_model_path, "--dataset_name", data_file,
+              "--reward_heads", HEADS, "--reward-model", tiny_reward_model_path, "--num-prompts", "4",
+              "--num-samples", "2", "--max-new-tokens", "6", "--dataset_test_split", "train", "--output-dir",
+              str(out)])
     assert rc == 0
     res = json.loads((out / "eval.json").read_text())
     assert res["reference"]["kind"] == "ref_model" and res["dataset"]["rows"] == 4
+    assert res["model"] == policy_path and res["dataset"] == {"name": data_file, "split": "train", "rows": 4}
     assert set(res["designer"]) == {"novery", "length"} and res["designer"]["length"]["n"] == 8
     assert set(res["designer_reference"]) == {"novery", "length"}
     assert res["preference"]["n"] == 4 and len(res["preference"]["margins"]) == 4
@@ -94,14 +96,18 @@ def test_eval_peft_adapter_conversational_saved_dataset_yaml_heads(tiny_model_pa
     [
         (["--heads", '[{"name": "length", "wieght": 1}]'], "did you mean 'weight'"),
         (["--heads", '[{"name": "lenght"}]'], "Did you mean 'length'"),
-        (["--heads", "[{name: length}]"], "--heads is not valid JSON"),
+        (["--heads", "[{name: length}]"], "--reward_heads is not valid JSON"),
         (["--heads", '[{"name": "c", "type": "column", "params": {"chosen": "a", "rejected": "b"}}]'],
          "reads dataset columns"),
         (["--split", "validation", "--dataset", "SAVED"], "has no split 'validation'"),
         (["--dataset", "./no/such/file.jsonl"], "does not exist"),
         (["--reward-model", "RM"], "there is no reference"),
         (["--num-samples", "0"], "--num-samples must be >= 1"),
-        (["--config", "recipe.yaml", "--heads", "[]"], "either with --heads or in --config"),
+        (["--config", "recipe.yaml", "--heads", "[]"], "either with --reward_heads (--heads) or in --config"),
+        (["--dataset_name", "SAVED"], "--dataset_name and --dataset are the same option"),
+        (["--model_name_or_path", "M", "--split", "x", "--dataset-test-split", "y"],
+         "--model_name_or_path and --model are the same option (--model is its old name): give it once; "
+         "--dataset-test-split and --split are the same option"),
     ],
 )
 def test_eval_bad_input(policy_path, tiny_reward_model_path, data_file, tmp_path, capsys, extra, message):
@@ -109,10 +115,13 @@ def test_eval_bad_input(policy_path, tiny_reward_model_path, data_file, tmp_path
     from datasets import DatasetDict
 
     DatasetDict({"test": preference_dataset(3, seed=1)}).save_to_disk(saved)
-    extra = [saved if x == "SAVED" else tiny_reward_model_path if x == "RM" else x for x in extra]
+    extra = [saved if x == "SAVED" else tiny_reward_model_path if x == "RM" else policy_path if x == "M" else x
+             for x in extra]
     argv = ["eval", "--model", policy_path, "--output-dir", str(tmp_path / "o"), "--max-new-tokens", "2",
             "--no-plots", "--num-prompts", "2"]
     if "--dataset" not in extra:
+        argv += ["--dataset", data_file]
+    if "--dataset_name" in extra:  # given twice, under both names
         argv += ["--dataset", data_file]
     rc = cli(argv + extra)
     assert rc == 2
@@ -150,6 +159,24 @@ def test_flags_take_underscores_like_the_other_commands_and_dashes_too():
     assert (a.output_dir, a.num_samples, a.ref_model, a.max_new_tokens) == ("o", 3, "r", 5)
 
 
+def test_train_names_and_their_old_aliases_parse_the_same():
+    """train's names (--model_name_or_path, --dataset_name, --dataset_test_split, --reward_heads) and eval's old ones
+    (--model, --dataset, --split, --heads) fill the same options; --help shows both; the old attribute names read
+    the new fields."""
+    from trl_upo.cli.eval import ALIASES, make_parser, parse_args
+
+    new = parse_args(["--model_name_or_path", "m", "--dataset_name", "d", "--dataset_test_split", "s",
+                      "--reward_heads", "[]", "--output_dir", "o"], "trl-upo eval")
+    old = parse_args(["--model", "m", "--dataset", "d", "--split", "s", "--heads", "[]", "--output_dir", "o"],
+                     "trl-upo eval")
+    assert new == old
+    assert (new.model_name_or_path, new.dataset_name, new.dataset_test_split, new.reward_heads) == ("m", "d", "s", "[]")
+    assert (old.model, old.dataset, old.split, old.heads) == ("m", "d", "s", "[]")
+    usage = make_parser("trl-upo eval").format_help()
+    for name, alias in ALIASES.items():
+        assert f"--{name}" in usage and f"--{alias}" in usage
+
+
 def test_eval_report_quality_plots_table_and_upo_paths(policy_path, tmp_path, capsys, monkeypatch):
     """upo:// for the reference and the dataset; a console table with the reference next to the policy; plots at
     150 dpi with axis labels, model names and a length panel that shows words (not negative scores); a train recipe
@@ -177,6 +204,62 @@ def test_eval_report_quality_plots_table_and_upo_paths(policy_path, tmp_path, ca
     img = Image.open(out / "designer.png")
     assert img.size[0] >= 1000 and img.size[1] >= 600
     assert round(img.info["dpi"][0]) == 150
+
+
+def _drawn(result: dict, tmp_path) -> dict:
+    """draw_plots on ``result``, the figures kept open: {file name: figure}."""
+    from trl_upo.cli.eval_report import draw_plots
+    from trl_upo.evaluation import require_matplotlib
+
+    plt, figures = require_matplotlib(), {}
+
+    class KeepOpen:  # pyplot, except that close() keeps the figure for the checks
+        def __getattr__(self, name):
+            return getattr(plt, name)
+
+        def close(self, fig):
+            figures[f"{len(figures)}"] = fig
+
+    written = draw_plots(result, str(tmp_path), KeepOpen())
+    return dict(zip(written, figures.values(), strict=True))
+
+
+def test_plots_keep_every_text_inside_and_readable_and_error_bars_inside_the_range(tmp_path):
+    """One head, long model names (the case whose titles were clipped): every text of designer.png and margins.png
+    lies inside the figure; the value of a short bar is written outside it in dark text, that of a tall bar inside in
+    white; the error bars are the 95% confidence interval, and stop at the head's range (a lexicon head that only
+    avoids words scores at most 0)."""
+    avoid = {"name": "avoid", "type": "lexicon", "params": {"avoid": ["very"], "mode": "presence"}}
+    result = {
+        "model": "outputs/frontier/very/seed0/upo-alpha1-temperature0.25-long-name",
+        "reference": {"kind": "ref_model", "path": "outputs/frontier/very/seed0/sft-start-model-long-name"},
+        "heads": [avoid],
+        "generation": {"num_prompts": 64, "num_samples": 2},
+        "designer": {"avoid": {"mean": -0.03, "std": 0.17, "n": 128, "ci95": [-0.06, 0.0], "range": [-1.0, 0.0],
+                               "higher_is_better": True, "type": "lexicon"}},
+        "designer_reference": {"avoid": {"mean": -0.6, "std": 0.49, "n": 128, "ci95": [-0.69, -0.51],
+                                         "range": [-1.0, 0.0], "higher_is_better": True, "type": "lexicon"}},
+        "preference": {"margins": [0.5, 1.0, -0.2, 2.0, 1.5, 0.7], "accuracy": 0.833, "n": 6,
+                       "reference": "ref_model"},
+    }
+    figures = _drawn(result, tmp_path)
+    assert set(figures) == {"designer.png", "margins.png"}
+    for name, fig in figures.items():
+        drawn = fig.get_tightbbox(fig.canvas.get_renderer())  # everything drawn (titles, labels, ticks), in inches
+        width, height = fig.get_size_inches()
+        assert drawn.x0 >= 0 and drawn.y0 >= 0 and drawn.x1 <= width and drawn.y1 <= height, (name, drawn)
+    ax = figures["designer.png"].axes[0]
+    labels = {t.get_text(): t for t in ax.texts}
+    short, tall = labels["-0.03"], labels["-0.6"]
+    assert short.get_color() == "#222222" and short.xy[1] == -0.06  # below the short bar's error bar
+    assert tall.get_color() == "white" and tall.xy[1] == 0.0  # inside the tall bar, by the zero line
+    from matplotlib.container import ErrorbarContainer
+
+    (errorbars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    low_caps, high_caps = errorbars.lines[1]  # reference, then policy
+    assert list(low_caps.get_ydata()) == pytest.approx([-0.69, -0.06])
+    assert list(high_caps.get_ydata()) == pytest.approx([-0.51, 0.0])  # the policy's stops at the range's 0
+    assert "95% confidence interval" in figures["designer.png"]._suptitle.get_text()
 
 
 def test_eval_without_matplotlib_warns_and_skips_the_plots(policy_path, data_file, tmp_path, capsys, monkeypatch):

@@ -86,6 +86,40 @@ def test_designer_metrics_raw_scores_by_hand():
     assert chat["novery"]["mean"] == 0.0  # conversational: scored as an assistant message
 
 
+#: Student's t two-sided 95% quantiles from a printed table (t_{0.975, df}).
+T_TABLE = {1: 12.706, 2: 4.303, 3: 3.182, 5: 2.571, 10: 2.228, 30: 2.042, 100: 1.984, 5000: 1.960}
+
+
+def test_the_confidence_interval_is_students_t_clipped_to_the_heads_range():
+    """ci95 = mean -+ t_{0.975, n-1} * s / sqrt(n) (s with n - 1), by hand; clipped to a head's known range (a
+    lexicon head that only avoids words scores at most 0), open where the range is not known (a function head)."""
+    from trl_upo.evaluation.designer import mean_interval, score_range, t_quantile
+
+    for df, t in T_TABLE.items():
+        assert t_quantile(0.95, df) == pytest.approx(t, abs=5e-4), df
+    responses = [["a b c", "a very b", "x very", "very"]]
+    avoid = {"name": "avoid", "type": "lexicon", "params": {"avoid": ["very"], "mode": "presence"}}
+    m = designer_metrics(["p"], responses, [NOVERY_HEAD, avoid])
+    # novery (function): 1, 0, 0, 0 -> mean 1/4, s = 1/2; half width t_3 * 0.5 / 2 = 0.7956, not clipped
+    assert m["novery"]["range"] is None
+    assert m["novery"]["ci95"] == pytest.approx([0.25 - 3.182446 / 4, 0.25 + 3.182446 / 4], abs=1e-5)
+    # avoid (lexicon presence): 0, -1, -1, -1 -> mean -3/4, same spread: [-1.5456, 0.0456] clipped to [-1, 0]
+    assert m["avoid"]["range"] == [-1.0, 0.0] and m["avoid"]["ci95"] == [-1.0, 0.0]
+    assert designer_metrics(["p"], [["one"]], [NOVERY_HEAD])["novery"]["ci95"] is None  # one response: no interval
+    assert mean_interval(2.0, 1.0, 101) == pytest.approx([2 - 0.197413, 2 + 0.197413], abs=1e-5)  # t_100 / sqrt(101)
+
+    def spec(kind, **params):
+        return type("Spec", (), {"type": kind, "params": params})()
+
+    assert score_range(spec("length")) == [None, 0.0] and score_range(spec("length", direction="longer")) == [0.0, None]
+    assert score_range(spec("length", direction="longer", target=5)) == [None, 0.0]
+    assert score_range(spec("similarity", exemplars=["x"])) == [-1.0, 1.0]
+    assert score_range(spec("classifier", labels=["a", "b"])) == [0.0, 2.0]
+    assert score_range(spec("classifier", labels="a", output="logit")) is None
+    assert score_range(spec("lexicon", encourage="thanks", mode="count")) == [0.0, None]
+    assert score_range(spec("reward_model", model="m")) is None
+
+
 def test_designer_metrics_bad_heads():
     with pytest.raises(ValueError, match="did you mean 'weight'"):
         designer_metrics(["p"], [["r"]], [{"name": "length", "wieght": 1.0}])

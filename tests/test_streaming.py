@@ -26,9 +26,10 @@ def _stream(ds: Dataset) -> IterableDataset:
 
 def _unpaired(n: int, seed: int = 0) -> Dataset:
     rows = preference_dataset(n, seed=seed)
+    prompts, chosen, rejected = list(rows["prompt"]), list(rows["chosen"]), list(rows["rejected"])
     return Dataset.from_dict({
-        "prompt": rows["prompt"] * 2,
-        "completion": rows["chosen"] + rows["rejected"],
+        "prompt": prompts * 2,
+        "completion": chosen + rejected,
         "label": [True] * n + [False] * n,
     })
 

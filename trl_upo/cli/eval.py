@@ -1,9 +1,13 @@
 """``trl-upo eval``: evaluate a trained policy on designer objectives and held-out preferences.
 
-    trl-upo eval --model outputs/upo --ref_model outputs/sft --dataset data/test.jsonl \\
-        --heads '[{"name": "length", "params": {"direction": "shorter"}}]' --output_dir outputs/eval
-    trl-upo eval --model outputs/upo-lora --dataset org/dataset --split test --config recipe.yaml \\
-        --reward_model org/reward-model --output_dir outputs/eval
+    trl-upo eval --model_name_or_path outputs/upo --ref_model outputs/sft --dataset_name data/test.jsonl \\
+        --reward_heads '[{"name": "length", "params": {"direction": "shorter"}}]' --output_dir outputs/eval
+    trl-upo eval --model_name_or_path outputs/upo-lora --dataset_name org/dataset --dataset_test_split test \\
+        --config recipe.yaml --reward_model org/reward-model --output_dir outputs/eval
+
+The options that ``trl-upo train`` also has take its names (``--model_name_or_path``, ``--dataset_name``,
+``--dataset_config``, ``--dataset_test_split``, ``--reward_heads``); the older ``--model``, ``--dataset``,
+``--split`` and ``--heads`` still work (:data:`ALIASES`), but not together with the new name of the same option.
 
 What it measures, on the first ``--num_prompts`` rows of the split (``trl_upo.evaluation``):
 
@@ -19,9 +23,9 @@ What it measures, on the first ``--num_prompts`` rows of the split (``trl_upo.ev
   response above the reference's response to the same prompt, ties counting half.
 
 The reference is ``--ref_model``; else, for a PEFT adapter, the base model with the adapter disabled; else none.
-``--model`` / ``--ref_model`` take a model directory, a PEFT adapter directory (its base is loaded from the adapter
-config) or a Hub id. ``--dataset`` takes a .json/.jsonl/.parquet/.csv file, a directory written by
-``Dataset.save_to_disk``, or a name for ``datasets.load_dataset``. Heads come from ``--heads`` (JSON) or the
+``--model_name_or_path`` / ``--ref_model`` take a model directory, a PEFT adapter directory (its base is loaded from
+the adapter config) or a Hub id. ``--dataset_name`` takes a .json/.jsonl/.parquet/.csv file, a directory written by
+``Dataset.save_to_disk``, or a name for ``datasets.load_dataset``. Heads come from ``--reward_heads`` (JSON) or the
 ``reward_heads`` of a YAML ``--config`` (a ``trl-upo train`` recipe works: its ``beta`` is used too, its other keys
 are listed and not used).
 
@@ -56,7 +60,10 @@ from trl_upo.cli.eval_report import PREFERENCE_SKIPPED
 #: Keys of a ``--config`` YAML that ``trl-upo eval`` uses; the others (training settings) are listed and not used.
 CONFIG_KEYS = ("reward_heads", "reward_funcs", "reward_weights", "beta")
 #: Options that name a file, directory or model, where ``upo://<asset>`` names a packaged asset.
-PATH_OPTIONS = ("model", "ref_model", "tokenizer", "config", "reward_model", "dataset")
+PATH_OPTIONS = ("model_name_or_path", "ref_model", "tokenizer", "config", "reward_model", "dataset_name")
+#: The options named as in ``trl-upo train`` -> their older ``trl-upo eval`` names, still accepted.
+ALIASES = {"model_name_or_path": "model", "dataset_name": "dataset", "dataset_test_split": "split",
+           "reward_heads": "heads"}
 
 
 @dataclass
@@ -65,14 +72,17 @@ class EvalArguments:
     both work). ``config`` is a YAML file with ``reward_heads`` (and ``beta``), e.g. a ``trl-upo train`` recipe whose
     other keys are listed and not used."""
 
-    model: str = option("policy: model dir, PEFT adapter dir or Hub id")
-    dataset: str = option("file (.json/.jsonl/.parquet/.csv), saved dataset dir, hub name or upo://...")
+    model_name_or_path: str = option("policy: model dir, PEFT adapter dir or Hub id (old name: --model)",
+                                     aliases=["--model"])
+    dataset_name: str = option("file (.json/.jsonl/.parquet/.csv), saved dataset dir, hub name or upo://... (old "
+                               "name: --dataset)", aliases=["--dataset"])
     output_dir: str = option("where eval.json, report.md and the plots go")
     ref_model: str | None = option("reference model (default: adapter disabled, for an adapter)", None)
     tokenizer: str | None = option("tokenizer path (default: the policy's, or its base model's)", None)
     dataset_config: str | None = option("configuration name for datasets.load_dataset", None)
-    split: str = option("split to evaluate on", "test")
-    heads: str | None = option("reward heads as JSON, e.g. '[{\"name\": \"length\"}]'", None)
+    dataset_test_split: str = option("split to evaluate on (old name: --split)", "test", aliases=["--split"])
+    reward_heads: str | None = option("reward heads as JSON, e.g. '[{\"name\": \"length\"}]' (old name: --heads)", None,
+                                      aliases=["--heads"])
     config: str | None = option("YAML with reward_heads (e.g. a trl-upo train recipe)", None)
     reward_model: str | None = option("reward model (dir or Hub id) for the win rate vs reference", None)
     num_prompts: int = option("rows of the split to use", 64)
@@ -85,6 +95,12 @@ class EvalArguments:
     beta: float | None = option("DPO/KTO beta for the implicit reward (default 0.1)", None)
     seed: int = option("sampling seed", 0)
     no_plots: bool = option("do not draw the PNG plots (no matplotlib needed)", False)
+
+    # The older names, for code that reads them (the command line takes both: see ALIASES).
+    model = property(lambda self: self.model_name_or_path, doc="``model_name_or_path`` (its old name).")
+    dataset = property(lambda self: self.dataset_name, doc="``dataset_name`` (its old name).")
+    split = property(lambda self: self.dataset_test_split, doc="``dataset_test_split`` (its old name).")
+    heads = property(lambda self: self.reward_heads, doc="``reward_heads`` (its old name).")
 
 
 def make_parser(prog: str) -> argparse.ArgumentParser:
@@ -113,10 +129,12 @@ def parse_args(argv: list[str], prog: str) -> EvalArguments:
         The options.
 
     Raises:
-        UsageError: an unknown key (naming the closest one), a stray value, or a count below 1.
+        UsageError: an unknown key (naming the closest one), a stray value, an option given under both its names,
+            or a count below 1.
     """
     from trl_upo.resources import resolve_resource
 
+    check_aliases(argv)
     (args,) = parse_strict(make_parser(prog), argv, prog)
     for name in ("num_prompts", "num_samples", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
@@ -129,6 +147,23 @@ def parse_args(argv: list[str], prog: str) -> EvalArguments:
     return args
 
 
+def check_aliases(argv: list[str]) -> None:
+    """Refuse an option given under both its names (``--dataset_name`` and ``--dataset``): argparse would keep the
+    last one silently.
+
+    Raises:
+        UsageError: naming both spellings of every such option.
+    """
+    keys = {tok.split("=", 1)[0] for tok in argv if tok.startswith("--")}
+    problems = []
+    for new, old in ALIASES.items():
+        given_new = sorted(keys & {f"--{new}", f"--{new.replace('_', '-')}"})
+        if given_new and f"--{old}" in keys:
+            problems.append(f"{given_new[0]} and --{old} are the same option (--{old} is its old name): give it once")
+    if problems:
+        raise UsageError("; ".join(problems) + ".")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Inputs
 # ----------------------------------------------------------------------------------------------------------------
@@ -138,7 +173,7 @@ def read_heads(heads_json: str | None, config: str | None) -> tuple[list[dict], 
     """Head specs from ``--heads`` or ``--config``.
 
     Args:
-        heads_json: The ``--heads`` JSON.
+        heads_json: The ``--reward_heads`` JSON.
         config: The ``--config`` YAML file.
 
     Returns:
@@ -148,12 +183,13 @@ def read_heads(heads_json: str | None, config: str | None) -> tuple[list[dict], 
         UsageError: both given, invalid JSON, an unreadable config, or a config without ``reward_heads``.
     """
     if heads_json and config:
-        raise UsageError("give the heads either with --heads or in --config, not both.")
+        raise UsageError("give the heads either with --reward_heads (--heads) or in --config, not both.")
     if heads_json:
         try:
             heads = json.loads(heads_json)
         except json.JSONDecodeError as e:
-            raise UsageError(f"--heads is not valid JSON ({e}); e.g. --heads '[{{\"name\": \"length\"}}]'.") from None
+            raise UsageError(f"--reward_heads is not valid JSON ({e}); e.g. --reward_heads "
+                             f"'[{{\"name\": \"length\"}}]'.") from None
         return (heads if isinstance(heads, list) else [heads]), {}, []
     if not config:
         return [], {}, []
@@ -286,13 +322,13 @@ def run(args: EvalArguments, heads: list[dict], beta: float, log=print) -> dict:
     from trl_upo.data.loading import load_split
     from trl_upo.evaluation import generate_responses, load_model, load_tokenizer
 
-    data = load_split(args.dataset, args.split, config_name=args.dataset_config, limit=args.num_prompts,
-                      fix="choose the split with --split")
+    data = load_split(args.dataset_name, args.dataset_test_split, config_name=args.dataset_config,
+                      limit=args.num_prompts, fix="choose the split with --dataset_test_split")
     if len(data) == 0:
-        raise UsageError(f"the {args.split!r} split of {args.dataset!r} is empty.")
+        raise UsageError(f"the {args.dataset_test_split!r} split of {args.dataset_name!r} is empty.")
     prompts, pairs, unpaired = prompts_and_pairs(data)
-    model = load_model(args.model)
-    tokenizer = load_tokenizer(args.model if isinstance(args.model, str) else model, args.tokenizer)
+    model = load_model(args.model_name_or_path)
+    tokenizer = load_tokenizer(args.model_name_or_path, args.tokenizer)
     ref = load_model(args.ref_model) if args.ref_model else None
     peft = bool(getattr(model, "peft_config", None)) and hasattr(model, "disable_adapter")
     ref_kind = "ref_model" if ref is not None else "adapter_disabled" if peft else "none"
@@ -312,9 +348,9 @@ def run(args: EvalArguments, heads: list[dict], beta: float, log=print) -> dict:
         with ctx:
             ref_responses = generate_responses(ref if ref is not None else model, tokenizer, prompts, **gen)
     result: dict[str, Any] = {
-        "model": args.model,
+        "model": args.model_name_or_path,
         "reference": {"kind": ref_kind, "path": args.ref_model},
-        "dataset": {"name": args.dataset, "split": args.split, "rows": len(data)},
+        "dataset": {"name": args.dataset_name, "split": args.dataset_test_split, "rows": len(data)},
         "heads": heads,
         "generation": {**gen, "num_prompts": len(prompts)},
         "designer": {},
@@ -384,14 +420,14 @@ def _run(argv: list[str], prog: str) -> int:
     from trl_upo.resources import resolve_resource
 
     args = parse_args(argv, prog)
-    heads, used, unused = read_heads(args.heads, args.config)
+    heads, used, unused = read_heads(args.reward_heads, args.config)
     heads = resolve_resource(heads)  # upo://<asset> in a head's params (a packaged model or word list)
     try:
         text_head_specs(heads)  # an unknown head or key fails here, with a suggestion
     except ValueError as e:  # the head spec's own message; a usage error, not a bug
         raise UsageError(str(e)) from e
     if not heads and not args.reward_model:
-        print(f"{prog}: no reward heads (--heads or --config): only preference metrics.", file=sys.stderr)
+        print(f"{prog}: no reward heads (--reward_heads or --config): only preference metrics.", file=sys.stderr)
     if unused:
         keys = [k for k in CONFIG_KEYS if k in used or k == "reward_heads"]
         reads = " and ".join([", ".join(keys[:-1]), keys[-1]] if len(keys) > 1 else keys)
@@ -403,7 +439,7 @@ def _run(argv: list[str], prog: str) -> int:
     from trl_upo.cli.checks import check_model_path, check_output_dir
 
     check_output_dir(args.output_dir)
-    for key in ("model", "ref_model", "reward_model"):
+    for key in ("model_name_or_path", "ref_model", "reward_model"):
         check_model_path(getattr(args, key), key)
     os.environ.setdefault("TQDM_DISABLE", "1")
     result = run(args, heads, beta, log=lambda msg: print(msg, file=sys.stderr, flush=True))

@@ -16,6 +16,8 @@ PREFERENCE_SKIPPED = (
 )
 #: Plot resolution (dots per inch) and the colours of the reference and the policy.
 DPI = 150
+#: The width of one head's panel in ``designer.png``, in inches.
+PANEL_WIDTH = 4.2
 COLORS = {"reference": "#8c8c8c", "policy": "#d62728"}
 
 
@@ -38,8 +40,21 @@ def _spec(result: dict, name: str) -> dict:
     return next((h for h in result.get("heads") or [] if h.get("name") == name), {})
 
 
-def display(result: dict, name: str, metric: dict) -> tuple[float, float, str, bool]:
-    """How one head's scores are shown: ``(mean, std, axis label with unit, higher is better)``.
+def interval(metric: dict) -> list[float] | None:
+    """A head's 95% confidence interval of the mean: ``ci95`` as ``designer_metrics`` wrote it, or (an ``eval.json``
+    from before it did) Student's t from the population ``std`` and ``n``, not clipped."""
+    from trl_upo.evaluation.designer import mean_interval
+
+    if "ci95" in metric:
+        return metric["ci95"]
+    n = metric.get("n") or 0
+    sd = metric["std"] * math.sqrt(n / (n - 1)) if n > 1 else 0.0
+    return mean_interval(metric["mean"], sd, n)
+
+
+def display(result: dict, name: str, metric: dict) -> tuple[float, list[float] | None, str, bool]:
+    """How one head's scores are shown: ``(mean, 95% confidence interval of the mean, axis label with unit, higher
+    is better)``.
 
     A ``length`` head scores ``-length`` (``direction: shorter``) or ``-|length - target|``; it is shown as the
     length itself (or the distance to the target), in its unit, so that no bar shows a negative number of words.
@@ -47,15 +62,16 @@ def display(result: dict, name: str, metric: dict) -> tuple[float, float, str, b
     spec = _spec(result, name)
     params = spec.get("params") or {}
     kind = metric.get("type") or spec.get("type")
-    mean, std, higher = metric["mean"], metric["std"], metric.get("higher_is_better", True)
+    mean, ci, higher = metric["mean"], interval(metric), metric.get("higher_is_better", True)
+    flipped = None if ci is None else [-ci[1], -ci[0]]
     if kind == "length":
         unit = params.get("unit", "words")
         if params.get("target") is not None:
-            return -mean, std, f"distance to {params['target']:g} {unit}", False
+            return -mean, flipped, f"distance to {params['target']:g} {unit}", False
         if params.get("direction", "shorter") == "shorter":
-            return -mean, std, f"length ({unit})", not higher
-        return mean, std, f"length ({unit})", higher
-    return mean, std, f"{kind} head score" if kind else "head score", higher
+            return -mean, flipped, f"length ({unit})", not higher
+        return mean, ci, f"length ({unit})", higher
+    return mean, ci, f"{kind} head score" if kind else "head score", higher
 
 
 def markdown_report(result: dict, plots: list[str]) -> str:
@@ -85,15 +101,17 @@ def markdown_report(result: dict, plots: list[str]) -> str:
     if result["designer"]:
         lines += ["## Designer metrics (raw head scores of generated responses)", ""]
         ref = result["designer_reference"]
-        head = "| head | better | policy mean ± std |" + (" reference mean ± std | change |" if ref else "")
+        head = "| head | better | policy mean ± std [95% CI] |" + (
+            " reference mean ± std [95% CI] | change |" if ref else "")
         lines += [head, "|---|---|---|" + ("---|---|" if ref else "")]
         for name, m in result["designer"].items():
-            row = f"| {name} | {'higher' if m['higher_is_better'] else 'lower'} | {m['mean']:.4f} ± {m['std']:.4f} |"
+            row = f"| {name} | {'higher' if m['higher_is_better'] else 'lower'} | {_summary(m)} |"
             if ref:
                 r = ref[name]
-                row += f" {r['mean']:.4f} ± {r['std']:.4f} | {m['mean'] - r['mean']:+.4f} |"
+                row += f" {_summary(r)} | {m['mean'] - r['mean']:+.4f} |"
             lines.append(row)
-        lines.append("")
+        lines += ["", "(95% CI: the confidence interval of the mean, Student's t, clipped to the head's range where it "
+                  "is known.)", ""]
     pref = result["preference"]
     if pref:
         lines += [
@@ -185,6 +203,11 @@ def console_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _summary(metric: dict) -> str:
+    ci = interval(metric)
+    return f"{metric['mean']:.4f} ± {metric['std']:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+
+
 def _num(value: Any, signed: bool = False) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -192,29 +215,32 @@ def _num(value: Any, signed: bool = False) -> str:
 
 
 def _bar_panel(ax, result: dict, name: str, metric: dict, ref_metric: dict | None) -> None:
-    """One head: reference and policy bars, mean with ±1 std error bars, the value on each bar."""
-    mean, std, label, higher = display(result, name, metric)
-    bars = [(f"{model_label(result['model'], 'policy')}\n(policy)", mean, std, COLORS["policy"])]
+    """One head: reference and policy bars, the 95% confidence interval of each mean as error bars, the value on
+    each bar (inside it when it is tall enough, else beyond the error bar in dark text)."""
+    from trl_upo.evaluation.plotting import label_bars, wrap_text
+
+    mean, ci, label, higher = display(result, name, metric)
+    bars = [(f"{model_label(result['model'], 'policy')}\n(policy)", mean, ci, COLORS["policy"])]
     if ref_metric is not None:
-        rmean, rstd, _, _ = display(result, name, ref_metric)
-        bars.insert(0, (f"{reference_label(result)}\n(reference)", rmean, rstd, COLORS["reference"]))
-    xs = range(len(bars))
-    ax.bar(xs, [b[1] for b in bars], yerr=[b[2] for b in bars], color=[b[3] for b in bars], capsize=6, width=0.6,
+        rmean, rci, _, _ = display(result, name, ref_metric)
+        bars.insert(0, (f"{reference_label(result)}\n(reference)", rmean, rci, COLORS["reference"]))
+    xs = list(range(len(bars)))
+    errors = [[b[1] - b[2][0] if b[2] else 0.0 for b in bars], [b[2][1] - b[1] if b[2] else 0.0 for b in bars]]
+    ax.bar(xs, [b[1] for b in bars], yerr=errors, color=[b[3] for b in bars], capsize=6, width=0.6,
            error_kw={"elinewidth": 1.2})
-    for x, (_, value, _, _) in zip(xs, bars, strict=True):  # the mean, inside the bar next to the axis
-        ax.annotate(f"{value:.3g}", (x, 0.0), xytext=(0, 4 if value >= 0 else -4), textcoords="offset points",
-                    ha="center", va="bottom" if value >= 0 else "top", fontsize=9, color="white", weight="bold")
-    ax.set_xticks(list(xs), [b[0] for b in bars], fontsize=9)
-    ax.set_ylabel(label, fontsize=10)
-    ax.set_title(f"{name}\n({'↑ higher' if higher else '↓ lower'} is better)", fontsize=11)
     ax.axhline(0.0, color="black", lw=0.6)
+    label_bars(ax, xs, [b[1] for b in bars], [b[2] for b in bars])
+    ax.set_xticks(xs, [wrap_text(b[0], PANEL_WIDTH / len(bars), 9) for b in bars], fontsize=9)
+    ax.set_ylabel(label, fontsize=10)
+    ax.set_title(wrap_text(f"{name}\n({'↑ higher' if higher else '↓ lower'} is better)", PANEL_WIDTH, 11),
+                 fontsize=11)
     ax.grid(axis="y", alpha=0.3)
     ax.set_xlim(-0.6, len(bars) - 0.4)
 
 
 def draw_plots(result: dict, out_dir: str, plt: Any) -> list[str]:
-    """Draw ``designer.png`` (a panel per head: reference and policy, mean ± 1 std) and ``margins.png`` (the
-    histogram of the preference margins on held-out pairs), at :data:`DPI` dots per inch.
+    """Draw ``designer.png`` (a panel per head: reference and policy means with their 95% confidence intervals)
+    and ``margins.png`` (the histogram of the preference margins on held-out pairs), at :data:`DPI` dots per inch.
 
     Args:
         result: What ``trl_upo.cli.eval.run`` returned.
@@ -224,36 +250,48 @@ def draw_plots(result: dict, out_dir: str, plt: Any) -> list[str]:
     Returns:
         The file names written.
     """
+    from trl_upo.evaluation.plotting import wrap_text
+
     written = []
     panels = [(n, m, result["designer_reference"].get(n)) for n, m in result["designer"].items()]
     if panels:
         n = result["generation"]["num_prompts"] * result["generation"]["num_samples"]
-        fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 0.4, 4.2), dpi=DPI, squeeze=False)
+        width = PANEL_WIDTH * len(panels) + 0.6
+        fig, axes = plt.subplots(1, len(panels), figsize=(width, 4.6), dpi=DPI, squeeze=False, layout="constrained")
         for ax, (name, m, r) in zip(axes[0], panels, strict=True):
             _bar_panel(ax, result, name, m, r)
-        fig.suptitle(f"Designer metrics on {n} sampled responses (error bars: ±1 standard deviation)", fontsize=11)
-        fig.tight_layout()
+        title = (f"Designer metrics on {n} sampled responses\nerror bars: 95% confidence interval of the mean "
+                 f"(Student's t), within the head's range")
+        fig.suptitle(wrap_text(title, width - 0.2, 10), fontsize=10)
         fig.savefig(os.path.join(out_dir, "designer.png"))
         plt.close(fig)
         written.append("designer.png")
-    pref = result["preference"]
-    if pref.get("margins"):
-        implicit = pref.get("reference") != "none"
-        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=DPI)
-        ax.hist(pref["margins"], bins=min(30, max(5, len(pref["margins"]) // 2)), color="#1f77b4", alpha=0.85)
-        ax.axvline(0.0, color="black", lw=1.0)
-        ax.set_xlabel(
-            "implicit-reward margin  β·[log-ratio(chosen) − log-ratio(rejected)]  (nats)" if implicit
-            else "log π(chosen) − log π(rejected)  (nats; no reference)", fontsize=10)
-        ax.set_ylabel("held-out pairs", fontsize=10)
-        ax.yaxis.get_major_locator().set_params(integer=True)  # counts of pairs: whole numbers
-        ax.text(0.98, 0.95, "→ chosen preferred", transform=ax.transAxes, ha="right", va="top", fontsize=9)
-        against = f" vs {reference_label(result)}" if result["reference"]["kind"] != "none" else ""
-        ax.set_title(f"{model_label(result['model'], 'policy')}{against}: preference accuracy {pref['accuracy']:.3f} "
-                     f"on {pref['n']} held-out pairs (higher is better)", fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "margins.png"))
-        plt.close(fig)
+    if result["preference"].get("margins"):
+        _margins_plot(result, out_dir, plt)
         written.append("margins.png")
     return written
+
+
+def _margins_plot(result: dict, out_dir: str, plt: Any) -> None:
+    """``margins.png``: the histogram of the preference margins on held-out pairs, with a title wrapped to fit."""
+    from trl_upo.evaluation.plotting import wrap_text
+
+    pref = result["preference"]
+    implicit = pref.get("reference") != "none"
+    width = 6.4
+    fig, ax = plt.subplots(figsize=(width, 4.2), dpi=DPI, layout="constrained")
+    ax.hist(pref["margins"], bins=min(30, max(5, len(pref["margins"]) // 2)), color="#1f77b4", alpha=0.85)
+    ax.axvline(0.0, color="black", lw=1.0)
+    ax.set_xlabel(wrap_text(
+        "implicit-reward margin  β·[log-ratio(chosen) − log-ratio(rejected)]  (nats)" if implicit
+        else "log π(chosen) − log π(rejected)  (nats; no reference)", width - 0.4, 10), fontsize=10)
+    ax.set_ylabel("held-out pairs", fontsize=10)
+    ax.yaxis.get_major_locator().set_params(integer=True)  # counts of pairs: whole numbers
+    ax.text(0.98, 0.95, "→ chosen preferred", transform=ax.transAxes, ha="right", va="top", fontsize=9)
+    against = f" vs {reference_label(result)}" if result["reference"]["kind"] != "none" else ""
+    title = (f"{model_label(result['model'], 'policy')}{against}\npreference accuracy {pref['accuracy']:.3f} on "
+             f"{pref['n']} held-out pairs (higher is better)")
+    ax.set_title(wrap_text(title, width - 0.4, 10), fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    fig.savefig(os.path.join(out_dir, "margins.png"))
+    plt.close(fig)

@@ -9,6 +9,7 @@ Three measurements, usable alone or together through :func:`evaluate_policy` (:m
 3. :func:`preference_metrics` (:mod:`.preference`): DPO's implicit reward ``beta * (log pi(y|x) - log pi_ref(y|x))``
    on held-out pairs: the accuracy (chosen reward above rejected reward, ties counting half) and the margins;
    :func:`unpaired_metrics` (:mod:`.unpaired`): the same implicit reward on held-out unpaired rows (KTO's data).
+   Both compute it with :mod:`.implicit` (:func:`implicit_rewards`, :func:`completion_logps`).
 
 ``model`` and ``ref_model`` may be loaded models or paths: a full model directory (or Hub id) or a PEFT adapter
 directory, whose base model is loaded from the adapter's config (:func:`trl_upo.models.load_model`, re-exported here
@@ -22,7 +23,8 @@ from .designer import designer_metrics, text_head_specs
 from .generation import generate_responses
 from .plotting import require_matplotlib
 from .policy import evaluate_policy
-from .preference import METRIC_NAMES, completion_logps, preference_metrics
+from .implicit import METRIC_NAMES, completion_logps, implicit_rewards, tie_half_accuracy
+from .preference import preference_metrics
 from .unpaired import unpaired_metrics, unpaired_rows
 
 __all__ = [
@@ -32,12 +34,14 @@ __all__ = [
     "eval_mode",
     "evaluate_policy",
     "generate_responses",
+    "implicit_rewards",
     "is_conversational_prompt",
     "load_model",
     "load_tokenizer",
     "preference_metrics",
     "require_matplotlib",
     "text_head_specs",
+    "tie_half_accuracy",
     "unpaired_metrics",
     "unpaired_rows",
 ]

@@ -3,23 +3,18 @@ accuracy (ties counting half) and its margins."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
+from .implicit import (
+    METRIC_NAMES,
+    common_prefix,
+    completion_logps,
+    implicit_rewards,
+    prompt_and_sequence,
+    tie_half_accuracy,
+)
 
-from ..models import load_model, load_tokenizer, pad_token_id
-from .batching import encode, eval_mode, model_device, pad_batch
-
-logger = logging.getLogger(__name__)
-
-#: How :func:`preference_metrics` computed its accuracy, by reference kind.
-METRIC_NAMES = {
-    "ref_model": "implicit-reward accuracy (reference: the given ref_model)",
-    "adapter_disabled": "implicit-reward accuracy (reference: the policy with its PEFT adapter disabled)",
-    "none": "policy log-prob accuracy (no reference: log pi(chosen) > log pi(rejected), not an implicit reward)",
-}
+__all__ = ["METRIC_NAMES", "completion_logps", "preference_metrics"]
 
 
 def _pair_rows(pairs: Any) -> list[dict]:
@@ -45,106 +40,22 @@ def _pair_rows(pairs: Any) -> list[dict]:
     return rows
 
 
-def _tokenize_pair(tokenizer: Any, row: dict) -> tuple[list[int], list[int], list[int]]:
-    """prompt ids, prompt+chosen ids, prompt+rejected ids; EOS appended to string completions (as in training)."""
-    prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
-    if isinstance(prompt, str) != isinstance(chosen, str) or isinstance(chosen, str) != isinstance(rejected, str):
+def _tokenize_pair(tokenizer: Any, row: dict) -> list[tuple[list[int], int]]:
+    """prompt+chosen and prompt+rejected ids, each with the index where the completions start (the prompt's tokens
+    both share)."""
+    if isinstance(row["chosen"], str) != isinstance(row["rejected"], str):
         raise ValueError(
             "A pair mixes string and conversational fields; give prompt, chosen and rejected all as strings or all as "
             "message lists."
         )
-    if isinstance(prompt, str):
-        eos = tokenizer.eos_token or ""
-        chosen = chosen if chosen.endswith(eos) else chosen + eos
-        rejected = rejected if rejected.endswith(eos) else rejected + eos
-        return encode(tokenizer, prompt), encode(tokenizer, prompt + chosen), encode(tokenizer, prompt + rejected)
-    prompt, chosen, rejected = list(prompt), list(chosen), list(rejected)
-    return (
-        encode(tokenizer, prompt, generation_prompt=True),
-        encode(tokenizer, prompt + chosen),
-        encode(tokenizer, prompt + rejected),
-    )
+    prompt, chosen = prompt_and_sequence(tokenizer, row["prompt"], row["chosen"])
+    _, rejected = prompt_and_sequence(tokenizer, row["prompt"], row["rejected"])
+    start = min(common_prefix(prompt, chosen), common_prefix(prompt, rejected))
+    return [(chosen, start), (rejected, start)]
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-@torch.no_grad()
-def completion_logps(model: Any, sequences: Sequence[list[int]], starts: Sequence[int], pad_id: int,
-                     batch_size: int = 16) -> torch.Tensor:
-    """Summed log-probability of ``sequences[i][starts[i]:]`` given the tokens before it.
-
-    Args:
-        model: a causal LM.
-        sequences: token ids of prompt + completion.
-        starts: the index of each completion's first token.
-        pad_id: the id used for right padding (masked out).
-        batch_size: sequences per forward pass.
-
-    Returns:
-        ``(len(sequences),)`` float64 tensor.
-    """
-    device = model_device(model)
-    with eval_mode(model):
-        out = [_batch_logps(model, sequences[b : b + batch_size], starts[b : b + batch_size], pad_id, device)
-               for b in range(0, len(sequences), batch_size)]
-    return torch.cat(out)
-
-
-def _batch_logps(model: Any, seqs: Sequence[list[int]], starts: Sequence[int], pad_id: int,
-                 device: torch.device) -> torch.Tensor:
-    ids, attn = pad_batch(seqs, pad_id, left=False)
-    mask = torch.zeros_like(ids, dtype=torch.bool)
-    for i, (s, st) in enumerate(zip(seqs, starts, strict=True)):
-        mask[i, st : len(s)] = True
-    logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits[:, :-1].float()
-    target = ids[:, 1:].to(device)
-    token_logps = logits.gather(-1, target[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return (token_logps * mask[:, 1:].to(device)).sum(-1).double().cpu()
-
-
-def _is_peft(model: Any) -> bool:
-    return hasattr(model, "disable_adapter") and bool(getattr(model, "peft_config", None))
-
-
-def _reference_logps(
-    model: Any, ref_model: Any, logps: Callable[[Any], torch.Tensor]
-) -> tuple[str, torch.Tensor | None]:
-    """The reference kind and its log-probabilities (``logps(model)`` computes them for one model)."""
-    if ref_model is not None:
-        return "ref_model", logps(load_model(ref_model))
-    if _is_peft(model):
-        with model.disable_adapter():
-            return "adapter_disabled", logps(model)
-    logger.warning(
-        "preference_metrics: no ref_model and the policy is not a PEFT model, so there is no reference: "
-        "reporting the policy log-prob accuracy (log pi(chosen) > log pi(rejected)), not DPO's implicit-reward "
-        "accuracy. Pass ref_model=... (e.g. the SFT model) for the implicit reward."
-    )
-    return "none", None
-
-
-def _accuracy(margins: torch.Tensor) -> float:
-    """Share of positive margins, ties counting half."""
-    return float(((margins > 0).double() + 0.5 * (margins == 0).double()).mean())
-
-
-def preference_metrics(
-    model: Any,
-    tokenizer: Any,
-    pairs: Any,
-    *,
-    ref_model: Any = None,
-    beta: float = 0.1,
-    batch_size: int = 16,
-    return_margins: bool = False,
-) -> dict:
+def preference_metrics(model: Any, tokenizer: Any, pairs: Any, *, ref_model: Any = None, beta: float = 0.1,
+                       batch_size: int = 16, return_margins: bool = False) -> dict:
     """Implicit-reward accuracy and margins of a policy on held-out preference pairs.
 
     The implicit reward of DPO is ``r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x))`` (completion tokens summed,
@@ -170,36 +81,20 @@ def preference_metrics(
         "policy_logp_accuracy", "reference", "metric", "beta"}``; ``reference`` is ``"ref_model"``,
         ``"adapter_disabled"`` or ``"none"``.
     """
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta!r}.")
     rows = _pair_rows(pairs)
-    model = load_model(model)
-    tokenizer = load_tokenizer(model, tokenizer)
-    pad_id = pad_token_id(tokenizer)
-    seqs, starts = [], []
-    for row in rows:
-        p, pc, pr = _tokenize_pair(tokenizer, row)
-        start = min(_common_prefix(p, pc), _common_prefix(p, pr))
-        seqs += [pc, pr]
-        starts += [start, start]
-
-    def logps(m: Any) -> torch.Tensor:
-        return completion_logps(m, seqs, starts, pad_id, batch_size)
-
-    policy = logps(model)
-    kind, ref = _reference_logps(model, ref_model, logps)
-    rewards = beta * (policy - (torch.zeros_like(policy) if ref is None else ref))
+    kind, policy, rewards = implicit_rewards(model, tokenizer, ref_model, rows, _tokenize_pair, beta=beta,
+                                             batch_size=batch_size, caller="preference_metrics")
     chosen, rejected = rewards[0::2], rewards[1::2]
     margins = chosen - rejected
     result = {
-        "accuracy": _accuracy(margins),
+        "accuracy": tie_half_accuracy(margins),
         "margin_mean": float(margins.mean()),
         "margin_std": float(margins.std(unbiased=False)),
         "n": len(rows),
         "ties": int((margins == 0).sum()),
         "chosen_reward_mean": float(chosen.mean()),
         "rejected_reward_mean": float(rejected.mean()),
-        "policy_logp_accuracy": _accuracy(policy[0::2] - policy[1::2]),
+        "policy_logp_accuracy": tie_half_accuracy(policy[0::2] - policy[1::2]),
         "reference": kind,
         "metric": METRIC_NAMES[kind],
         "beta": beta,

@@ -15,9 +15,7 @@ from typing import Any
 
 import torch
 
-from ..models import load_model, load_tokenizer, pad_token_id
-from .batching import encode
-from .preference import METRIC_NAMES, _accuracy, _common_prefix, _reference_logps, completion_logps
+from .implicit import METRIC_NAMES, common_prefix, implicit_rewards, prompt_and_sequence, tie_half_accuracy
 
 
 def unpaired_rows(rows: Any) -> list[dict]:
@@ -53,20 +51,11 @@ def unpaired_rows(rows: Any) -> list[dict]:
     return rows
 
 
-def _tokenize(tokenizer: Any, row: dict) -> tuple[list[int], int]:
+def _tokenize(tokenizer: Any, row: dict) -> list[tuple[list[int], int]]:
     """prompt+completion ids and the completion's first index; EOS appended to a string completion (as KTOTrainer
     does)."""
-    prompt, completion = row["prompt"], row["completion"]
-    if isinstance(prompt, str) != isinstance(completion, str):
-        raise ValueError("A row mixes a string and a message list; give prompt and completion in one format.")
-    if isinstance(prompt, str):
-        eos = tokenizer.eos_token or ""
-        completion = completion if completion.endswith(eos) else completion + eos
-        p, pc = encode(tokenizer, prompt), encode(tokenizer, prompt + completion)
-    else:
-        p = encode(tokenizer, list(prompt), generation_prompt=True)
-        pc = encode(tokenizer, list(prompt) + list(completion))
-    return pc, _common_prefix(p, pc)
+    prompt, sequence = prompt_and_sequence(tokenizer, row["prompt"], row["completion"])
+    return [(sequence, common_prefix(prompt, sequence))]
 
 
 def _ranking_accuracy(desirable: torch.Tensor, undesirable: torch.Tensor) -> float:
@@ -74,18 +63,11 @@ def _ranking_accuracy(desirable: torch.Tensor, undesirable: torch.Tensor) -> flo
     if desirable.numel() == 0 or undesirable.numel() == 0:
         return float("nan")
     diff = desirable[:, None] - undesirable[None, :]
-    return _accuracy(diff.reshape(-1))
+    return tie_half_accuracy(diff.reshape(-1))
 
 
-def unpaired_metrics(
-    model: Any,
-    tokenizer: Any,
-    rows: Any,
-    *,
-    ref_model: Any = None,
-    beta: float = 0.1,
-    batch_size: int = 16,
-) -> dict:
+def unpaired_metrics(model: Any, tokenizer: Any, rows: Any, *, ref_model: Any = None, beta: float = 0.1,
+                     batch_size: int = 16) -> dict:
     """Implicit-reward accuracies of a policy on held-out unpaired rows (see the module docstring).
 
     Args:
@@ -103,27 +85,16 @@ def unpaired_metrics(
         "n_undesirable", "reference", "metric", "beta"}``; ``accuracy`` is None without a reference (every reward
         is then negative, so the sign says nothing).
     """
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta!r}.")
     rows = unpaired_rows(rows)
-    model = load_model(model)
-    tokenizer = load_tokenizer(model, tokenizer)
-    pad_id = pad_token_id(tokenizer)
-    seqs, starts = zip(*[_tokenize(tokenizer, r) for r in rows], strict=True)
-
-    def logps(m: Any) -> torch.Tensor:
-        return completion_logps(m, list(seqs), list(starts), pad_id, batch_size)
-
-    policy = logps(model)
-    kind, ref = _reference_logps(model, ref_model, logps)
-    rewards = beta * (policy - (torch.zeros_like(policy) if ref is None else ref))
+    kind, _, rewards = implicit_rewards(model, tokenizer, ref_model, rows, _tokenize, beta=beta,
+                                        batch_size=batch_size, caller="unpaired_metrics")
     labels = torch.tensor([r["label"] for r in rows])
     signed = torch.where(labels, rewards, -rewards)
     good, bad = rewards[labels], rewards[~labels]
     return {
         # Without a reference every reward is beta * log pi < 0: the sign accuracy would only count the undesirable
         # rows, so it is not reported (None); the ranking accuracy still compares the two kinds.
-        "accuracy": _accuracy(signed) if ref is not None else None,
+        "accuracy": tie_half_accuracy(signed) if kind != "none" else None,
         "ranking_accuracy": _ranking_accuracy(good, bad),
         "desirable_reward_mean": float(good.mean()) if good.numel() else float("nan"),
         "undesirable_reward_mean": float(bad.mean()) if bad.numel() else float("nan"),

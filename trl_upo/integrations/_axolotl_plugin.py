@@ -16,8 +16,10 @@ from pydantic import BaseModel, Field, create_model, model_validator
 from trl_upo import UPOConfig
 from trl_upo.integrations.axolotl import (
     PLUGIN,
+    rl_name,
     check_raw_config,
     check_values,
+    upo_defaults,
     upo_fields,
     upo_settings,
 )
@@ -79,8 +81,8 @@ def _build_args_model() -> type[BaseModel]:
 
 def _build_training_args_mixin() -> type:
     """``UPOTrainingArgsMixin``: a dataclass with the ``upo_fields()`` (same defaults and help) that axolotl merges
-    into its training-argument classes, so that ``AxolotlDPOConfig`` accepts the values ``get_training_args``
-    passes."""
+    into its training-argument classes, so that ``AxolotlDPOConfig`` and ``AxolotlKTOConfig`` accept the values
+    ``get_training_args`` passes."""
     spec = []
     for f in upo_fields():
         kwargs: dict[str, Any] = {"metadata": f.metadata}
@@ -102,7 +104,8 @@ UPOTrainingArgsMixin = _build_training_args_mixin()
 
 
 class UPOPlugin(BasePlugin):
-    """The axolotl plugin: ``plugins: [trl_upo.integrations.axolotl.UPOPlugin]`` in a config with ``rl: dpo``."""
+    """The axolotl plugin: ``plugins: [trl_upo.integrations.axolotl.UPOPlugin]`` in a config with ``rl: dpo``,
+    ``ipo`` or ``kto``."""
 
     def get_input_args(self) -> str:
         """The pydantic model of the UPO keys, merged into axolotl's config schema."""
@@ -113,19 +116,26 @@ class UPOPlugin(BasePlugin):
         return f"{_PUBLIC_MODULE}.UPOTrainingArgsMixin"
 
     def get_training_args(self, cfg: Any) -> dict[str, Any]:
-        """The UPO values of the config, passed to axolotl's training-arguments class.
+        """The UPO values of the config, passed to axolotl's training-arguments class; for ``rl: kto`` every UPO key,
+        those left unset with ``UPOKTOConfig``'s defaults (the training-argument classes carry ``UPOConfig``'s).
 
         Raises:
             RuntimeError: when axolotl built its training-argument classes before this plugin was registered
                 (they would not accept the UPO keys).
         """
-        from axolotl.core.trainers.dpo.args import AxolotlDPOConfig
+        if rl_name(cfg.get("rl")) == "kto":
+            from axolotl.core.training_args import AxolotlKTOConfig as args_class
 
-        missing = [f.name for f in upo_fields() if f.name not in {g.name for g in dataclasses.fields(AxolotlDPOConfig)}]
+            settings = {**upo_defaults("kto"), **upo_settings(cfg)}
+        else:
+            from axolotl.core.trainers.dpo.args import AxolotlDPOConfig as args_class
+
+            settings = upo_settings(cfg)
+        missing = [f.name for f in upo_fields() if f.name not in {g.name for g in dataclasses.fields(args_class)}]
         if missing:
             raise RuntimeError(
                 f"axolotl's training-argument classes were built before {PLUGIN} was registered, so they lack "
                 f"{missing}: something imported axolotl.core.training_args before the config was loaded. Load the "
                 "config first (axolotl.cli.config.load_cfg, as `axolotl train` does), then build the trainer."
             )
-        return upo_settings(cfg)
+        return settings

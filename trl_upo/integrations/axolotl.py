@@ -1,6 +1,6 @@
-"""UPO in axolotl: a plugin that trains axolotl's own DPO trainer with the UPO term.
+"""UPO in axolotl: a plugin that trains axolotl's own DPO or KTO trainer with the UPO term.
 
-Enable it in an axolotl config with ``rl: dpo`` (or ``ipo``)::
+Enable it in an axolotl config with ``rl: dpo`` (or ``ipo``, or ``kto`` for unpaired data)::
 
     plugins:
       - trl_upo.integrations.axolotl.UPOPlugin
@@ -13,15 +13,19 @@ What the plugin does, at each stage of an axolotl run (``docs/axolotl.md``):
 - config validation (before any model loads): ``UPOArgs`` adds ``reward_heads`` and every ``upo_*`` field of
   ``UPOConfig`` (read from the dataclass, so new fields appear by themselves) to axolotl's schema; a key that looks
   like a UPO key but is none (``upo_alpah``, ``reward_head``) is an error naming it, and the values are checked by
-  building a ``UPOConfig`` from them. The run must be ``rl: dpo`` or ``rl: ipo``; ``trainer_cls`` is set to
-  ``AxolotlUPOTrainer``.
+  checking them as ``UPOConfig`` (``UPOKTOConfig`` for ``rl: kto``) does. The run must be ``rl: dpo``, ``rl: ipo``
+  or ``rl: kto``; ``trainer_cls`` is set to the UPO trainer of that kind (:data:`TRAINERS`).
 - training arguments: ``UPOTrainingArgsMixin`` adds the same fields to axolotl's training-argument classes and
-  ``UPOPlugin.get_training_args`` passes the config's values into them.
+  ``UPOPlugin.get_training_args`` passes the config's values into them (for ``rl: kto``, ``UPOKTOConfig``'s defaults
+  for the keys left unset: :func:`upo_defaults`).
 - trainer: ``AxolotlUPOTrainer(UPOMixin, AxolotlDPOTrainer)`` turns axolotl's ``AxolotlDPOConfig`` into an
-  ``AxolotlUPOConfig`` (both classes, one instance) and trains exactly as axolotl's DPO trainer does, plus UPO.
+  ``AxolotlUPOConfig`` (both classes, one instance) and trains exactly as axolotl's DPO trainer does, plus UPO;
+  ``AxolotlUPOKTOTrainer(UPOKTOMixin, AxolotlKTOTrainer)`` does the same with axolotl's ``AxolotlKTOConfig`` and an
+  ``AxolotlUPOKTOConfig``.
 
 The axolotl-dependent names (``UPOPlugin``, ``UPOArgs``, ``UPOTrainingArgsMixin``, ``AxolotlUPOTrainer``,
-``AxolotlUPOConfig``) are built on first use, so importing this module, or ``trl_upo``, never imports axolotl.
+``AxolotlUPOConfig``, ``AxolotlUPOKTOTrainer``, ``AxolotlUPOKTOConfig``) are built on first use, so importing this
+module, or ``trl_upo``, never imports axolotl.
 """
 
 from __future__ import annotations
@@ -36,8 +40,12 @@ PLUGIN = "trl_upo.integrations.axolotl.UPOPlugin"
 #: The trainer class the plugin puts in ``trainer_cls`` (axolotl's RL builder passes the model and the reference
 #: model to a ``trainer_cls``, not to a class returned by a plugin's ``get_trainer_cls``).
 TRAINER = "trl_upo.integrations.axolotl.AxolotlUPOTrainer"
-#: The axolotl ``rl:`` values the plugin trains (both are axolotl's DPO trainer; UPO keeps every DPO loss type).
-RL_TYPES = ("dpo", "ipo")
+#: The trainer class for ``rl: kto`` (axolotl's KTO trainer plus UPO, on unpaired data).
+KTO_TRAINER = "trl_upo.integrations.axolotl.AxolotlUPOKTOTrainer"
+#: The axolotl ``rl:`` values the plugin trains -> the trainer class it puts in ``trainer_cls`` (``dpo`` and ``ipo``
+#: are axolotl's DPO trainer, UPO keeps every DPO loss type; ``kto`` is axolotl's KTO trainer).
+TRAINERS = {"dpo": TRAINER, "ipo": TRAINER, "kto": KTO_TRAINER}
+RL_TYPES = tuple(TRAINERS)
 
 #: public name -> private module that builds it (imports axolotl or pydantic)
 _LAZY = {
@@ -46,6 +54,8 @@ _LAZY = {
     "UPOTrainingArgsMixin": "trl_upo.integrations._axolotl_plugin",
     "AxolotlUPOTrainer": "trl_upo.integrations._axolotl_trainer",
     "AxolotlUPOConfig": "trl_upo.integrations._axolotl_trainer",
+    "AxolotlUPOKTOTrainer": "trl_upo.integrations._axolotl_trainer",
+    "AxolotlUPOKTOConfig": "trl_upo.integrations._axolotl_trainer",
 }
 
 
@@ -72,6 +82,25 @@ def upo_fields() -> list[dataclasses.Field]:
 def upo_keys() -> list[str]:
     """The names of ``upo_fields()``: the keys the plugin adds to an axolotl config."""
     return [f.name for f in upo_fields()]
+
+
+def upo_config_class(rl: Any) -> type:
+    """The trl-upo config whose fields, defaults and checks apply to an axolotl run of kind ``rl``: ``UPOKTOConfig``
+    for ``kto``, else ``UPOConfig``."""
+    from trl_upo import UPOConfig, UPOKTOConfig
+
+    return UPOKTOConfig if rl_name(rl) == "kto" else UPOConfig
+
+
+def upo_defaults(rl: Any) -> dict[str, Any]:
+    """The default of every UPO key under the config of ``rl`` (:func:`upo_config_class`); for ``kto`` they differ
+    from ``UPOConfig``'s (``upo_alpha`` 0.25, ``upo_applies_to`` ``desirable``)."""
+    cls = upo_config_class(rl)
+    defaults = {}
+    for f in dataclasses.fields(cls):
+        if f.name in upo_keys():
+            defaults[f.name] = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    return defaults
 
 
 def _looks_like_upo_key(key: str, upo: list[str]) -> bool:
@@ -105,13 +134,15 @@ def mistyped_upo_keys(keys: Iterable[str], known: Iterable[str]) -> list[str]:
     ]
 
 
-def _rl_name(rl: Any) -> str | None:
+def rl_name(rl: Any) -> str | None:
+    """An axolotl ``rl`` value (a string or axolotl's ``RLType``) as its name (``"dpo"``, ``"kto"``), or None."""
     return None if rl is None else str(getattr(rl, "value", rl))
 
 
 def check_raw_config(data: Mapping[str, Any], known: Iterable[str]) -> dict[str, Any]:
     """What the plugin checks in the raw axolotl config before axolotl parses it: no mistyped UPO key, ``rl`` is one
-    of ``RL_TYPES``, and ``trainer_cls`` is unset or the UPO trainer (a subclass of it counts); sets ``trainer_cls``.
+    of ``RL_TYPES``, and ``trainer_cls`` is unset or the UPO trainer of that ``rl`` (a subclass of it counts); sets
+    ``trainer_cls``.
 
     Args:
         data: The raw config (a mapping of axolotl keys).
@@ -124,24 +155,27 @@ def check_raw_config(data: Mapping[str, Any], known: Iterable[str]) -> dict[str,
         ValueError: naming every problem found.
     """
     problems = mistyped_upo_keys(data, known)
-    rl = _rl_name(data.get("rl"))
+    rl = rl_name(data.get("rl"))
     if rl not in RL_TYPES:
         problems.append(
-            f"the UPO plugin trains axolotl's DPO trainer: set `rl: dpo` (or `rl: ipo`), got `rl: {rl}`; remove "
-            f"{PLUGIN} from `plugins` for other trainers"
+            f"the UPO plugin trains axolotl's DPO and KTO trainers: set `rl: dpo` (or `rl: ipo`), or `rl: kto` for "
+            f"unpaired data, got `rl: {rl}`; remove {PLUGIN} from `plugins` for other trainers"
         )
+    trainer = TRAINERS.get(rl, TRAINER)
     trainer_cls = data.get("trainer_cls")
-    if trainer_cls not in (None, TRAINER) and not _is_upo_trainer(trainer_cls):
+    other = trainer_cls in TRAINERS.values()  # the plugin's trainer for another `rl` (no import needed to tell)
+    if trainer_cls not in (None, trainer) and (other or not _is_subclass(trainer_cls, trainer)):
         problems.append(
-            f"`trainer_cls: {trainer_cls}` is not a subclass of {TRAINER}: the UPO plugin trains with that class; "
-            f"remove `trainer_cls`, or subclass AxolotlUPOTrainer"
+            f"`trainer_cls: {trainer_cls}` is not a subclass of {trainer}: the UPO plugin trains `rl: {rl}` with that "
+            f"class; remove `trainer_cls`, or subclass {trainer.rpartition('.')[2]}"
         )
     if problems:
         raise ValueError("invalid UPO settings: " + "; ".join(problems))
-    return {**data, "trainer_cls": trainer_cls or TRAINER}
+    return {**data, "trainer_cls": trainer_cls or trainer}
 
 
-def _is_upo_trainer(path: Any) -> bool:
+def _is_subclass(path: Any, trainer: str) -> bool:
+    """Whether the dotted ``path`` names a subclass of the plugin's trainer ``trainer`` (a dotted name here)."""
     if not isinstance(path, str) or "." not in path:
         return False
     module, _, name = path.rpartition(".")
@@ -149,7 +183,7 @@ def _is_upo_trainer(path: Any) -> bool:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):
         return False
-    upo_trainer = __getattr__("AxolotlUPOTrainer")
+    upo_trainer = __getattr__(trainer.rpartition(".")[2])
     return isinstance(cls, type) and issubclass(cls, upo_trainer)
 
 
@@ -166,16 +200,16 @@ def upo_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def check_values(cfg: Mapping[str, Any]) -> None:
-    """Check the UPO values of an axolotl config the way ``UPOConfig`` checks them (heads, ranges, choices, and the
-    loss the run uses for ``upo_combine: margin``), without building a config (that would set up accelerate's
-    distributed state, a gloo process group under a launcher, before axolotl sets up NCCL); raises ``ValueError``
-    naming the problem."""
+    """Check the UPO values of an axolotl config the way ``UPOConfig`` (``UPOKTOConfig`` for ``rl: kto``) checks
+    them (heads, ranges, choices, and the loss the run uses for ``upo_combine: margin``), without building a config
+    (that would set up accelerate's distributed state, a gloo process group under a launcher, before axolotl sets up
+    NCCL); raises ``ValueError`` naming the problem."""
     from trl_upo.config import check_upo_values
 
-    rl = _rl_name(cfg.get("rl"))
+    rl = rl_name(cfg.get("rl"))
     extra: dict[str, Any] = {}
     if rl == "ipo":
         extra["loss_type"] = ["ipo"]
-    elif cfg.get("dpo_loss_type"):
+    elif rl != "kto" and cfg.get("dpo_loss_type"):
         extra["loss_type"] = cfg["dpo_loss_type"]
-    check_upo_values(**extra, **upo_settings(cfg))
+    check_upo_values(upo_config_class(rl), **extra, **upo_settings(cfg))
