@@ -48,6 +48,11 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+            except ValueError:
+                pass
         *parents, leaf = key.replace("-", "_").split(".")
         node = out
         for p in parents:
