@@ -185,7 +185,10 @@ def _merge(config: IterateConfig, judge: Judge, shard_dir: str, world: int, n_pr
         with open(os.path.join(shard_dir, f"rank-{r}.json")) as f:
             tokens += json.load(f)["generated_tokens"]
     samples.sort(key=lambda s: s["prompt_index"])  # stable: each prompt's samples keep their order
-    rows = unpaired_rows(samples, judge.threshold) if config.form == "unpaired" else pair_rows(samples)
+    try:
+        rows = unpaired_rows(samples, judge.threshold) if config.form == "unpaired" else pair_rows(samples)
+    except ValueError as e:
+        raise IterateConfigError(f"{os.path.dirname(path)}: {e}") from e
     if config.form == "unpaired":
         random.Random(config.seed).shuffle(rows)  # every batch mixes prompts and labels
     accepted = sum(s["judge_score"] >= judge.threshold for s in samples)
@@ -194,11 +197,24 @@ def _merge(config: IterateConfig, judge: Judge, shard_dir: str, world: int, n_pr
                        "accepted": accepted, "num_rows": len(rows), "form": config.form})
 
 
+def last_complete_checkpoint(rdir: str) -> str | None:
+    """The newest ``checkpoint-<step>`` of ``rdir`` that was written to the end (its ``trainer_state.json``, which
+    transformers writes after the model, ``upo_state.json`` and the optimizer, exists); None when there is none. A
+    process killed while saving leaves a newer, partial checkpoint: it is skipped."""
+    import re
+
+    steps = []
+    for name in os.listdir(rdir) if os.path.isdir(rdir) else []:
+        m = re.fullmatch(r"checkpoint-(\d+)", name)
+        if m and os.path.isfile(os.path.join(rdir, name, "trainer_state.json")):
+            steps.append(int(m[1]))
+    return os.path.join(rdir, f"checkpoint-{max(steps)}") if steps else None
+
+
 def train_round(config: IterateConfig, k: int, rows: list[dict], policy: str) -> int:
     """Train round ``k`` from ``policy`` on ``rows`` and save the model in the round's directory (resuming from its
     last checkpoint when an earlier attempt saved one); return the number of optimizer steps."""
     from datasets import Dataset
-    from transformers.trainer_utils import get_last_checkpoint
 
     from ..models import load_model
 
@@ -209,7 +225,7 @@ def train_round(config: IterateConfig, k: int, rows: list[dict], policy: str) ->
         kwargs["ref_model"] = load_model(config.model)
     trainer = trainer_class(config.round_trainer(k))(model=policy, args=args, train_dataset=Dataset.from_list(rows),
                                                      **kwargs)
-    checkpoint = get_last_checkpoint(rdir) if os.path.isdir(rdir) else None
+    checkpoint = last_complete_checkpoint(rdir)
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(rdir)
     if trainer.accelerator.is_main_process:
