@@ -285,3 +285,16 @@ def test_a_run_killed_in_round_two_resumes_there_from_its_checkpoint(tmp_path, m
     assert (out / "round-2" / "train.jsonl").read_text() == data  # round 2's samples were reused
     assert len(seen) == 1 and seen[0][0] == "UPOKTOTrainer" and "checkpoint-" in str(seen[0][1])
     assert reports[1]["compute"]["round_train_steps"] == 20
+
+
+def test_the_docs_config_block_is_a_valid_iterate_config(tmp_path):
+    import re
+
+    import yaml
+
+    text = (ROOT / "docs" / "iterate.md").read_text()
+    block = re.search(r"```yaml\n(.*?)```", text, re.S)[1]
+    config = IterateConfig.from_dict({**yaml.safe_load(block), "output_dir": str(tmp_path)})
+    assert build_training_args(config, 1, str(tmp_path)).max_steps == 150
+    assert build_training_args(config, 2, str(tmp_path)).max_steps == 50
+    assert Judge.from_config(config.judge).spec.name == "on_topic"
