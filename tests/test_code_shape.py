@@ -88,7 +88,7 @@ LAYERS = [
     {"heads"},
     {"scoring", "config", "collator", "state", "data", "evaluation"},
     {"trainer", "kto"},
-    {"cli", "quickstart", "quickstart_task", "integrations"},
+    {"cli", "quickstart", "quickstart_task", "integrations", "iterate"},
 ]
 
 
