@@ -298,3 +298,22 @@ def test_the_docs_config_block_is_a_valid_iterate_config(tmp_path):
     assert build_training_args(config, 1, str(tmp_path)).max_steps == 150
     assert build_training_args(config, 2, str(tmp_path)).max_steps == 50
     assert Judge.from_config(config.judge).spec.name == "on_topic"
+
+
+@pytest.mark.slow
+def test_tiny_iterate_sweep_writes_results_and_table(tmp_path):
+    """examples/iterate_sweep.py at a tiny scale: an offline run and the rounds of two methods. Budget 90 s."""
+    from tests.helpers import load_script
+
+    sweep = load_script("examples/iterate_sweep.py")
+    out = str(tmp_path / "sweep")
+    argv = ["--task", "length", "--seeds", "0", "--offline", "dpo", "--methods", "rounds-upo-pairs,rounds-dpo",
+            "--rounds", "2", "--first-steps", "4", "--round-steps", "2", "--samples", "6", "--sft-steps", "4",
+            "--n-train", "32", "--n-eval-prompts", "4", "--n-eval-pairs", "8", "--num-samples", "1", "--output-dir", out]
+    assert sweep.main(argv) == 0
+    rows = [json.loads(line) for line in open(os.path.join(out, "length", "results.jsonl"))]
+    assert [(r["method"], r["round"]) for r in rows] == [("start", 0), ("dpo", 0), ("rounds-upo-pairs", 1),
+                                                         ("rounds-upo-pairs", 2), ("rounds-dpo", 1), ("rounds-dpo", 2)]
+    assert rows[1]["compute"]["train_steps"] == 6 and rows[3]["compute"]["train_steps"] == 6
+    assert rows[3]["compute"]["generated_tokens"] > 0
+    assert "| rounds-dpo | 2 | 1 | 6 |" in open(os.path.join(out, "length", "table.md")).read()
