@@ -21,7 +21,9 @@ sampled answers to held-out prompts, implicit-reward accuracy on held-out pairs 
 Compute per run is recorded: training steps and generated tokens (the rounds' samples).
 
 Writes ``<output-dir>/<task>/results.jsonl`` (one line per model; finished ones are skipped when run again),
-``table.md`` and ``frontier_rounds.png``.
+``table.md`` and ``frontier_rounds.png``; a method whose rounds stop (the judge accepted every sample of a round, so
+there are no undesirable rows or no pairs) keeps its completed rounds and is listed in ``stopped.jsonl``.
+``--samples 256 --tag=-k256`` runs the methods with 256 samples per prompt under names ending in ``-k256``.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def rounds_config(task: Any, base: str, data: str, out: str, form: str, heads: b
 def run_seed(task_name: str, seed: int, a: Any, done: dict, results_file: str, log=print) -> None:
     """Every offline run and every iterative method's rounds of one seed that ``done`` does not hold."""
     from trl_upo.evaluation import load_model
-    from trl_upo.iterate import run_rounds
+    from trl_upo.iterate import IterateConfigError, completed_rounds, run_rounds
 
     task, task_dir = fs.TASKS[task_name], os.path.join(a.output_dir, task_name)
     total = a.first_steps + (a.rounds - 1) * a.round_steps
@@ -110,11 +112,18 @@ def run_seed(task_name: str, seed: int, a: Any, done: dict, results_file: str, l
     data = write_task_data(task, task_dir, seed, s)
     for method in a.methods:
         form, heads = ROUNDS[method]
-        out = os.path.join(task_dir, f"seed{seed}", method)
-        _reuse_round_one(task_dir, seed, method, out)
-        reports = run_rounds(rounds_config(task, base, data, out, form, heads, seed, a), log=lambda m: None)
+        name = method + a.tag
+        out = os.path.join(task_dir, f"seed{seed}", name)
+        _reuse_round_one(task_dir, seed, heads, out)
+        try:
+            reports = run_rounds(rounds_config(task, base, data, out, form, heads, seed, a), log=lambda m: None)
+        except IterateConfigError as e:  # e.g. the judge accepted every sample of a round: recorded, not hidden
+            log(f"[{task_name}] seed {seed} {name}: stopped: {e}")
+            with open(os.path.join(task_dir, "stopped.jsonl"), "a") as f:
+                f.write(json.dumps({"seed": seed, "method": name, "reason": str(e)}) + "\n")
+            reports = [json.load(open(os.path.join(out, f"round-{k}", "report.json"))) for k in completed_rounds(out)]
         for r in reports:
-            record(method, r["round"], os.path.join(out, f"round-{r['round']}"),
+            record(name, r["round"], os.path.join(out, f"round-{r['round']}"),
                    {k: r["compute"][k] for k in ("train_steps", "generated_tokens")})
 
 
@@ -130,11 +139,13 @@ def _upo_config():
     return UPOConfig
 
 
-def _reuse_round_one(task_dir: str, seed: int, method: str, out: str) -> None:
-    """Round 1 of ``rounds-upo-pairs`` is the same run as round 1 of ``rounds-upo-kto`` (UPO on the task's pairs,
-    same seed and settings): copy it instead of training it again."""
+def _reuse_round_one(task_dir: str, seed: int, heads: bool, out: str) -> None:
+    """Round 1 of every method with heads is the same run as round 1 of ``rounds-upo-kto`` (UPO on the task's pairs,
+    same seed and settings; the round-1 steps are the same for every method of a sweep): copy it instead of training
+    it again."""
     src = os.path.join(task_dir, f"seed{seed}", "rounds-upo-kto", "round-1")
-    if method == "rounds-upo-pairs" and os.path.exists(os.path.join(src, "report.json")) and not os.path.exists(out):
+    if heads and src != os.path.join(out, "round-1") and os.path.exists(os.path.join(src, "report.json")) \
+            and not os.path.exists(out):
         shutil.copytree(src, os.path.join(out, "round-1"))
 
 
@@ -210,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-eval-pairs", type=int, default=128)
     p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--output-dir", default="outputs/iterate-sweep")
+    p.add_argument("--tag", default="", help="suffix of the iterative methods' names and directories (another K)")
     a = p.parse_args(argv)
     a.offline = [c for c in a.offline.split(",") if c and (a.task == "length" or c not in LENGTH_ONLY)]
     a.methods = [m for m in a.methods.split(",") if m]
