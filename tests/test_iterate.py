@@ -317,3 +317,29 @@ def test_tiny_iterate_sweep_writes_results_and_table(tmp_path):
     assert rows[1]["compute"]["train_steps"] == 6 and rows[3]["compute"]["train_steps"] == 6
     assert rows[3]["compute"]["generated_tokens"] > 0
     assert "| rounds-dpo | 2 | 1 | 6 |" in open(os.path.join(out, "length", "table.md")).read()
+
+
+@pytest.mark.slow
+def test_two_processes_shard_sampling_and_merge_in_prompt_order(tmp_path):
+    """`accelerate launch --num_processes 2` (Gloo on CPU): each process samples and judges its share of the prompts,
+    the main process merges the shares into train.jsonl, training runs data-parallel. Budget 120 s."""
+    import shutil
+
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+    out = tmp_path / "it"
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "trl_upo.cli.iterate", *SMALL, "--first_round.max_steps", "6",
+         "--later_rounds.max_steps", "4", "--training.per_device_train_batch_size", "8", "--output_dir", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shards = [[json.loads(x) for x in (out / "round-2" / "samples" / f"rank-{r}.jsonl").read_text().splitlines()]
+              for r in (0, 1)]
+    assert [len(s) for s in shards] == [16, 16]  # 4 prompts x 8 samples, 2 prompts per process
+    assert {s["prompt_index"] for s in shards[0]} == {0, 2} and {s["prompt_index"] for s in shards[1]} == {1, 3}
+    rows = [json.loads(x) for x in (out / "round-2" / "train.jsonl").read_text().splitlines()]
+    key = sorted((r["prompt"], r["completion"]) for r in rows)
+    assert key == sorted((s["prompt"], s["completion"]) for s in shards[0] + shards[1])
+    assert completed_rounds(str(out)) == [1, 2] and proc.stdout.count("round 2 done") == 1

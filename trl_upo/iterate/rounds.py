@@ -231,10 +231,14 @@ def train_round(config: IterateConfig, k: int, rows: list[dict], policy: str) ->
     if trainer.accelerator.is_main_process:
         trainer.processing_class.save_pretrained(rdir)
     steps = int(trainer.state.global_step)
-    if hasattr(trainer, "end"):
-        trainer.end()
+    # Not trainer.end(): it ends the process group, which the next round (and its barriers) still uses; the command
+    # ends it once, after the last round (trl_upo.cli.common.end_distributed).
     del trainer
     return steps
+
+
+def _quiet(message: str) -> None:
+    """The progress log of processes other than the main one."""
 
 
 def run_rounds(config: IterateConfig | dict, log=print) -> list[dict]:
@@ -261,6 +265,8 @@ def run_rounds(config: IterateConfig | dict, log=print) -> list[dict]:
         torch.set_num_threads(config.torch_num_threads)
     session = Session(config)  # every check that needs no model: data, judge, every round's trainer config
     state = PartialState()
+    if not state.is_main_process:
+        log = _quiet  # one process reports progress
     check_snapshot(config, state.is_main_process)
     state.wait_for_everyone()
     reports = session.load_reports(completed_rounds(config.output_dir)[: config.rounds])
