@@ -89,7 +89,7 @@ LAYERS = [
     {"scoring", "config", "layout", "collator", "step", "state", "card", "data", "evaluation"},
     {"core"},
     {"trainer", "kto"},
-    {"cli", "quickstart", "quickstart_task", "integrations"},
+    {"cli", "quickstart", "quickstart_task", "integrations", "iterate"},
 ]
 
 

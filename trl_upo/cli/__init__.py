@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("trl_upo.cli.score", "score a dataset with the configured reward heads and print a per-head summary"),
     "eval": ("trl_upo.cli.eval", "evaluate a trained policy on designer objectives and held-out preferences"),
     "build-pairs": ("trl_upo.cli.build_pairs", "build preference pairs by reward ranking or self-critique"),
+    "iterate": ("trl_upo.cli.iterate", "iterative UPO rounds: sample the policy, judge, train again (no config: CPU demo)"),
 }
 
 
