@@ -267,7 +267,7 @@ def _resolve_resources(args: argparse.Namespace) -> None:
     ``upo://quickstart-data/train.jsonl``), also inside a ``reward_heads`` JSON string."""
     import json
 
-    from trl_upo.resources import RESOURCE_PREFIX, resolve_resource
+    from trl_upo.resources import RESOURCE_PREFIX, check_output_path, resolve_resource
 
     from trl_upo.cli.checks import expand_home
 
@@ -276,6 +276,7 @@ def _resolve_resources(args: argparse.Namespace) -> None:
             setattr(args, key, expand_home(getattr(args, key)))
     for key, value in vars(args).items():
         if key in _OUTPUT_KEYS:
+            check_output_path(key, value)  # never a upo:// asset or a path inside the installed package
             continue
         if key == "reward_heads" and isinstance(value, str) and RESOURCE_PREFIX in value:
             try:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..formats import DataError
+from ..resources import ResourcePathError
 
 #: Exit code of a usage problem (a bad flag, key, value, file or split), printed without a traceback.
 EXIT_USAGE = 2
@@ -421,7 +422,7 @@ def debug_enabled() -> bool:
 
 #: Errors a user fixes by changing what they typed or named (exit code 2, one message, no traceback).
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    UsageError, DataError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+    UsageError, DataError, ResourcePathError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
 )
 
 

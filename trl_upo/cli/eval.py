@@ -132,7 +132,7 @@ def parse_args(argv: list[str], prog: str) -> EvalArguments:
         UsageError: an unknown key (naming the closest one), a stray value, an option given under both its names,
             or a count below 1.
     """
-    from trl_upo.resources import resolve_resource
+    from trl_upo.resources import check_output_path, resolve_resource
 
     check_aliases(argv)
     (args,) = parse_strict(make_parser(prog), argv, prog)
@@ -143,6 +143,7 @@ def parse_args(argv: list[str], prog: str) -> EvalArguments:
 
     for name in PATH_OPTIONS:
         setattr(args, name, expand_home(resolve_resource(getattr(args, name))))
+    check_output_path("output_dir", args.output_dir)  # never a upo:// asset or a path inside the package
     args.output_dir = expand_home(args.output_dir)  # `--key=~/x` and YAML leave `~` as it is
     return args
 
