@@ -129,3 +129,39 @@ def test_resume_in_a_streaming_run_gives_the_same_steps(tiny_model_path, tmp_pat
     resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-2"))
     assert resumed.upo.statistics == full.upo.statistics
     assert _losses(resumed)[-2:] == pytest.approx(_losses(full)[-2:], rel=1e-5)
+
+
+def test_trl_upo_train_with_dataset_streaming(tmp_path, capsys):
+    """`trl-upo train --dataset_streaming true` (the quickstart recipe, its data read as a stream): trains, records
+    the stream's statistics, and the before/after report takes the first rows of the test stream."""
+    from trl_upo.cli import train as cli_train
+
+    out = tmp_path / "run"
+    code = cli_train.main(["--dataset_streaming", "true", "--max_steps", "2", "--output_dir", str(out),
+                           "--report_num_prompts", "4", "--report_num_samples", "1",
+                           "--upo_stream_stats_rows", "16", "--upo_score_cache_dir", str(tmp_path / "cache")],
+                          prog="trl-upo train")
+    assert code == 0, capsys.readouterr().err
+    state = json.loads((out / STATE_FILE).read_text())
+    assert state["statistics_source"] == {"source": "stream", "rows": 16, "path": None}
+    assert json.loads((out / "report.json").read_text())["after"]
+
+
+def test_trl_upo_score_a_stream_to_output(tmp_path, capsys):
+    """`trl-upo score --dataset_streaming true --output DIR`: every row written as it is read, the summary and the
+    statistics a streaming run can adopt; they equal the map-style command's."""
+    from trl_upo.cli import score as cli_score
+
+    common = ["--dataset_name", "upo://quickstart-data", "--reward_heads", json.dumps(HEADS),
+              "--upo_score_cache_dir", str(tmp_path / "cache")]
+    assert cli_score.main([*common, "--output", str(tmp_path / "map")], prog="trl-upo score") == 0
+    assert cli_score.main([*common, "--dataset_streaming", "true", "--output", str(tmp_path / "stream")],
+                          prog="trl-upo score") == 0
+    for name in ("train.jsonl", "test.jsonl"):
+        mapped = [json.loads(line) for line in (tmp_path / "map" / name).open()]
+        streamed = [json.loads(line) for line in (tmp_path / "stream" / name).open()]
+        assert len(streamed) == len(mapped)
+        for key in [k for k in mapped[0] if k.startswith("upo_") and not k.startswith("upo__")]:
+            assert [r[key] for r in streamed] == pytest.approx([r[key] for r in mapped])
+    stats = [json.loads((tmp_path / d / "upo_statistics.json").read_text())["statistics"] for d in ("map", "stream")]
+    assert stats[0] == stats[1]

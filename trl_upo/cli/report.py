@@ -61,8 +61,12 @@ def policy_report(trainer, script_args, model_id: str, report_ds, before: bool) 
     model = trainer.accelerator.unwrap_model(trainer.model)
     from trl_upo.scoring import ensure_prompt
 
-    n = min(script_args.report_num_prompts, len(report_ds))
-    rows = report_ds.select(range(n))
+    from datasets import Dataset, IterableDataset
+
+    if isinstance(report_ds, IterableDataset):  # a stream: its first rows, not a pass over all of it
+        rows = Dataset.from_list(list(report_ds.take(script_args.report_num_prompts)))
+    else:
+        rows = report_ds.select(range(min(script_args.report_num_prompts, len(report_ds))))
     paired = {"chosen", "rejected"} <= set(rows.column_names)
     if paired:
         rows = ensure_prompt(rows)  # an implicit prompt is extracted as DPOTrainer does

@@ -218,6 +218,8 @@ def _check_output(output: str | None) -> None:
 
 
 def _score(ds, splits, specs, training_args, model_args, output, roles, distributed) -> int:
+    from datasets import IterableDataset
+
     from trl_upo.heads import build_head
     from trl_upo.scoring import score_dataset, statistics_summary, write_statistics_summary
     from trl_upo.scoring.shards import current_world
@@ -230,19 +232,29 @@ def _score(ds, splits, specs, training_args, model_args, output, roles, distribu
             model_args.model_name_or_path, revision=model_args.model_revision,
             trust_remote_code=training_args.trust_remote_code,
         )
+    _STREAMED.clear()
+    if distributed and any(isinstance(ds[split], IterableDataset) for split in splits):
+        raise UsageError("trl-upo score reads a stream (dataset_streaming: true) in one process: drop "
+                         "num_processes, or score a map-style dataset across processes.")
     heads = [build_head(s) for s in specs]
     main_process = current_world(distributed).is_main
     results: dict[str, Any] = {}
     scored = {}
     try:
         for split in splits:
-            scored[split], report = score_dataset(
-                ds[split], heads, specs, split=split, tokenizer=tokenizer,
-                batch_size=training_args.upo_score_batch_size, cache_dir=training_args.upo_score_cache_dir,
-                use_cache=training_args.upo_use_score_cache, num_proc=training_args.dataset_num_proc, roles=roles,
-                distributed=distributed, record=bool(output),
-            )
-            results[split] = summarize(scored[split], specs, roles)
+            if isinstance(ds[split], IterableDataset):
+                scored[split], report = _score_stream(ds[split], heads, specs, split, tokenizer, training_args, roles,
+                                                      output)
+                columns = scored[split]  # the score columns only: the rows went to the output as they were read
+            else:
+                scored[split], report = score_dataset(
+                    ds[split], heads, specs, split=split, tokenizer=tokenizer,
+                    batch_size=training_args.upo_score_batch_size, cache_dir=training_args.upo_score_cache_dir,
+                    use_cache=training_args.upo_use_score_cache, num_proc=training_args.dataset_num_proc,
+                    roles=roles, distributed=distributed, record=bool(output),
+                )
+                columns = scored[split]
+            results[split] = summarize(columns, specs, roles)
             if output and split == splits[0]:  # upo_statistics.json: a streaming run can adopt these statistics
                 stats = statistics_summary(scored[split], heads, specs, training_args.upo_normalization, roles=roles,
                                            tokenizer=tokenizer, split=split)
@@ -258,6 +270,50 @@ def _score(ds, splits, specs, training_args, model_args, output, roles, distribu
     return 0
 
 
+#: Splits of this command's run that were streamed (their rows are already in the output).
+_STREAMED: set[str] = set()
+
+
+def _score_stream(stream, heads, specs, split, tokenizer, training_args, roles, output):
+    """A streamed split (``dataset_streaming: true``): scored batch by batch as it is read; each row goes to
+    ``<output>/<split>.jsonl`` (temp file, renamed when the stream ends) and only its scores are kept, for the summary
+    and the statistics. Returns ``(scores by column, report)``; one process reads the whole stream."""
+    import time
+
+    from datasets import Dataset
+
+    from trl_upo.atomic import atomic_write
+    from trl_upo.scoring import ScoreReport, score_column, score_stream
+
+    start = time.perf_counter()
+    scored = score_stream(stream, heads, specs, split=split, tokenizer=tokenizer,
+                          batch_size=training_args.upo_score_batch_size, roles=roles,
+                          cache_dir=training_args.upo_score_cache_dir, use_cache=training_args.upo_use_score_cache)
+    names = [score_column(s.name, r) for s in specs for r in roles]
+    kept: dict[str, list[float]] = {c: [] for c in names}
+
+    def rows():
+        for row in scored:
+            for c in names:
+                kept[c].append(row[c])
+            yield row
+
+    if output:
+        os.makedirs(output, exist_ok=True)
+        with atomic_write(os.path.join(output, f"{split}.jsonl")) as f:
+            for row in rows():
+                f.write(json.dumps(row, default=str) + "\n")
+        _STREAMED.add(split)
+    else:
+        for _ in rows():
+            pass
+    seconds = time.perf_counter() - start
+    n = len(kept[names[0]]) if names else 0
+    report = ScoreReport({s.name: "stream" for s in specs}, {s.name: n * len(roles) for s in specs},
+                         {s.name: seconds for s in specs})
+    return Dataset.from_dict(kept), report
+
+
 def _write(output: str, scored: dict, specs, results: dict) -> None:
     """Write each split and the summary atomically (temp file + rename: a full disk or a kill leaves the previous
     file or none, never a truncated ``train.jsonl``)."""
@@ -265,6 +321,8 @@ def _write(output: str, scored: dict, specs, results: dict) -> None:
 
     os.makedirs(output, exist_ok=True)
     for split, data in scored.items():
+        if split in _STREAMED:
+            continue  # written row by row as the stream was read (_score_stream)
         with atomic_path(os.path.join(output, f"{split}.jsonl")) as tmp:
             data.to_json(tmp, lines=True, double_precision=15)
     with atomic_write(os.path.join(output, "summary.json")) as f:

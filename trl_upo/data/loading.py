@@ -109,8 +109,8 @@ def load_splits(source: Any, *, config_name: str | None = None, file_split: str 
         source: A file, a directory, a Hub dataset name, or ``upo://<asset>``.
         config_name: Configuration name for ``datasets.load_dataset`` (Hub datasets).
         file_split: The split name a single file, or a saved single ``Dataset``, is given.
-        streaming: Stream a Hub dataset or data directory (``datasets.load_dataset(streaming=True)``); files and
-            saved datasets are read as they are.
+        streaming: Stream the rows (``datasets.load_dataset(streaming=True)``) instead of loading them whole: a Hub
+            dataset, a data directory or a file; a saved dataset is read from disk as a stream of its rows.
 
     Returns:
         (datasets.DatasetDict): A ``DatasetDict`` (an ``IterableDatasetDict`` when streaming).
@@ -129,13 +129,19 @@ def load_splits(source: Any, *, config_name: str | None = None, file_split: str 
                 f"The dataset file {path!r} is empty: it has no rows. Write one row per line (JSON lines), e.g. "
                 f'{{"prompt": "...", "chosen": "...", "rejected": "..."}}, or give another file.'
             )
-        splits = load_dataset(builder, data_files={file_split: path})
-        for ds in splits.values():
-            check_one_format(ds, path)
+        splits = load_dataset(builder, data_files={file_split: path}, streaming=streaming)
+        if not streaming:  # a stream is checked as it is read (its columns, row by row, by the scoring)
+            for ds in splits.values():
+                check_one_format(ds, path)
         return splits
     if _is_saved(path):
         ds = load_from_disk(path)
-        return DatasetDict({file_split: ds}) if isinstance(ds, Dataset) else ds
+        ds = DatasetDict({file_split: ds}) if isinstance(ds, Dataset) else ds
+        if streaming:
+            from datasets import IterableDatasetDict
+
+            return IterableDatasetDict({k: v.to_iterable_dataset() for k, v in ds.items()})
+        return ds
     if _missing_local_path(path):
         raise DatasetLoadError(
             f"The dataset path {path!r} does not exist. Check the path, or give a Hub dataset name (org/name)."
