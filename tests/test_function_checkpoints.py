@@ -54,7 +54,7 @@ def test_lambda_head_checkpoints_are_complete(tiny_model_path, tmp_path, train_d
         # In its place: a description that says what it was, and how to pass it again when called.
         for value in (saved, in_spec):
             assert isinstance(value, MissingCallable)
-            assert kind in value.description and "test_errors_checkpoint.py" in value.description
+            assert kind in value.description and "test_function_checkpoints.py" in value.description
         with pytest.raises(ValueError, match="could not be pickled with the training arguments"):
             saved(completions=["x"])
         state = json.loads((ckpt / "upo_state.json").read_text())
