@@ -222,9 +222,14 @@ def main(argv: list[str] | None = None) -> dict:
         if args.memory or args.timing_and_memory:
             results["memory"] = measure_memory(work, *((64, 2) if args.short else (512, 8)))
     results["load_after"] = load_average()
+    return emit(results, args.json)
+
+
+def emit(results: dict, path: str | None) -> dict:
+    """Print the results as JSON, write them to ``path`` (``--json``) when given, and return them."""
     print(json.dumps(results, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    if path:
+        Path(path).write_text(json.dumps(results, indent=2))
     return results
 
 

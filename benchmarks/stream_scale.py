@@ -131,10 +131,9 @@ def main(argv: list[str] | None = None) -> dict:
                     results["runs"].append(measure(mode, n, args.batch_size, work, args.head_set))
                     print(json.dumps(results["runs"][-1]), flush=True)
     results["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(json.dumps(results, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    return results
+    from benchmarks.scoring_scale import emit
+
+    return emit(results, args.json)
 
 
 if __name__ == "__main__":

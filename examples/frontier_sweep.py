@@ -211,12 +211,9 @@ def evaluate_run(task: Task, path: str, ref: Any, seed: int, s: Settings) -> dic
     )
 
 
-def run_sweep(task_name: str, seeds: list[int], configs: list[str], out_dir: str, s: Settings,
-              log: Callable[[str], None] = print) -> list[dict]:
-    """Train and evaluate every (seed, config) not already in ``results.jsonl``; return all results."""
-    from trl_upo.evaluation import load_model
-
-    task = TASKS[task_name]
+def results_so_far(out_dir: str, task_name: str, key: tuple[str, ...]) -> tuple[str, str, dict]:
+    """``(task_dir, results_file, done)``: the task's directory (created), its ``results.jsonl`` and the results
+    already in it, keyed by the values of ``key`` (a sweep resumes where it stopped)."""
     task_dir = os.path.join(out_dir, task_name)
     os.makedirs(task_dir, exist_ok=True)
     results_file = os.path.join(task_dir, "results.jsonl")
@@ -225,7 +222,17 @@ def run_sweep(task_name: str, seeds: list[int], configs: list[str], out_dir: str
         with open(results_file) as f:
             for line in f:
                 r = json.loads(line)
-                done[(r["seed"], r["config"])] = r
+                done[tuple(r[k] for k in key)] = r
+    return task_dir, results_file, done
+
+
+def run_sweep(task_name: str, seeds: list[int], configs: list[str], out_dir: str, s: Settings,
+              log: Callable[[str], None] = print) -> list[dict]:
+    """Train and evaluate every (seed, config) not already in ``results.jsonl``; return all results."""
+    from trl_upo.evaluation import load_model
+
+    task = TASKS[task_name]
+    task_dir, results_file, done = results_so_far(out_dir, task_name, ("seed", "config"))
     for seed in seeds:
         todo = [c for c in ["start"] + configs if (seed, c) not in done]
         if not todo:

@@ -230,15 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown offline config or method {bad}; offline: {list(OFFLINE)}, methods: {list(ROUNDS)}")
     os.environ.setdefault("TQDM_DISABLE", "1")
     torch.set_num_threads(1)
-    task_dir = os.path.join(a.output_dir, a.task)
-    os.makedirs(task_dir, exist_ok=True)
-    results_file = os.path.join(task_dir, "results.jsonl")
-    done = {}
-    if os.path.exists(results_file):
-        with open(results_file) as f:
-            for line in f:
-                r = json.loads(line)
-                done[(r["seed"], r["method"], r["round"])] = r
+    task_dir, results_file, done = fs.results_so_far(a.output_dir, a.task, ("seed", "method", "round"))
     for seed in a.seeds:
         run_seed(a.task, seed, a, done, results_file)
     results = [r for r in done.values() if r["seed"] in a.seeds]

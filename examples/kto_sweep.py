@@ -78,15 +78,7 @@ def run(task_name: str, seeds: list[int], configs: list[str], out_dir: str, s: A
     from trl_upo.evaluation import load_model
 
     task = fs.TASKS[task_name]
-    task_dir = os.path.join(out_dir, task_name)
-    os.makedirs(task_dir, exist_ok=True)
-    results_file = os.path.join(task_dir, "results.jsonl")
-    done = {}
-    if os.path.exists(results_file):
-        with open(results_file) as f:
-            for line in f:
-                r = json.loads(line)
-                done[(r["seed"], r["config"])] = r
+    task_dir, results_file, done = fs.results_so_far(out_dir, task_name, ("seed", "config"))
     for seed in seeds:
         todo = [c for c in configs if (seed, c) not in done]
         if not todo:

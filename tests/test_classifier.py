@@ -156,18 +156,23 @@ def test_file_hashes_are_reused_until_a_file_is_touched(tmp_path, monkeypatch):
     assert _hf.model_identity("org/not-downloaded", "v1") == "org/not-downloaded@v1"
 
 
+def _wrap_forward(model, before) -> None:
+    """Call ``before(input_ids)`` ahead of each forward of ``model`` (it may raise, as a GPU out of memory does)."""
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def wrapped(*args, **kwargs):
+        before(kwargs["input_ids"])
+        return forward(*args, **kwargs)
+
+    model.forward = wrapped
+
+
 def test_batches_are_sorted_by_length_and_scores_keep_their_order(tiny_classifier_path, manual):
     head = _head(tiny_classifier_path, labels="positive", output="logit", batch_size=2)
     model, _ = head.load()
     sizes = []
-    forward = model.forward
-
-    @functools.wraps(forward)
-    def recording(*args, **kwargs):
-        sizes.append(tuple(kwargs["input_ids"].shape))
-        return forward(*args, **kwargs)
-
-    model.forward = recording
+    _wrap_forward(model, lambda ids: sizes.append(tuple(ids.shape)))
     texts = ["a", "the soup is very good and they like bread", "dogs bark", "rain falls on the very big city"]
     got = head.score(["p"] * 4, texts, role="chosen", columns={})
     assert [s[1] for s in sizes] == sorted((s[1] for s in sizes), reverse=True)  # longest batch first
@@ -179,16 +184,13 @@ def test_cuda_out_of_memory_halves_the_batch_size_and_goes_on(tiny_classifier_pa
     head = _head(tiny_classifier_path, labels="positive", output="logit", batch_size=8)
     model, _ = head.load()
     sizes = []
-    forward = model.forward
 
-    @functools.wraps(forward)
-    def small_gpu(*args, **kwargs):
-        sizes.append(kwargs["input_ids"].shape[0])
-        if kwargs["input_ids"].shape[0] > 2:
+    def small_gpu(ids):
+        sizes.append(ids.shape[0])
+        if ids.shape[0] > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return forward(*args, **kwargs)
 
-    model.forward = small_gpu
+    _wrap_forward(model, small_gpu)
     texts = TEXTS + ["one more", "and another one"]
     with caplog.at_level("WARNING", logger="trl_upo.heads._hf"):
         got = head.score(["p"] * len(texts), texts, role="chosen", columns={})

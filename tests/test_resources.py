@@ -79,21 +79,15 @@ def test_score_refuses_a_packaged_output(tmp_path, monkeypatch, capsys):
     assert "`output` is 'upo://quickstart-data'" in capsys.readouterr().err
 
 
-def test_eval_refuses_a_packaged_output(tmp_path, monkeypatch, capsys):
-    from trl_upo.cli import eval as cli_eval
+@pytest.mark.parametrize("command, argv", [
+    ("eval", ["--model_name_or_path", "upo://tiny-llama", "--dataset_name", "upo://quickstart-data",
+              "--output_dir", "upo://tiny-llama"]),
+    ("build_pairs", ["rank", "--dataset", "upo://quickstart-data", "--output", "upo://quickstart-data"]),
+], ids=["eval", "build_pairs"])
+def test_eval_and_build_pairs_refuse_a_packaged_output(command, argv, tmp_path, monkeypatch, capsys):
+    import importlib
 
     monkeypatch.chdir(tmp_path)
-    code = cli_eval.main(["--model_name_or_path", "upo://tiny-llama", "--dataset_name", "upo://quickstart-data",
-                          "--output_dir", "upo://tiny-llama"], prog="trl-upo eval")
-    assert code == 2
-    assert "never a place to write" in capsys.readouterr().err
-
-
-def test_build_pairs_refuses_a_packaged_output(tmp_path, monkeypatch, capsys):
-    from trl_upo.cli import build_pairs as cli_build
-
-    monkeypatch.chdir(tmp_path)
-    code = cli_build.main(["rank", "--dataset", "upo://quickstart-data", "--output", "upo://quickstart-data"],
-                          prog="trl-upo build-pairs")
-    assert code == 2
+    module = importlib.import_module(f"trl_upo.cli.{command}")
+    assert module.main(argv, prog=f"trl-upo {command}") == 2
     assert "never a place to write" in capsys.readouterr().err

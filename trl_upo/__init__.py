@@ -6,8 +6,9 @@ TRL, only then), so ``trl-upo --help`` and ``--version`` start without importing
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from .lazy import lazy_getattr
 
 __version__ = "0.1.0.dev0"
 
@@ -39,13 +40,8 @@ if TYPE_CHECKING:  # what the names are, for type checkers and the API reference
     from .trainer import UPOMixin, UPOTrainer
 
 
-def __getattr__(name: str) -> Any:
-    """Import a public name's module the first time the name is used."""
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'trl_upo' has no attribute {name!r}")
+#: Import a public name's module the first time the name is used.
+__getattr__ = lazy_getattr(__name__, globals(), _EXPORTS)
 
 
 def __dir__() -> list[str]:

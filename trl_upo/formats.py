@@ -129,3 +129,13 @@ def mapping_list(value: Any, what: str, example: str, singles: tuple[type, ...] 
     if not isinstance(value, (list, tuple)):
         raise ValueError(f"{what} must be a list of mappings, got {type(value).__name__}.")
     return list(value)
+
+
+def loads_json(text: str, where: str, fix: str) -> Any:
+    """``json.loads(text)``; invalid JSON raises a ``ValueError`` that names ``where`` (a file), the position and
+    ``fix``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        position = f"{e.msg} at line {e.lineno}, column {e.colno}; {len(text)} bytes"
+        raise ValueError(f"{where} is not valid JSON ({position}): {fix}") from None

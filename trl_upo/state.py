@@ -11,7 +11,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
+from .atomic import atomic_write
 from .fingerprints import jsonable
+from .formats import loads_json
 from .heads import HeadSpec, RewardHead
 from .heads.registry import resolve_head_class
 from .heads.schema import semantic_params
@@ -82,11 +84,8 @@ def save_state(directory: str, state: dict) -> None:
     """Write ``state`` to ``directory/upo_state.json`` (creating the directory). The file is written under a
     temporary name and renamed, so a run killed mid-save never leaves a truncated state behind."""
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, STATE_FILE)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_write(os.path.join(directory, STATE_FILE)) as f:
         json.dump(state, f, indent=2)
-    os.replace(tmp, path)
 
 
 def load_upo_state(path: str) -> dict[str, Any]:
@@ -102,13 +101,7 @@ def load_upo_state(path: str) -> dict[str, Any]:
            f"{RESUME_WITHOUT_STATE_ENV}=1.")
     with open(file) as f:
         text = f.read()
-    try:
-        state = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(
-            f"{file} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}; {len(text)} bytes): it is "
-            f"truncated or damaged, e.g. by a save that was interrupted. {fix}"
-        ) from None
+    state = loads_json(text, file, f"it is truncated or damaged, e.g. by a save that was interrupted. {fix}")
     problem = _state_problem(state)
     if problem:
         raise ValueError(f"{file} is not a complete UPO state: {problem}. {fix}")

@@ -84,7 +84,7 @@ def load_mixture(mixture: dict[str, Any], train_split: str = "train", test_split
     """
     from datasets import DatasetDict, concatenate_datasets
 
-    from trl_upo.data.loading import load_split
+    from trl_upo.data.loading import load_split, require_columns
 
     seed = int(mixture.get("seed", 0))
     parts = []
@@ -92,11 +92,7 @@ def load_mixture(mixture: dict[str, Any], train_split: str = "train", test_split
         ds = load_split(entry["id"], entry.get("split", "train"), config_name=entry.get("config"))
         columns = entry.get("columns")
         if columns:
-            missing = [c for c in columns if c not in ds.column_names]
-            if missing:
-                raise UsageError(
-                    f"dataset_mixture: {entry['id']!r} has no columns {missing}; it has {ds.column_names}."
-                )
+            require_columns(ds, columns, entry["id"], "dataset_mixture: columns")
             ds = ds.select_columns(list(columns))
         weight = float(entry.get("weight", 1.0))
         if weight < 1.0:

@@ -150,6 +150,13 @@ def load_splits(source: Any, *, config_name: str | None = None, file_split: str 
     return ds if hasattr(ds, "keys") else DatasetDict({file_split: ds})
 
 
+def require_columns(ds: Any, names: Any, source: Any, what: str) -> None:
+    """Fail naming the columns of ``names`` that ``ds`` (loaded from ``source``) lacks; ``what`` names the setting."""
+    missing = [c for c in names if c not in ds.column_names]
+    if missing:
+        raise DatasetLoadError(f"{what} names {missing}, which {str(source)!r} does not have: {ds.column_names}.")
+
+
 def _load_named_split(path: str, split: str, config_name: str | None, source: Any, fix: str) -> Any:
     """One split of a Hub dataset or data directory; ``split`` may slice (``train[:100]``), as in ``datasets``."""
     from datasets import load_dataset
@@ -225,11 +232,7 @@ def load_split(
     if not isinstance(ds, Dataset):
         raise DatasetLoadError(f"{str(source)!r} did not load as one dataset split (got {type(ds).__name__}).")
     if remove_columns:
-        missing = [c for c in remove_columns if c not in ds.column_names]
-        if missing:
-            raise DatasetLoadError(
-                f"remove_columns names {missing}, which {str(source)!r} does not have: {ds.column_names}."
-            )
+        require_columns(ds, remove_columns, source, "remove_columns")
         ds = ds.remove_columns(list(remove_columns))
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))

@@ -35,6 +35,8 @@ import importlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from trl_upo.lazy import lazy_getattr
+
 #: The dotted path an axolotl config names in ``plugins:``.
 PLUGIN = "trl_upo.integrations.axolotl.UPOPlugin"
 #: The trainer class the plugin puts in ``trainer_cls`` (axolotl's RL builder passes the model and the reference
@@ -59,13 +61,8 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """Build an axolotl-dependent name the first time it is used (``from ... import UPOPlugin`` included)."""
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+#: Build an axolotl-dependent name the first time it is used (``from ... import UPOPlugin`` included).
+__getattr__ = lazy_getattr(__name__, globals(), _LAZY)
 
 
 def upo_fields() -> list[dataclasses.Field]:

@@ -26,23 +26,18 @@ def missing_columns_error(cols: set[str], roles: Sequence[str]) -> DataError | N
     roles, the prompt); None when nothing is missing. A paired dataset without ``prompt`` is fine (implicit)."""
     if tuple(roles) != ROLES:
         missing = [c for c in ("prompt", *roles) if c not in cols]
-        if not missing:
-            return None
         hint = (" Preference pairs (chosen/rejected) train with the DPO trainer (trainer: dpo), or unpair them first "
                 "(trl.data_utils.unpair_preference_dataset)." if {"chosen", "rejected"} <= cols else "")
-        return DataError(
-            f"Unpaired data needs the columns 'prompt' and {', '.join(repr(r) for r in roles)}; this dataset has "
-            f"no {missing}. Columns: {sorted(cols)}.{hint}"
-        )
-    missing = [c for c in RESPONSE_COLUMNS if c not in cols]
+        need = f"Unpaired data needs the columns 'prompt' and {', '.join(repr(r) for r in roles)}"
+    else:
+        missing = [c for c in RESPONSE_COLUMNS if c not in cols]
+        hint = (" These are unpaired rows (completion, label): train them with UPOKTOTrainer (trainer: kto in a "
+                "recipe)." if {"completion", "label"} <= cols else "")
+        need = ("UPOTrainer needs a preference dataset with 'chosen' and 'rejected' columns (and 'prompt', or an "
+                "implicit prompt shared by both)")
     if not missing:
         return None
-    hint = (" These are unpaired rows (completion, label): train them with UPOKTOTrainer (trainer: kto in a "
-            "recipe)." if {"completion", "label"} <= cols else "")
-    return DataError(
-        f"UPOTrainer needs a preference dataset with 'chosen' and 'rejected' columns (and 'prompt', or an "
-        f"implicit prompt shared by both); this dataset has no {missing}. Columns: {sorted(cols)}.{hint}"
-    )
+    return DataError(f"{need}; this dataset has no {missing}. Columns: {sorted(cols)}.{hint}")
 
 
 def ensure_prompt(dataset: Dataset, roles: Sequence[str] = ROLES) -> Dataset:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from datasets.fingerprint import Hasher
 
+from ..atomic import atomic_write
 from ..formats import DataError
 from ..heads import HeadSpec, RewardHead
 from .calls import reads_tokenizer
@@ -165,10 +166,8 @@ def write_statistics_summary(directory: str, summary: dict[str, Any]) -> str:
     """Write ``summary`` to ``directory/upo_statistics.json`` atomically (a temporary file, then renamed)."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, STATISTICS_FILE)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         json.dump(summary, f, indent=2)
-    os.replace(tmp, path)
     return path
 
 
