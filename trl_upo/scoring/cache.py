@@ -72,6 +72,7 @@ def untrusted_reason(path: str) -> str | None:
 
 
 def warn_untrusted(cache_dir: str, reason: str) -> None:
+    """Warn once per directory that the cache there is not trusted (``reason``), and is neither read nor written."""
     key = "untrusted:" + os.path.abspath(cache_dir)
     if key in _WARNED:
         return
