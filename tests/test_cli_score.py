@@ -167,7 +167,7 @@ def test_several_processes_relaunch_this_module_through_the_shared_launcher(reci
     monkeypatch.delenv(launch.LAUNCHED_ENV, raising=False)
     for name in ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_MIXED_PRECISION", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(launch.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 7)
+    monkeypatch.setattr(launch, "run_process_tree", lambda cmd, env, prog=None: calls.append((cmd, env)) or 7)
     assert cli_score.main(["--config", recipe_path, "--num_processes", "2"]) == 7  # the launcher's exit code
     ((cmd, env),) = calls
     module_at = cmd.index("-m", 3)

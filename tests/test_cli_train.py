@@ -298,7 +298,7 @@ def test_launch_options_relaunch_through_accelerate(tmp_path, recipe, capsys, mo
                 "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(key, raising=False)
     calls = []
-    monkeypatch.setattr(cli_launch.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
+    monkeypatch.setattr(cli_launch, "run_process_tree", lambda cmd, env, prog=None: calls.append((cmd, env)) or 0)
     recipe["num_processes"] = 2
     path = write_recipe(tmp_path / "r.yaml", **recipe)
     code, out, _ = run_main(["--config", path, "--max_steps", "3", "--main_process_port", "29611"], capsys)

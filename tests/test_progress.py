@@ -45,7 +45,9 @@ def test_tqdm_disable_quiets_the_bars(tmp_path, monkeypatch):
     """TQDM_DISABLE=1 (what the user asks) turns the scoring and generation bars off; without it they are on."""
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     import datasets
+    from huggingface_hub.utils import enable_progress_bars
 
+    enable_progress_bars()  # an earlier in-process command of the suite may have turned the Hub's bars off
     datasets.enable_progress_bars()
     assert progress_enabled()
     monkeypatch.setenv("TQDM_DISABLE", "1")
@@ -70,6 +72,9 @@ def test_compact_console_keeps_the_progress_switches_on(monkeypatch):
     class Args:
         disable_tqdm = False
 
+    from huggingface_hub.utils import enable_progress_bars
+
+    enable_progress_bars()  # an earlier in-process command of the suite may have turned the Hub's bars off
     datasets.enable_progress_bars()
     quiet_progress(Args(), "compact")
     assert progress_enabled()

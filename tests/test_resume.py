@@ -18,6 +18,7 @@ import yaml
 from transformers import TrainerCallback
 
 from trl_upo import UPOTrainer
+from trl_upo.checkpoints import mark_complete
 from trl_upo.quickstart import NOVERY_HEAD
 
 from tests.helpers import cpu_args
@@ -176,6 +177,7 @@ def test_resume_true_finds_last_checkpoint(run_a, tmp_path):
     state["statistics"][0]["mean"] += 1.0
     with open(os.path.join(ckpt6, STATE_FILE), "w") as f:
         json.dump(state, f)
+    mark_complete(ckpt6)  # the edited state is part of the checkpoint (else its marker says the save was cut short)
     counter = _StepCounter()
     trainer = UPOTrainer(
         model=run_a["model"],

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from datasets import Dataset, IterableDataset
+from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 from trl import DPOConfig
@@ -169,11 +169,12 @@ def test_dpo_config_is_accepted_and_trains_as_dpo(tiny_model_path, train_dataset
     assert not any(k.startswith("upo/") for h in trainer.state.log_history for k in h)
 
 
-def test_iterable_dataset_with_heads_is_rejected(tiny_model_path, train_dataset, tmp_path, score_cache):
+def test_a_train_set_that_is_no_dataset_is_a_clear_error_with_heads(tiny_model_path, train_dataset, tmp_path,
+                                                                      score_cache):
+    """A map-style Dataset or a stream (tests/test_streaming.py) is scored; anything else is refused by name."""
     args = cpu_args(tmp_path, reward_heads=[NOVERY], upo_score_cache_dir=score_cache)
-    iterable = IterableDataset.from_generator(lambda: iter(train_dataset))
-    with pytest.raises(ValueError, match="IterableDataset"):
-        UPOTrainer(model=tiny_model_path, args=args, train_dataset=iterable)
+    with pytest.raises(TypeError, match="must be a `datasets.Dataset` or `IterableDataset`, got list"):
+        UPOTrainer(model=tiny_model_path, args=args, train_dataset=list(train_dataset))
 
 
 def test_vision_dataset_with_heads_is_rejected(tiny_model_path, tmp_path, score_cache):

@@ -55,12 +55,14 @@ def score_stream(
         stream: the rows: ``prompt`` (optional for pairs: an implicit prompt is extracted as DPOTrainer does),
             ``chosen`` and ``rejected`` (``roles=ROLES``) or ``completion`` (``roles=UNPAIRED_ROLES``), and the
             columns the heads read.
-        heads, specs: the built heads and their specs, in the same order.
+        heads: the built heads.
+        specs: their specs, in the same order.
         split: the split's name, for messages.
         tokenizer: passed to the heads (the policy's).
         batch_size: rows per head call (``upo_score_batch_size``).
         roles: the response columns.
-        cache_dir, use_cache: the score cache (see the module docstring: model and function heads only).
+        cache_dir: the score cache's directory (see the module docstring: model and function heads only).
+        use_cache: whether to read and write it.
 
     Returns:
         An ``IterableDataset``; nothing is scored until it is iterated. Its features are the stream's plus one
