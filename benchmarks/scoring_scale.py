@@ -126,7 +126,7 @@ import torch
 from transformers import PreTrainedModel
 from tests.helpers import cpu_args
 from tests.tiny import preference_dataset
-import trl_upo.trainer as trainer_module
+import trl_upo.core as trainer_module  # the core scores the datasets
 from trl_upo import UPOTrainer
 
 policy, classifier, out = sys.argv[1:4]
