@@ -125,6 +125,11 @@ def test_real_run_card_saved_and_pushed(tiny_model_path, train_dataset, tmp_path
                     reward_heads=[{"name": "length", "weight": 0.5, "params": {"unit": "words"}}])
     trainer = UPOTrainer(model=tiny_model_path, args=args, train_dataset=train_dataset)
     trainer.train()
+    import trl_upo.card as card_module
+
+    summaries = []
+    real_summary = card_module.train_score_summary
+    monkeypatch.setattr(card_module, "train_score_summary", lambda *a: summaries.append(1) or real_summary(*a))
     trainer.save_model(str(out))  # save_model alone writes the card, UPO section included (save_strategy 'no')
     saved = (out / "README.md").read_text()
     assert saved.count(BEGIN) == 1 and "**`upo_alpha = 0.75`**" in saved and "| `length` |" in saved
@@ -147,6 +152,9 @@ def test_real_run_card_saved_and_pushed(tiny_model_path, train_dataset, tmp_path
     pushed = uploaded["me/tiny-upo"]
     assert pushed.count(BEGIN) == 1 and "**`upo_alpha = 0.75`**" in pushed and "| `length` |" in pushed
     assert "| preference accuracy | 0.5 | 0.875 | +0.375 |" in pushed and "me/tiny-upo" in pushed
+    # The train split's score summary is read once for the run, however often the card is written (save_model,
+    # save_card, push_to_hub; every checkpoint in a run with a save_strategy).
+    assert len(summaries) == 1
 
 
 @pytest.mark.slow

@@ -133,3 +133,20 @@ def test_ktotrainer_is_read_the_same_way():
         module(torch.ones(1, 3), fused_lm_head=True)  # the policy forward
         assert [t.shape[1] for t in capture.policy] == [3]
     capture.remove()
+
+
+def test_adapter_hooks_are_checked_by_declaration_not_by_class_name():
+    """The methods an adapter hooks beyond the common ones come from its ``upo_trl_hooks``: a KTO subclass with
+    another name is checked for ``_compute_kl_logps`` as KTOTrainer is, and a TRL trainer lacking a declared hook
+    fails with the method's name (no trainer special case keyed on a class name)."""
+    from trl_upo import UPOKTOTrainer, UPOTrainer
+    from trl_upo.compat import TRLContractError
+
+    assert UPOKTOTrainer.upo_trl_hooks == ("_compute_kl_logps",) and UPOTrainer.upo_trl_hooks == ()
+
+    class RenamedKTO(trl.KTOTrainer):
+        pass
+
+    assert check_trl(None, RenamedKTO, UPOKTOTrainer.upo_trl_hooks) == logprob_path(trl.KTOTrainer)
+    with pytest.raises(TRLContractError, match="_compute_kl_logps"):
+        check_trl(None, trl.DPOTrainer, UPOKTOTrainer.upo_trl_hooks)

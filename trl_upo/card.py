@@ -277,8 +277,16 @@ def write_upo_section(trainer: Any, directory: str | os.PathLike | None = None) 
     from datasets import Dataset
 
     dataset = getattr(trainer, "train_dataset", None)
-    # A stream is not read again for a summary: its card has none.
-    summary = train_score_summary(dataset, state["heads"]) if isinstance(dataset, Dataset) else None
+    # A stream is not read again for a summary: its card has none. A map-style split's summary is computed once per
+    # split and heads (every checkpoint writes the card), keyed on the dataset's fingerprint.
+    summary = None
+    if isinstance(dataset, Dataset):
+        key = (dataset._fingerprint, tuple((h["name"], h.get("higher_is_better", True)) for h in state["heads"]))
+        cached = getattr(trainer, "_upo_card_summary", None)
+        if cached is None or cached[0] != key:
+            cached = (key, train_score_summary(dataset, state["heads"]))
+            trainer._upo_card_summary = cached
+        summary = cached[1]
     return add_upo_section(directory or trainer.args.output_dir, state, summary, getattr(trainer, "upo_report", None))
 
 

@@ -35,8 +35,6 @@ FUSED, LOGITS = "fused", "logits"
 POLICY_FN, SHARED_FN = "selective_log_softmax_and_entropy", "selective_log_softmax"
 #: ``DPOTrainer`` methods and attributes UPO calls or reads, on every path.
 REQUIRED_METHODS = ("compute_loss", "_compute_loss", "compute_ref_log_probs", "_set_signature_columns_if_needed")
-#: What UPO also hooks in ``KTOTrainer``: the KL-estimate forward, paused while it runs.
-KTO_REQUIRED_METHODS = (*REQUIRED_METHODS, "_compute_kl_logps")
 
 
 class TRLContractError(RuntimeError):
@@ -82,17 +80,19 @@ def _dpo_compute_loss(trainer_class: Any = None) -> Any:
     return inspect.unwrap(fn) if fn is not None else None
 
 
-def logprob_path(trainer_class: Any = None) -> str:
+def logprob_path(trainer_class: Any = None, hooks: tuple[str, ...] = ()) -> str:
     """How the installed TRL computes the policy's per-token log-probs: :data:`FUSED` or :data:`LOGITS`.
 
     Args:
         trainer_class: the TRL trainer whose loss UPO reads (``DPOTrainer`` when None, or ``KTOTrainer``).
+        hooks: the methods of ``trainer_class`` an adapter hooks besides :data:`REQUIRED_METHODS` (its
+            ``upo_trl_hooks``: ``("_compute_kl_logps",)`` for KTO); each must exist.
 
     Raises:
         TRLContractError: neither way is there (a TRL that UPO does not know).
     """
     cls = _trainer_class(trainer_class)
-    required = KTO_REQUIRED_METHODS if cls.__name__ == "KTOTrainer" else REQUIRED_METHODS
+    required = (*REQUIRED_METHODS, *hooks)
     missing = [name for name in required if not callable(getattr(cls, name, None))]
     fn = _dpo_compute_loss(cls)
     if missing or fn is None:
@@ -113,20 +113,21 @@ def logprob_path(trainer_class: Any = None) -> str:
     )
 
 
-def check_trl(args: Any = None, trainer_class: Any = None) -> str:
+def check_trl(args: Any = None, trainer_class: Any = None, hooks: tuple[str, ...] = ()) -> str:
     """Check, before any scoring, that the installed TRL offers what UPO relies on; return the log-prob path.
 
     Args:
         args: the trainer's config (checked for options the path cannot serve: ``use_liger_kernel`` on the logits
             path, which gives no per-token log-probs).
         trainer_class: the TRL trainer UPO hooks (``DPOTrainer`` when None, or ``KTOTrainer``).
+        hooks: as in :func:`logprob_path`.
 
     Raises:
         TRLContractError: an unknown TRL, TRL 1.15's fused head without Triton, or Liger on the logits path.
     """
     from packaging.version import InvalidVersion, Version
 
-    path = logprob_path() if trainer_class is None else logprob_path(trainer_class)
+    path = logprob_path(trainer_class, hooks) if trainer_class is not None or hooks else logprob_path()
     version = trl_version()
     try:
         parsed = Version(version)

@@ -14,7 +14,8 @@ What every UPO trainer shares lives here, once, in :class:`UPOCore`:
 An **adapter** (``trl_upo.trainer.UPOMixin`` for DPO, ``trl_upo.kto.UPOKTOMixin`` for KTO) is a small subclass that
 declares, and only declares:
 
-- ``upo_trl_class``: the TRL trainer whose loss it reads (``DPOTrainer``, ``KTOTrainer``);
+- ``upo_trl_class``: the TRL trainer whose loss it reads (``DPOTrainer``, ``KTOTrainer``), and optionally
+  ``upo_trl_hooks``, the further methods of it the adapter overrides (checked to exist when a trainer is built);
 - ``upo_config_class``: the config it needs for reward heads (``UPOConfig``, ``UPOKTOConfig``);
 - ``upo_roles``: the responses of a row (``("chosen", "rejected")``, ``("completion",)``);
 - ``upo_term(step) -> (loss, statistics)``: its auxiliary term on one batch, with named statistics;
@@ -74,6 +75,8 @@ class UPOCore:
     # ---- the adapter's contract ----------------------------------------------------------------------------------
     #: The TRL trainer whose loss UPO reads (checked, hooked; its constructor's parameters read positional arguments).
     upo_trl_class: type
+    #: Methods of ``upo_trl_class`` the adapter hooks besides the ones every adapter reads (checked when it is built).
+    upo_trl_hooks: tuple[str, ...] = ()
     #: The config class reward heads need (built, with the model's name, when no config is given).
     upo_config_class: type
     #: The responses of a row, in value-layout order.
@@ -104,7 +107,7 @@ class UPOCore:
         config = named["args"]
         self._upo_setup_heads(config)
         if self._upo_heads:
-            self._upo_path = check_trl(config, self.upo_trl_class)  # before any scoring: a TRL UPO cannot read fails
+            self._upo_path = check_trl(config, self.upo_trl_class, self.upo_trl_hooks)  # before any scoring: a TRL UPO cannot read fails
             if named.get("processing_class") is None:
                 # The processor the TRL trainer would load (and then does not load again): heads may need it.
                 model_id = model if isinstance(model, str) else get_config_model_id(model.config)

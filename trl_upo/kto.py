@@ -38,6 +38,7 @@ class UPOKTOMixin(UPOCore):
     :class:`~trl_upo.UPOKTOConfig` (or subclass) for reward heads."""
 
     upo_trl_class = KTOTrainer
+    upo_trl_hooks = ("_compute_kl_logps",)  # paused while KTO's KL-estimate forward runs
     upo_config_class = UPOKTOConfig
     upo_roles = UNPAIRED_ROLES
     upo_sparse_statistics = True

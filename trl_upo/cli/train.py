@@ -468,7 +468,7 @@ def train(script_args, training_args, model_args, dataset_args):
         ]
     before = policy_report(trainer, script_args, model_id, report_ds, before=True) if report_ds is not None else None
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
+    trainer.save_model(training_args.output_dir, _internal_call=True)  # the card and the push come once, below
     if trainer.accelerator.is_main_process:
         mark_complete(training_args.output_dir)  # the final model's files, names and sizes (upo_complete.json)
     report = None
