@@ -135,6 +135,8 @@ def test_real_run_card_saved_and_pushed(tiny_model_path, train_dataset, tmp_path
     assert saved.count(BEGIN) == 1 and "**`upo_alpha = 0.75`**" in saved and "| `length` |" in saved
     text = Path(save_card(trainer, str(out), report=REPORT)).read_text()
     assert "# Model Card for out" in text and "This model was trained with UPO" in text  # TRL's card, kept
+    # TRL links the Hub page of "None" for a model from a local directory; the card names the directory instead.
+    assert "[None](" not in text and f"the local model `{Path(tiny_model_path).name}`" in text
     assert text.count(BEGIN) == 1 and "**`upo_alpha = 0.75`**" in text
     row = next(line for line in text.splitlines() if line.startswith("| `length`"))
     assert "| 0.5 |" in row and "`unit=words`" in row and "of untied pairs prefer chosen (32 pairs" in row

@@ -231,8 +231,13 @@ def upo_section(state: dict[str, Any], summary: dict[str, dict[str, float]] | No
     return "\n".join([*lines, END, ""])
 
 
+#: What TRL's card template says of a model trained from a local directory (it links the Hub page of "None").
+_NONE_BASE = "a fine-tuned version of [None](https://huggingface.co/None)"
+
+
 def add_upo_section(directory: str | os.PathLike, state: dict[str, Any],
-                    summary: dict[str, dict[str, float]] | None = None, report: dict[str, Any] | None = None) -> str:
+                    summary: dict[str, dict[str, float]] | None = None, report: dict[str, Any] | None = None,
+                    base_model: str | None = None) -> str:
     """Put the UPO section into ``directory/README.md`` (the card TRL wrote), replacing an earlier UPO section.
 
     The section goes before TRL's ``## Citations`` section (at the end when there is none). With no card there, a
@@ -243,12 +248,16 @@ def add_upo_section(directory: str | os.PathLike, state: dict[str, Any],
         state: As in :func:`upo_section`.
         summary: As in :func:`upo_section`.
         report: As in :func:`upo_section`.
+        base_model: The model trained from (``config._name_or_path``). TRL's card links no base model for a local
+            directory and says "a fine-tuned version of [None](...)": that phrase then names the directory instead.
 
     Returns:
         The card's path.
     """
     path = Path(directory) / CARD_FILE
     text = path.read_text(encoding="utf-8") if path.exists() else "# Model card\n"
+    if base_model and _NONE_BASE in text:
+        text = text.replace(_NONE_BASE, f"a fine-tuned version of the local model `{Path(base_model).name}`")
     if BEGIN in text and END in text:
         text = text[: text.index(BEGIN)] + text[text.index(END) + len(END):].lstrip("\n")
     cite = "badrinath2025unified" not in text
@@ -287,7 +296,9 @@ def write_upo_section(trainer: Any, directory: str | os.PathLike | None = None) 
             cached = (key, train_score_summary(dataset, state["heads"]))
             trainer._upo_card_summary = cached
         summary = cached[1]
-    return add_upo_section(directory or trainer.args.output_dir, state, summary, getattr(trainer, "upo_report", None))
+    base = getattr(getattr(getattr(trainer, "model", None), "config", None), "_name_or_path", None)
+    return add_upo_section(directory or trainer.args.output_dir, state, summary, getattr(trainer, "upo_report", None),
+                           base_model=base)
 
 
 def save_card(trainer: Any, output_dir: str | None = None, report: dict[str, Any] | None = None,
