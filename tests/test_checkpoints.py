@@ -91,3 +91,29 @@ def test_the_marker_callback_marks_a_saved_checkpoint(tmp_path):
     marker_callback().on_save(SimpleNamespace(output_dir=str(tmp_path)),
                               SimpleNamespace(is_world_process_zero=True, global_step=7), None)
     assert (path / MARKER).is_file() and checkpoint_problem(str(path)) is None
+
+
+def test_a_final_save_cut_short_is_named_and_not_marked(tiny_model_path, train_dataset, tmp_path, monkeypatch):
+    """Disk full at the final save (issue 23, item 5): before, the weights were lost and output_dir kept config files
+    that looked like a model, with a library traceback. Now the error names the directory, its files and the fix,
+    and an earlier run's marker there is removed (it would vouch for replaced files); a save that works is marked."""
+    import transformers.modeling_utils as modeling_utils
+
+    from tests.helpers import cpu_args
+    from trl_upo import UPOTrainer
+    from trl_upo.checkpoints import IncompleteSaveError, save_final
+
+    out = tmp_path / "out"
+    args = cpu_args(out, max_steps=1, reward_heads=[{"name": "length"}], upo_score_cache_dir=str(tmp_path / "c"))
+    trainer = UPOTrainer(model=tiny_model_path, args=args, train_dataset=train_dataset)
+    save_final(trainer, str(out))
+    assert checkpoint_problem(str(out), require_state=False) is None and (out / MARKER).is_file()
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(modeling_utils, "safe_save_file", full)
+    with pytest.raises(IncompleteSaveError, match=r"final save to .*out failed \(No space left on device\).*"
+                                                  r"config\.json.*resume_from_checkpoint"):
+        save_final(trainer, str(out))
+    assert not (out / MARKER).exists()

@@ -11,6 +11,8 @@ no file. Here:
   of another size, or (a checkpoint saved without a marker) a ``.safetensors`` file whose header promises more bytes
   than it has, or a ``torch.save`` archive (``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``, ``*.bin``) without
   its zip directory. The message names the file.
+- :func:`save_final` saves the final model and marks it; a save cut short is an :class:`IncompleteSaveError` that
+  names the directory and its files.
 - :func:`last_complete_checkpoint` is the newest ``checkpoint-N`` without a problem; the skipped ones are returned
   too, so that the command can name them.
 """
@@ -46,6 +48,41 @@ def mark_complete(directory: str) -> None:
     files = _files(directory)
     with atomic_write(os.path.join(directory, MARKER)) as f:
         json.dump({"format": 1, "files": files}, f, indent=1, sort_keys=True)
+
+
+class IncompleteSaveError(OSError):
+    """The final save stopped part-way (a full disk, a quota): the message names the directory, what it holds, and
+    the fix."""
+
+
+def save_final(trainer, output_dir: str) -> None:
+    """Save the trained model into ``output_dir`` and mark it complete (:data:`MARKER`, on the main process).
+
+    The card and a push are left to the caller (``save_model(..., _internal_call=True)``). An earlier marker there is
+    removed first: it would vouch for files this save replaces. A save that fails part-way leaves config files that
+    look like a model next to missing or short weights; it is raised as :class:`IncompleteSaveError`, naming the files
+    there, instead of a library traceback.
+
+    Raises:
+        IncompleteSaveError: the save failed with an ``OSError`` (no space left, a quota, an I/O error).
+    """
+    main = trainer.accelerator.is_main_process
+    if main and os.path.isfile(os.path.join(output_dir, MARKER)):
+        os.remove(os.path.join(output_dir, MARKER))
+    try:
+        trainer.save_model(output_dir, _internal_call=True)
+    except OSError as e:
+        if isinstance(e, IncompleteSaveError):
+            raise
+        present = sorted(_files(output_dir)) if os.path.isdir(output_dir) else []
+        raise IncompleteSaveError(
+            e.errno, f"The final save to {output_dir} failed ({e.strerror or e}): the directory holds an incomplete "
+            f"model ({', '.join(present) or 'no files'}; no {MARKER}), do not load it. Free space (or set another "
+            f"output_dir) and train again, or resume from the last complete checkpoint (resume_from_checkpoint: "
+            f"true)."
+        ) from e
+    if main:
+        mark_complete(output_dir)
 
 
 def _safetensors_problem(path: str) -> str | None:

@@ -25,6 +25,7 @@ import typing
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ..checkpoints import IncompleteSaveError
 from ..formats import DataError
 from ..resources import ResourcePathError
 
@@ -423,6 +424,7 @@ def debug_enabled() -> bool:
 #: Errors a user fixes by changing what they typed or named (exit code 2, one message, no traceback).
 USER_ERRORS: tuple[type[BaseException], ...] = (
     UsageError, DataError, ResourcePathError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+    IncompleteSaveError,
 )
 
 

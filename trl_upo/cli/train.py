@@ -435,7 +435,7 @@ def train(script_args, training_args, model_args, dataset_args):
         The trainer.
     """
     from trl_upo.atomic import atomic_write
-    from trl_upo.checkpoints import mark_complete
+    from trl_upo.checkpoints import save_final
     from trl_upo.cli.checks import preflight
     from trl_upo.cli.console import silence_upstream_deprecations, use_compact_console
     from trl_upo.cli.report import REPORT_FILE, format_report, policy_report
@@ -468,9 +468,7 @@ def train(script_args, training_args, model_args, dataset_args):
         ]
     before = policy_report(trainer, script_args, model_id, report_ds, before=True) if report_ds is not None else None
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir, _internal_call=True)  # the card and the push come once, below
-    if trainer.accelerator.is_main_process:
-        mark_complete(training_args.output_dir)  # the final model's files, names and sizes (upo_complete.json)
+    save_final(trainer, training_args.output_dir)  # marked complete (upo_complete.json); card and push come below
     report = None
     if report_ds is not None:
         after = policy_report(trainer, script_args, model_id, report_ds, before=False)
