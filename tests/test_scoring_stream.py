@@ -248,3 +248,65 @@ def test_two_processes_the_sampled_same_rows_check_catches_different_rows(tmp_pa
         assert result["digests_match"] is True and result["stream_statistics_match"] is True
         for name in ("order", "rows", "size"):
             assert result[name].startswith("The processes were given different train datasets"), (name, result)
+
+
+def test_scores_recorded_by_trl_upo_score_are_reused_by_a_stream_without_calling_the_head(tmp_path, score_cache,
+                                                                                         capsys):
+    """A ``trl-upo score --output`` dataset read as a stream: every batch whose rows record the same head takes its
+    scores from the columns (the head is never called); a changed row, or a head with other parameters, is scored."""
+    from datasets import load_dataset
+
+    from tests.test_cli_train import CPU, write_data, write_recipe
+    from trl_upo.cli import score as cli_score
+
+    entries = [{"name": "words", "type": "length", "params": {"unit": "words"}},
+               {"name": "lex", "type": "lexicon", "params": {"encourage": ["good"], "avoid": ["very"]}}]
+    recipe = write_recipe(tmp_path / "r.yaml", dataset_name=str(write_data(tmp_path / "data", n_train=12, n_test=4)),
+                          output_dir=str(tmp_path / "unused"), **CPU, reward_heads=entries,
+                          upo_score_cache_dir=score_cache)
+    assert cli_score.main(["--config", recipe, "--output", str(tmp_path / "scored")]) == 0
+    capsys.readouterr()
+    path = str(tmp_path / "scored" / "train.jsonl")
+    written = [json.loads(line) for line in open(path)]
+    heads, specs = _heads(entries)
+    calls = []
+    for head in heads:
+        score = head.score
+        head.score = lambda *a, _score=score, **k: calls.append(k["role"]) or _score(*a, **k)
+    stream = load_dataset("json", data_files=path, split="train", streaming=True)
+    rows = list(score_stream(stream, heads, specs, batch_size=5))
+    assert calls == []  # recorded: no head was called for any batch
+    assert rows == written
+
+    changed = stream.map(lambda r, i: {"chosen": r["chosen"] + " very" if i == 7 else r["chosen"]}, with_indices=True)
+    rows = list(score_stream(changed, heads, specs, batch_size=5))
+    assert len(calls) == 2 * 2  # the batch of rows 5..9 only, both heads, both roles
+    words = score_column("words", "chosen")
+    assert abs(rows[7][words]) == abs(written[7][words]) + 1  # one word more, scored by the head
+
+    other, other_specs = _heads([{**entries[0], "params": {"unit": "chars"}}])
+    rows = list(score_stream(stream, other, other_specs, batch_size=5))
+    assert abs(rows[0][words]) == len(written[0]["chosen"]) != abs(written[0][words])  # other parameters: rescored
+
+
+def test_a_stream_scored_with_record_writes_the_provenance_map_style_scoring_writes(tmp_path, score_cache):
+    """``score_stream(record=True)`` (``trl-upo score --dataset_streaming true --output``) records the same
+    ``upo__scored_by`` as ``score_dataset(record=True)``, and a stream of its output is not scored again."""
+    from datasets import load_dataset
+
+    from trl_upo.scoring.provenance import PROVENANCE_COLUMN
+
+    data = preference_dataset(12, seed=5)
+    heads, specs = _heads()
+    streamed = list(score_stream(data.to_iterable_dataset(), heads, specs, batch_size=5, record=True))
+    mapped, _ = score_dataset(data, heads, specs, split="train", cache_dir=score_cache, record=True)
+    assert [r[PROVENANCE_COLUMN] for r in streamed] == mapped[PROVENANCE_COLUMN]
+    path = tmp_path / "scored.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in streamed))
+    calls = []
+    for head in heads:
+        score = head.score
+        head.score = lambda *a, _score=score, **k: calls.append(k["role"]) or _score(*a, **k)
+    again = list(score_stream(load_dataset("json", data_files=str(path), split="train", streaming=True), heads, specs,
+                              batch_size=5))
+    assert calls == [] and again == streamed

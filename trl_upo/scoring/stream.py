@@ -7,6 +7,11 @@ called exactly as for a map-style dataset (:func:`~trl_upo.scoring.calls.score_b
 of ``batch_size`` rows; model heads batch on their device and halve their batch on a CUDA out-of-memory error), and a
 non-finite score raises naming the head and the row (its position in the stream as this process reads it).
 
+Scores recorded by ``trl-upo score --output`` (the ``upo__scored_by`` column, :mod:`~trl_upo.scoring.provenance`)
+are reused as for a map-style dataset, batch by batch: a batch whose every row records the same head (same digest:
+its fingerprint, the tokenizer, the roles) and is unchanged takes its scores from the score columns, and the head is
+not called for it; any other batch is scored.
+
 The score cache of a stream is keyed on the content of each batch (not on row indices: a stream has no length and
 no fingerprint that names its rows): a re-read of the same stream with the same batch size (a second run, an
 evaluation) loads each batch's scores instead of running the head. It applies to heads that are not
@@ -34,7 +39,7 @@ from ..heads import HeadSpec, RewardHead
 from .cache import default_cache_dir, untrusted_reason, warn_untrusted, warn_unwritable
 from .calls import check_finite, reads_tokenizer, score_batch
 from .columns import ROLES, missing_columns_error, score_column
-from .provenance import head_digest
+from .provenance import PROVENANCE_COLUMN, batch_row_digests, head_digest, record_batch, recorded_batch_scores
 
 
 def score_stream(
@@ -48,6 +53,7 @@ def score_stream(
     roles: Sequence[str] = ROLES,
     cache_dir: str | None = None,
     use_cache: bool = True,
+    record: bool = False,
 ) -> IterableDataset:
     """The stream with the score columns ``upo_<head>_<role>`` added, computed lazily ``batch_size`` rows at a time.
 
@@ -63,6 +69,8 @@ def score_stream(
         roles: the response columns.
         cache_dir: the score cache's directory (see the module docstring: model and function heads only).
         use_cache: whether to read and write it.
+        record: add the ``upo__scored_by`` column to every batch, as ``score_dataset(record=True)`` does
+            (``trl-upo score --output`` from a stream), so that a later read reuses the scores.
 
     Returns:
         An ``IterableDataset``; nothing is scored until it is iterated. Its features are the stream's plus one
@@ -86,8 +94,11 @@ def score_stream(
             _check_columns(set(batch), heads, specs, roles, split)
             state["checked"] = True
         batch = _with_prompt(batch, roles)
+        recorded = {}
         for head, spec, digest in zip(heads, specs, digests, strict=True):
-            values = cache.load(spec.name, digest, batch, head, roles) if not head.parallel_safe else None
+            values = _recorded(batch, head, spec.name, digest, roles)
+            if values is None and not head.parallel_safe:
+                values = cache.load(spec.name, digest, batch, head, roles)
             if values is None:
                 values = np.asarray(score_batch(head, spec, batch, indices[0], split, tokenizer, roles), dtype=float)
                 check_finite(values, spec.name, f"the {split} stream",
@@ -96,13 +107,29 @@ def score_stream(
                     cache.save(spec.name, digest, batch, head, roles, values)
             for role, row in zip(roles, values, strict=True):
                 batch[score_column(spec.name, role)] = row.tolist()
+            if record:
+                recorded[spec.name] = (digest, batch_row_digests(batch, _digest_columns(batch, head, roles)))
+        if recorded:
+            batch[PROVENANCE_COLUMN] = record_batch(batch, recorded)
         return batch
 
     features = None
     if stream.features is not None and "prompt" in stream.features:
         extra = {score_column(s.name, r): Value("float64") for s in specs for r in roles}
+        extra.update({PROVENANCE_COLUMN: Value("string")} if record else {})
         features = Features({**{k: v for k, v in stream.features.items() if k not in extra}, **extra})
     return stream.map(score, batched=True, batch_size=batch_size, with_indices=True, features=features)
+
+
+def _recorded(batch: dict[str, list], head: RewardHead, name: str, digest: str, roles: tuple[str, ...]) -> Any:
+    """The head's scores recorded in this batch by ``trl-upo score --output`` (``upo__scored_by``), or None."""
+    return recorded_batch_scores(batch, name, digest, _digest_columns(batch, head, roles),
+                                 [score_column(name, r) for r in roles])
+
+
+def _digest_columns(batch: dict[str, list], head: RewardHead, roles: tuple[str, ...]) -> tuple[str, ...]:
+    """What a row's provenance digest covers: the prompt, the responses, the columns the head reads."""
+    return ("prompt", *roles, *sorted(c for c in head.required_columns() if c in batch))
 
 
 def _check_columns(cols: set[str], heads: Sequence[RewardHead], specs: Sequence[HeadSpec], roles: tuple[str, ...],
