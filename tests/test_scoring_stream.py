@@ -310,3 +310,39 @@ def test_a_stream_scored_with_record_writes_the_provenance_map_style_scoring_wri
     again = list(score_stream(load_dataset("json", data_files=str(path), split="train", streaming=True), heads, specs,
                               batch_size=5))
     assert calls == [] and again == streamed
+
+
+@pytest.mark.parametrize("n_shards,split_batches", [(1, False), (3, False), (1, True), (4, True)])
+def test_each_rank_scores_only_the_rows_accelerate_gives_it(n_shards, split_batches):
+    """A stream shared out by accelerate's own ``prepare_data_loader`` (two processes, rank by rank, in this process):
+    with ``rank_share`` each rank scores the rows it receives, and of the others only the first batch x world rows
+    (which accelerate may repeat to fill the last batch); no NaN placeholder reaches its batches."""
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader
+
+    from trl_upo.scoring import rank_share
+
+    data = preference_dataset(23, seed=1).map(lambda r, i: {"prompt": f"{i}: {r['prompt']}"}, with_indices=True)
+    stream = data.to_iterable_dataset(num_shards=n_shards)
+    batch, world = 4, 2
+    received, scored = [], []
+    for rank in range(world):
+        head, specs = CountingHead(), parse_head_specs([{"name": "words", "type": "length"}])
+        share = rank_share(stream, world_size=world, rank=rank, batch_size=batch, split_batches=split_batches)
+        assert (share is None) == (n_shards >= world and not split_batches)
+        scored_stream = score_stream(stream, [head], specs, batch_size=3, share=share, use_cache=False)
+        loader = prepare_data_loader(DataLoader(scored_stream, batch_size=batch, collate_fn=list), num_processes=world,
+                                     process_index=rank, split_batches=split_batches, dispatch_batches=False,
+                                     put_on_device=False)
+        rows = [row for b in loader for row in b]
+        assert all(np.isfinite(row["upo_words_chosen"]) for row in rows)  # every row a rank receives is scored
+        mine = {int(row["prompt"].split(":")[0]) for row in rows}
+        received.append(mine)
+        scored.append(head.scored // 2)
+        group = batch * world if not split_batches else batch
+        if share is not None:
+            assert head.scored // 2 <= len(mine | set(range(group)))  # its own rows and the first group only
+        else:
+            assert head.scored // 2 == len(mine)  # its own files: everything it reads is its own
+    assert set.union(*received) == set(range(23))  # every row is trained on by some rank
+    assert sum(scored) < 2 * 23  # not every rank scores every row
