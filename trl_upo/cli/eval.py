@@ -6,8 +6,9 @@
         --config recipe.yaml --reward_model org/reward-model --output_dir outputs/eval
 
 The options that ``trl-upo train`` also has take its names (``--model_name_or_path``, ``--dataset_name``,
-``--dataset_config``, ``--dataset_test_split``, ``--dataset_streaming``, ``--reward_heads``); the older ``--model``, ``--dataset``,
-``--split`` and ``--heads`` still work (:data:`ALIASES`), but not together with the new name of the same option.
+``--dataset_config``, ``--dataset_test_split``, ``--dataset_streaming``, ``--reward_heads``); the older ``--model``,
+``--dataset``, ``--split`` and ``--heads`` still work (:data:`ALIASES`), but not together with the new name of the
+same option.
 
 What it measures, on the first ``--num_prompts`` rows of the split (``trl_upo.evaluation``; with
 ``--dataset_streaming true`` the split is read as a stream and only those rows are read: :mod:`.eval_inputs`):
@@ -256,7 +257,7 @@ def run(args: EvalArguments, heads: list[dict], beta: float, log=print) -> dict:
         "model": args.model_name_or_path,
         "reference": {"kind": ref_kind, "path": args.ref_model},
         "dataset": {"name": args.dataset_name, "split": args.dataset_test_split, "rows": len(data),
-                    "streaming": args.dataset_streaming},
+                    **({"streaming": True} if args.dataset_streaming else {})},
         "heads": heads,
         "generation": {**gen, "num_prompts": len(prompts)},
         "designer": {},

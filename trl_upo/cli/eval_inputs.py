@@ -4,8 +4,9 @@ held-out preference data in them.
 
 A streamed split is read only as far as the evaluation needs: its first ``--num_prompts`` rows, the same rows a
 map-style evaluation of the same source uses (it takes the first ``--num_prompts`` rows too), so the two give the
-same ``eval.json`` (but for ``dataset.streaming``). The rest of the stream is never downloaded or read; ``eval.json``
-records how many rows were read and that the stream may hold more (``dataset.rows``, ``dataset.streaming``).
+same ``eval.json`` (but for ``dataset.streaming: true``). The rest of the stream is never downloaded or read;
+``eval.json`` records how many rows were read and that they came from a stream (``dataset.rows``,
+``dataset.streaming``).
 """
 
 from __future__ import annotations
