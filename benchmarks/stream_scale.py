@@ -3,6 +3,10 @@ with three text heads (length, lexicon, readability), against map-style ``score_
 
     python benchmarks/stream_scale.py [--sizes 10000 100000 1000000] [--map-sizes 10000 100000] [--head-set text]
     python benchmarks/stream_scale.py --short        # the CI check: 300 pairs, both modes
+    python benchmarks/stream_scale.py --sizes 1000000 --map-sizes --json stream-1e6.json   # three text heads, 10^6
+
+A long run prints a progress line to stderr every ``--progress`` rows (default 100,000: pairs so far, seconds, peak RSS)
+and rewrites ``--json`` after every finished measurement, so an interrupted run keeps what it measured.
 
 Every measurement runs in a fresh child process (so its peak RSS, ``ru_maxrss``, is its own), one torch thread, score
 cache off, progress bars off. The pairs are generated on the fly (responses of 60-240 words from a 2,000-word
@@ -57,7 +61,7 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child(mode: str, n: int, batch_size: int, out: str, head_set: str = "text") -> None:
+def child(mode: str, n: int, batch_size: int, out: str, head_set: str = "text", progress: str = "100000") -> None:
     """One measurement in this process: ``mode`` stream or map, ``n`` pairs; writes ``out`` (JSON)."""
     import torch
     from datasets import Dataset, IterableDataset
@@ -81,6 +85,9 @@ def child(mode: str, n: int, batch_size: int, out: str, head_set: str = "text") 
                 rec["first_row_s"] = time.perf_counter() - start
             seen += 1
             total += row["upo_len_chosen"]
+            if int(progress) and seen % int(progress) == 0:
+                print(f"stream {head_set} {n}: {seen} pairs, {time.perf_counter() - start:.1f} s, peak RSS "
+                      f"{_rss_mb():.1f} MB", file=sys.stderr, flush=True)
         rec["rows"] = seen
     else:
         with tempfile.TemporaryDirectory() as work:
@@ -96,20 +103,20 @@ def child(mode: str, n: int, batch_size: int, out: str, head_set: str = "text") 
     Path(out).write_text(json.dumps(rec))
 
 
-def measure(mode: str, n: int, batch_size: int, work: str, head_set: str = "text") -> dict:
-    """Run :func:`child` in a fresh process and read its record."""
+def measure(mode: str, n: int, batch_size: int, work: str, head_set: str = "text", progress: int = 100_000) -> dict:
+    """Run :func:`child` in a fresh process and read its record (its progress lines go to this process's stderr)."""
     out = os.path.join(work, f"{mode}-{n}-{head_set}.json")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
     subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", mode, str(n), str(batch_size), out,
-                    head_set],
-                   env=env, check=True, capture_output=True, text=True)
+                    head_set, str(progress)],
+                   env=env, check=True, stdout=subprocess.PIPE, text=True)
     return json.loads(Path(out).read_text())
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark (see the module docstring); returns and prints the results."""
     if argv and argv[0] == "--child":
-        child(argv[1], int(argv[2]), int(argv[3]), argv[4], *argv[5:6])
+        child(argv[1], int(argv[2]), int(argv[3]), argv[4], *argv[5:7])
         return {}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000], help="stream sizes (pairs)")
@@ -118,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--head-set", choices=sorted(HEAD_SETS), default="text",
                    help="text: length, lexicon and readability; length: the length head alone")
     p.add_argument("--short", action="store_true", help="CI check: 300 pairs, both modes")
-    p.add_argument("--json", help="write the results here")
+    p.add_argument("--progress", type=int, default=100_000, help="a progress line every N rows of a stream (0: none)")
+    p.add_argument("--json", help="write the results here (rewritten after every measurement)")
     args = p.parse_args(argv)
     if args.short:
         args.sizes, args.map_sizes, args.batch_size = [300], [300], 64
@@ -128,8 +136,10 @@ def main(argv: list[str] | None = None) -> dict:
         for n in sorted(set(args.sizes) | set(args.map_sizes)):
             for mode, sizes in (("stream", args.sizes), ("map", args.map_sizes)):
                 if n in sizes:
-                    results["runs"].append(measure(mode, n, args.batch_size, work, args.head_set))
+                    results["runs"].append(measure(mode, n, args.batch_size, work, args.head_set, args.progress))
                     print(json.dumps(results["runs"][-1]), flush=True)
+                    if args.json:  # an interrupted run keeps what it measured
+                        Path(args.json).write_text(json.dumps(results, indent=2))
     results["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     from benchmarks.scoring_scale import emit
 

@@ -248,3 +248,101 @@ def test_two_processes_the_sampled_same_rows_check_catches_different_rows(tmp_pa
         assert result["digests_match"] is True and result["stream_statistics_match"] is True
         for name in ("order", "rows", "size"):
             assert result[name].startswith("The processes were given different train datasets"), (name, result)
+
+
+def test_scores_recorded_by_trl_upo_score_are_reused_by_a_stream_without_calling_the_head(tmp_path, score_cache,
+                                                                                         capsys):
+    """A ``trl-upo score --output`` dataset read as a stream: every batch whose rows record the same head takes its
+    scores from the columns (the head is never called); a changed row, or a head with other parameters, is scored."""
+    from datasets import load_dataset
+
+    from tests.test_cli_train import CPU, write_data, write_recipe
+    from trl_upo.cli import score as cli_score
+
+    entries = [{"name": "words", "type": "length", "params": {"unit": "words"}},
+               {"name": "lex", "type": "lexicon", "params": {"encourage": ["good"], "avoid": ["very"]}}]
+    recipe = write_recipe(tmp_path / "r.yaml", dataset_name=str(write_data(tmp_path / "data", n_train=12, n_test=4)),
+                          output_dir=str(tmp_path / "unused"), **CPU, reward_heads=entries,
+                          upo_score_cache_dir=score_cache)
+    assert cli_score.main(["--config", recipe, "--output", str(tmp_path / "scored")]) == 0
+    capsys.readouterr()
+    path = str(tmp_path / "scored" / "train.jsonl")
+    written = [json.loads(line) for line in open(path)]
+    heads, specs = _heads(entries)
+    calls = []
+    for head in heads:
+        score = head.score
+        head.score = lambda *a, _score=score, **k: calls.append(k["role"]) or _score(*a, **k)
+    stream = load_dataset("json", data_files=path, split="train", streaming=True)
+    rows = list(score_stream(stream, heads, specs, batch_size=5))
+    assert calls == []  # recorded: no head was called for any batch
+    assert rows == written
+
+    changed = stream.map(lambda r, i: {"chosen": r["chosen"] + " very" if i == 7 else r["chosen"]}, with_indices=True)
+    rows = list(score_stream(changed, heads, specs, batch_size=5))
+    assert len(calls) == 2 * 2  # the batch of rows 5..9 only, both heads, both roles
+    words = score_column("words", "chosen")
+    assert abs(rows[7][words]) == abs(written[7][words]) + 1  # one word more, scored by the head
+
+    other, other_specs = _heads([{**entries[0], "params": {"unit": "chars"}}])
+    rows = list(score_stream(stream, other, other_specs, batch_size=5))
+    assert abs(rows[0][words]) == len(written[0]["chosen"]) != abs(written[0][words])  # other parameters: rescored
+
+
+def test_a_stream_scored_with_record_writes_the_provenance_map_style_scoring_writes(tmp_path, score_cache):
+    """``score_stream(record=True)`` (``trl-upo score --dataset_streaming true --output``) records the same
+    ``upo__scored_by`` as ``score_dataset(record=True)``, and a stream of its output is not scored again."""
+    from datasets import load_dataset
+
+    from trl_upo.scoring.provenance import PROVENANCE_COLUMN
+
+    data = preference_dataset(12, seed=5)
+    heads, specs = _heads()
+    streamed = list(score_stream(data.to_iterable_dataset(), heads, specs, batch_size=5, record=True))
+    mapped, _ = score_dataset(data, heads, specs, split="train", cache_dir=score_cache, record=True)
+    assert [r[PROVENANCE_COLUMN] for r in streamed] == mapped[PROVENANCE_COLUMN]
+    path = tmp_path / "scored.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in streamed))
+    calls = []
+    for head in heads:
+        score = head.score
+        head.score = lambda *a, _score=score, **k: calls.append(k["role"]) or _score(*a, **k)
+    again = list(score_stream(load_dataset("json", data_files=str(path), split="train", streaming=True), heads, specs,
+                              batch_size=5))
+    assert calls == [] and again == streamed
+
+
+@pytest.mark.parametrize("n_shards,split_batches", [(1, False), (3, False), (1, True), (4, True)])
+def test_each_rank_scores_only_the_rows_accelerate_gives_it(n_shards, split_batches):
+    """A stream shared out by accelerate's own ``prepare_data_loader`` (two processes, rank by rank, in this process):
+    with ``rank_share`` each rank scores the rows it receives, and of the others only the first batch x world rows
+    (which accelerate may repeat to fill the last batch); no NaN placeholder reaches its batches."""
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader
+
+    from trl_upo.scoring import rank_share
+
+    data = preference_dataset(23, seed=1).map(lambda r, i: {"prompt": f"{i}: {r['prompt']}"}, with_indices=True)
+    stream = data.to_iterable_dataset(num_shards=n_shards)
+    batch, world = 4, 2
+    received, scored = [], []
+    for rank in range(world):
+        head, specs = CountingHead(), parse_head_specs([{"name": "words", "type": "length"}])
+        share = rank_share(stream, world_size=world, rank=rank, batch_size=batch, split_batches=split_batches)
+        assert (share is None) == (n_shards >= world and not split_batches)
+        scored_stream = score_stream(stream, [head], specs, batch_size=3, share=share, use_cache=False)
+        loader = prepare_data_loader(DataLoader(scored_stream, batch_size=batch, collate_fn=list), num_processes=world,
+                                     process_index=rank, split_batches=split_batches, dispatch_batches=False,
+                                     put_on_device=False)
+        rows = [row for b in loader for row in b]
+        assert all(np.isfinite(row["upo_words_chosen"]) for row in rows)  # every row a rank receives is scored
+        mine = {int(row["prompt"].split(":")[0]) for row in rows}
+        received.append(mine)
+        scored.append(head.scored // 2)
+        group = batch * world if not split_batches else batch
+        if share is not None:
+            assert head.scored // 2 <= len(mine | set(range(group)))  # its own rows and the first group only
+        else:
+            assert head.scored // 2 == len(mine)  # its own files: everything it reads is its own
+    assert set.union(*received) == set(range(23))  # every row is trained on by some rank
+    assert sum(scored) < 2 * 23  # not every rank scores every row

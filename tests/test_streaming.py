@@ -163,5 +163,6 @@ def test_trl_upo_score_a_stream_to_output(tmp_path, capsys):
         assert len(streamed) == len(mapped)
         for key in [k for k in mapped[0] if k.startswith("upo_") and not k.startswith("upo__")]:
             assert [r[key] for r in streamed] == pytest.approx([r[key] for r in mapped])
+        assert [r["upo__scored_by"] for r in streamed] == [r["upo__scored_by"] for r in mapped]  # reusable alike
     stats = [json.loads((tmp_path / d / "upo_statistics.json").read_text())["statistics"] for d in ("map", "stream")]
     assert stats[0] == stats[1]

@@ -6,10 +6,12 @@
         --config recipe.yaml --reward_model org/reward-model --output_dir outputs/eval
 
 The options that ``trl-upo train`` also has take its names (``--model_name_or_path``, ``--dataset_name``,
-``--dataset_config``, ``--dataset_test_split``, ``--reward_heads``); the older ``--model``, ``--dataset``,
-``--split`` and ``--heads`` still work (:data:`ALIASES`), but not together with the new name of the same option.
+``--dataset_config``, ``--dataset_test_split``, ``--dataset_streaming``, ``--reward_heads``); the older ``--model``,
+``--dataset``, ``--split`` and ``--heads`` still work (:data:`ALIASES`), but not together with the new name of the
+same option.
 
-What it measures, on the first ``--num_prompts`` rows of the split (``trl_upo.evaluation``):
+What it measures, on the first ``--num_prompts`` rows of the split (``trl_upo.evaluation``; with
+``--dataset_streaming true`` the split is read as a stream and only those rows are read: :mod:`.eval_inputs`):
 
 - **designer**: the raw scores of every reward head on responses sampled from the policy (and from the reference,
   when there is one), mean and standard deviation;
@@ -49,16 +51,13 @@ from typing import Any
 from trl_upo.cli.common import (
     HelpFormatter,
     UsageError,
-    did_you_mean,
     option,
     parse_strict,
-    read_yaml,
     run_command,
 )
+from trl_upo.cli.eval_inputs import CONFIG_KEYS, load_rows, prompts_and_pairs, read_heads
 from trl_upo.cli.eval_report import PREFERENCE_SKIPPED
 
-#: Keys of a ``--config`` YAML that ``trl-upo eval`` uses; the others (training settings) are listed and not used.
-CONFIG_KEYS = ("reward_heads", "reward_funcs", "reward_weights", "beta")
 #: Options that name a file, directory or model, where ``upo://<asset>`` names a packaged asset.
 PATH_OPTIONS = ("model_name_or_path", "ref_model", "tokenizer", "config", "reward_model", "dataset_name")
 #: The options named as in ``trl-upo train`` -> their older ``trl-upo eval`` names, still accepted.
@@ -81,6 +80,7 @@ class EvalArguments:
     tokenizer: str | None = option("tokenizer path (default: the policy's, or its base model's)", None)
     dataset_config: str | None = option("configuration name for datasets.load_dataset", None)
     dataset_test_split: str = option("split to evaluate on (old name: --split)", "test", aliases=["--split"])
+    dataset_streaming: bool = option("read the split as a stream: only its first --num_prompts rows are read", False)
     reward_heads: str | None = option("reward heads as JSON, e.g. '[{\"name\": \"length\"}]' (old name: --heads)", None,
                                       aliases=["--heads"])
     config: str | None = option("YAML with reward_heads (e.g. a trl-upo train recipe)", None)
@@ -166,98 +166,6 @@ def check_aliases(argv: list[str]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Inputs
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def read_heads(heads_json: str | None, config: str | None) -> tuple[list[dict], dict[str, Any], list[str]]:
-    """Head specs from ``--heads`` or ``--config``.
-
-    Args:
-        heads_json: The ``--reward_heads`` JSON.
-        config: The ``--config`` YAML file.
-
-    Returns:
-        ``(heads, the other config values used, the config keys not used)``.
-
-    Raises:
-        UsageError: both given, invalid JSON, an unreadable config, or a config without ``reward_heads``.
-    """
-    if heads_json and config:
-        raise UsageError("give the heads either with --reward_heads (--heads) or in --config, not both.")
-    if heads_json:
-        try:
-            heads = json.loads(heads_json)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"--reward_heads is not valid JSON ({e}); e.g. --reward_heads "
-                             f"'[{{\"name\": \"length\"}}]'.") from None
-        return (heads if isinstance(heads, list) else [heads]), {}, []
-    if not config:
-        return [], {}, []
-    from trl_upo.cli.rewards import reward_func_heads
-
-    data = read_yaml(config, "--config")
-    if "reward_heads" not in data and "reward_funcs" not in data:
-        hint = did_you_mean("reward_heads", data, quote="'")
-        raise UsageError(f"--config {config!r} has no reward_heads or reward_funcs{hint}.")
-    heads = data.get("reward_heads") or []
-    if isinstance(heads, str):
-        try:
-            heads = json.loads(heads)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"--config {config!r}: reward_heads is a string that is not valid JSON ({e}).") from None
-    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads]
-    taken = [str(h.get("name") or h.get("type")) for h in heads if isinstance(h, dict)]
-    heads += reward_func_heads(data.get("reward_funcs"), data.get("reward_weights"), taken)  # as train does
-    used = {k: data[k] for k in CONFIG_KEYS if k in data and k != "reward_heads"}
-    unused = sorted(str(k) for k in data if k not in CONFIG_KEYS)
-    return heads, used, unused
-
-
-def prompts_and_pairs(data) -> tuple[list[Any], Any, list[dict] | None]:
-    """The prompts of a split, and its held-out preference data: pairs, or unpaired rows (KTO's data).
-
-    Args:
-        data: The split.
-
-    Returns:
-        ``(prompts, the split or None, the unpaired rows or None)``. With pairs (``chosen`` and ``rejected``): the
-        split, an implicit prompt extracted as ``DPOTrainer`` does (:func:`trl_upo.scoring.ensure_prompt`), one
-        prompt per row. With unpaired rows (``completion`` and ``label``, no pairs): the rows, checked
-        (:func:`trl_upo.evaluation.unpaired_rows`), and their distinct prompts in order (a prompt usually has a
-        desirable and an undesirable row). Otherwise: the ``prompt`` column alone.
-
-    Raises:
-        UsageError: no ``prompt`` column and no pairs to extract one from, or an unpaired row whose label is not
-            a boolean.
-    """
-    from trl_upo.evaluation import unpaired_rows
-    from trl_upo.scoring import ensure_prompt
-
-    cols = set(data.column_names)
-    has_pairs = {"chosen", "rejected"} <= cols
-    is_unpaired = not has_pairs and {"completion", "label"} <= cols
-    if "prompt" not in cols and not has_pairs:
-        what = "unpaired rows need" if is_unpaired else "the dataset needs"
-        raise UsageError(
-            f"{what} a 'prompt' column (or 'chosen' and 'rejected' sharing a prompt); columns: {sorted(cols)}."
-        )
-    if has_pairs:
-        data = ensure_prompt(data)
-        return list(data["prompt"]), data, None
-    if not is_unpaired:
-        return list(data["prompt"]), None, None
-    try:
-        rows = unpaired_rows(data)
-    except ValueError as e:
-        raise UsageError(f"{e} (the dataset has 'completion' and 'label', so it is read as unpaired rows)") from None
-    seen: dict[str, Any] = {}
-    for row in rows:
-        seen.setdefault(json.dumps(row["prompt"], sort_keys=True), row["prompt"])
-    return list(seen.values()), None, rows
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Running
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -320,13 +228,10 @@ def run(args: EvalArguments, heads: list[dict], beta: float, log=print) -> dict:
     """
     from contextlib import nullcontext
 
-    from trl_upo.data.loading import load_split
     from trl_upo.evaluation import generate_responses, load_model, load_tokenizer
 
-    data = load_split(args.dataset_name, args.dataset_test_split, config_name=args.dataset_config,
-                      limit=args.num_prompts, fix="choose the split with --dataset_test_split")
-    if len(data) == 0:
-        raise UsageError(f"the {args.dataset_test_split!r} split of {args.dataset_name!r} is empty.")
+    data = load_rows(args.dataset_name, args.dataset_test_split, config_name=args.dataset_config,
+                     num_prompts=args.num_prompts, streaming=args.dataset_streaming, log=log)
     prompts, pairs, unpaired = prompts_and_pairs(data)
     model = load_model(args.model_name_or_path)
     tokenizer = load_tokenizer(args.model_name_or_path, args.tokenizer)
@@ -351,7 +256,8 @@ def run(args: EvalArguments, heads: list[dict], beta: float, log=print) -> dict:
     result: dict[str, Any] = {
         "model": args.model_name_or_path,
         "reference": {"kind": ref_kind, "path": args.ref_model},
-        "dataset": {"name": args.dataset_name, "split": args.dataset_test_split, "rows": len(data)},
+        "dataset": {"name": args.dataset_name, "split": args.dataset_test_split, "rows": len(data),
+                    **({"streaming": True} if args.dataset_streaming else {})},
         "heads": heads,
         "generation": {**gen, "num_prompts": len(prompts)},
         "designer": {},

@@ -92,7 +92,7 @@ def markdown_report(result: dict, plots: list[str]) -> str:
         f"# Evaluation of `{result['model']}`",
         "",
         f"Dataset `{result['dataset']['name']}`, split `{result['dataset']['split']}`, {result['dataset']['rows']} "
-        f"rows; reference: {result['reference']['kind']}"
+        f"rows{' (the first ones of the stream)' if result['dataset'].get('streaming') else ''}; reference: {result['reference']['kind']}"
         + (f" (`{result['reference']['path']}`)" if result["reference"]["path"] else "")
         + f". Generation: {g['num_prompts']} prompts x {g['num_samples']} samples, max {g['max_new_tokens']} new "
         f"tokens, {sampling}, seed {g['seed']}.",

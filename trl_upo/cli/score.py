@@ -288,7 +288,8 @@ def _score_stream(stream, heads, specs, split, tokenizer, training_args, roles, 
     start = time.perf_counter()
     scored = score_stream(stream, heads, specs, split=split, tokenizer=tokenizer,
                           batch_size=training_args.upo_score_batch_size, roles=roles,
-                          cache_dir=training_args.upo_score_cache_dir, use_cache=training_args.upo_use_score_cache)
+                          cache_dir=training_args.upo_score_cache_dir, use_cache=training_args.upo_use_score_cache,
+                          record=bool(output))
     names = [score_column(s.name, r) for s in specs for r in roles]
     kept: dict[str, list[float]] = {c: [] for c in names}
 

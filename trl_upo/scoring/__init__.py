@@ -26,7 +26,7 @@ from .statistics import (
     stream_statistics,
     write_statistics_summary,
 )
-from .stream import score_stream
+from .stream import RankShare, rank_share, score_stream
 
 __all__ = [
     "DEFAULT_STREAM_ROWS",
@@ -35,6 +35,8 @@ __all__ = [
     "StatisticsSource",
     "load_statistics",
     "score_stream",
+    "RankShare",
+    "rank_share",
     "statistics_summary",
     "stream_statistics",
     "write_statistics_summary",
