@@ -312,7 +312,7 @@ def test_a_stream_scored_with_record_writes_the_provenance_map_style_scoring_wri
     assert calls == [] and again == streamed
 
 
-@pytest.mark.parametrize("n_shards,split_batches", [(1, False), (3, False), (1, True), (4, True)])
+@pytest.mark.parametrize("n_shards,split_batches", [(1, False), (2, False), (3, False), (1, True), (4, True)])
 def test_each_rank_scores_only_the_rows_accelerate_gives_it(n_shards, split_batches):
     """A stream shared out by accelerate's own ``prepare_data_loader`` (two processes, rank by rank, in this process):
     with ``rank_share`` each rank scores the rows it receives, and of the others only the first batch x world rows
@@ -321,6 +321,7 @@ def test_each_rank_scores_only_the_rows_accelerate_gives_it(n_shards, split_batc
     from torch.utils.data import DataLoader
 
     from trl_upo.scoring import rank_share
+    from trl_upo.scoring.stream import accelerate_shards_files_at
 
     data = preference_dataset(23, seed=1).map(lambda r, i: {"prompt": f"{i}: {r['prompt']}"}, with_indices=True)
     stream = data.to_iterable_dataset(num_shards=n_shards)
@@ -329,7 +330,8 @@ def test_each_rank_scores_only_the_rows_accelerate_gives_it(n_shards, split_batc
     for rank in range(world):
         head, specs = CountingHead(), parse_head_specs([{"name": "words", "type": "length"}])
         share = rank_share(stream, world_size=world, rank=rank, batch_size=batch, split_batches=split_batches)
-        assert (share is None) == (n_shards >= world and not split_batches)
+        by_files = n_shards > world or (n_shards == world and accelerate_shards_files_at(world))
+        assert (share is None) == (by_files and not split_batches)
         scored_stream = score_stream(stream, [head], specs, batch_size=3, share=share, use_cache=False)
         loader = prepare_data_loader(DataLoader(scored_stream, batch_size=batch, collate_fn=list), num_processes=world,
                                      process_index=rank, split_batches=split_batches, dispatch_batches=False,
@@ -346,3 +348,32 @@ def test_each_rank_scores_only_the_rows_accelerate_gives_it(n_shards, split_batc
             assert head.scored // 2 == len(mine)  # its own files: everything it reads is its own
     assert set.union(*received) == set(range(23))  # every row is trained on by some rank
     assert sum(scored) < 2 * 23  # not every rank scores every row
+
+
+def test_accelerate_file_sharding_rule_is_read_from_accelerate_itself():
+    """accelerate gives each process its own files from ``n_shards >= num_processes`` in 1.14 and later, ``>`` before
+    (1.10-1.13): rank_share asks ``prepare_data_loader`` on a probe stream, so both rules are followed."""
+    import accelerate
+    from packaging.version import Version
+
+    from trl_upo.scoring.stream import accelerate_shards_files_at
+
+    assert accelerate_shards_files_at(2) == (Version(accelerate.__version__) >= Version("1.14.0"))
+    assert accelerate_shards_files_at(3) == accelerate_shards_files_at(2)
+
+
+def test_a_row_with_non_finite_values_fails_its_batch_loudly():
+    """A streamed row this process did not score (its score columns NaN) must never train silently: the collator
+    refuses a batch with non-finite UPO values, naming the row."""
+    import torch
+
+    from trl_upo.collator import VALUES_COLUMN, UPODataCollator
+
+    from trl_upo.layout import ValueLayout
+
+    collator = UPODataCollator(lambda rows: {"n": len(rows)}, ["words"], ("chosen", "rejected"))
+    width = ValueLayout.of(["words"], ("chosen", "rejected")).width
+    rows = [{VALUES_COLUMN: [0.5] * width}, {VALUES_COLUMN: [0.5] * (width - 1) + [float("nan")]}]
+    assert torch.equal(collator(rows[:1])["upo_values"], torch.full((1, width), 0.5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="Row 1 of a batch has non-finite UPO values"):
+        collator(rows)

@@ -74,7 +74,6 @@ def train_and_record_rows(model_path: str, out_dir: str, n_shards: int) -> None:
                     reward_heads=[{"name": "rows", "type": "function",
                                    "params": {"function": "tests.test_streaming_distributed:row_number"}}],
                     upo_stream_stats_rows=8, upo_use_score_cache=False, upo_score_batch_size=2)
-    _share_rows_until_the_core_does(args)
     trainer = UPOTrainer(model=model_path, args=args, train_dataset=rows.to_iterable_dataset(num_shards=n_shards))
     this.SCORED.clear()  # the statistics' rows (scored at construction) are not training rows
     trained: list[int] = []
@@ -90,25 +89,6 @@ def train_and_record_rows(model_path: str, out_dir: str, n_shards: int) -> None:
     rank = trainer.accelerator.process_index
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"rank": rank, "scored": this.SCORED, "trained": trained}, f)
-
-
-def _share_rows_until_the_core_does(args) -> None:
-    """The core change asked for issue 25, applied from outside while the core lacks it: the train stream is scored
-    with this rank's share of the rows (``rank_share``), read with ``dispatch_batches=False`` as TRL reads it."""
-    import trl_upo.core as core
-    from trl_upo.scoring import rank_share
-
-    if hasattr(core, "rank_share"):
-        return  # the core shares the rows itself
-    original = core.score_stream
-
-    def score_stream(stream, heads, specs, **kwargs):
-        share = rank_share(stream, world_size=args.world_size, rank=args.process_index,
-                           batch_size=args.per_device_train_batch_size,
-                           split_batches=args.accelerator_config.split_batches, dispatch_batches=False)
-        return original(stream, heads, specs, share=share, **kwargs)
-
-    core.score_stream = score_stream
 
 
 if __name__ == "__main__":

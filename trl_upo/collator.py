@@ -60,7 +60,8 @@ def value_rows(columns: Any, specs: Sequence[HeadSpec], stats: list[dict], roles
 
 
 def add_values_column(
-    dataset: Dataset | IterableDataset, specs: Sequence[HeadSpec], stats: list[dict], roles: Sequence[str] = ROLES
+    dataset: Dataset | IterableDataset, specs: Sequence[HeadSpec], stats: list[dict], roles: Sequence[str] = ROLES,
+    batch_size: int = 1000,
 ) -> Dataset | IterableDataset:
     """Eqs. (2)-(3) once per response: add the ``upo__values`` column (:func:`value_rows`). A map-style dataset gets
     it for all rows at once (vectorised); a stream gets it batch by batch as it is read.
@@ -72,6 +73,7 @@ def add_values_column(
         specs: the heads.
         stats: the normalisation statistics (fitted on the train split, or read), one per head.
         roles: the response columns (``ROLES``, or ``UNPAIRED_ROLES`` for unpaired data).
+        batch_size: a stream's rows per values batch (the scoring batch: step 1 waits for no more rows than that).
 
     Returns:
         The dataset with the column; a map-style dataset's fingerprint covers the statistics, weights and signs
@@ -87,7 +89,7 @@ def add_values_column(
         if dataset.features is not None:
             features = Features({**{k: v for k, v in dataset.features.items() if k != VALUES_COLUMN},
                                  VALUES_COLUMN: List(Value("float64"))})
-        return dataset.map(add, batched=True, features=features)
+        return dataset.map(add, batched=True, batch_size=batch_size, features=features)
     values = value_rows(dataset, specs, stats, roles)
     if VALUES_COLUMN in dataset.column_names:
         dataset = dataset.remove_columns(VALUES_COLUMN)
@@ -126,6 +128,15 @@ class UPODataCollator:
             raise ValueError(
                 f"The {VALUES_COLUMN!r} column has {tuple(values.shape)} values for heads {self.head_names}; it was "
                 f"prepared for other heads. Let UPOTrainer score the dataset (drop the 'upo_*' columns first)."
+            )
+        if not torch.isfinite(values).all():
+            row = int((~torch.isfinite(values)).any(dim=1).nonzero()[0])
+            raise ValueError(
+                f"Row {row} of a batch has non-finite UPO values ({values[row].tolist()}): a streamed row this "
+                f"process did not score reached its batch (the stream was shared out across processes in a way "
+                f"trl_upo.scoring.rank_share did not expect), or the '{VALUES_COLUMN}' column was changed. Please "
+                f"report it with your accelerate version; set accelerator_config.dispatch_batches: true to score "
+                f"every row on the main process instead."
             )
         batch[VALUES_KEY] = values
         return batch

@@ -46,6 +46,7 @@ from .scoring import (
     StatisticsSource,
     fit_head_statistics,
     load_statistics,
+    rank_share,
     score_column,
     score_dataset,
     score_stream,
@@ -131,6 +132,7 @@ class UPOCore:
     def _upo_setup_heads(self, args: Any) -> None:
         """Build the heads of ``args`` (none without a UPO config) and the layout of a row's values."""
         specs: list[HeadSpec] = args.head_specs if isinstance(args, UPOArguments) else []
+        self._upo_values_batch = getattr(args, "upo_score_batch_size", 1000)  # a stream's rows per values batch
         if specs and not isinstance(args, self.upo_config_class):  # before any scoring, not after it
             raise TypeError(f"{type(self).__name__} needs a {self.upo_config_class.__name__} (or subclass) for reward "
                             f"heads, got a {type(args).__name__}: build the same settings with the right config.")
@@ -185,6 +187,10 @@ class UPOCore:
         the heads' models before training starts (a stream's heads stay loaded: they score as training reads)."""
         if train_dataset is None:
             raise ValueError("`train_dataset` is required")
+        if isinstance(train_dataset, IterableDataset) and args.accelerator_config.dispatch_batches is not True:
+            # As TRL does for a streamed train set (every TRL alike, before scoring is set up): each process reads the
+            # stream and keeps its share, so it scores only the rows it trains on (rank_share).
+            args.accelerator_config.dispatch_batches = False
         train_dataset = self.upo_prepare_split(train_dataset, "train", train=True, args=args)
         if isinstance(eval_dataset, dict):
             eval_dataset = {k: self.upo_prepare_split(v, k, train=False, args=args) for k, v in eval_dataset.items()}
@@ -226,9 +232,14 @@ class UPOCore:
         if isinstance(dataset, IterableDataset):
             # Scored lazily, batch by batch, as the stream is read (the same head calls and checks).
             self._upo_score_report[split] = {s.name: "stream" for s in self._upo_specs}
+            share = rank_share(dataset, world_size=args.world_size, rank=args.process_index,
+                               batch_size=args.per_device_train_batch_size if split == "train"
+                               else args.per_device_eval_batch_size,
+                               split_batches=args.accelerator_config.split_batches,
+                               dispatch_batches=args.accelerator_config.dispatch_batches)
             return score_stream(dataset, self._upo_heads, self._upo_specs, split=split, tokenizer=tokenizer,
                                 batch_size=args.upo_score_batch_size, roles=self.upo_roles,
-                                cache_dir=args.upo_score_cache_dir, use_cache=args.upo_use_score_cache)
+                                cache_dir=args.upo_score_cache_dir, use_cache=args.upo_use_score_cache, share=share)
         if not isinstance(dataset, Dataset):
             raise TypeError(f"The {split} dataset must be a `datasets.Dataset` or `IterableDataset`, got "
                             f"{type(dataset).__name__}.")
@@ -255,7 +266,8 @@ class UPOCore:
         return self._upo_add_values(self._upo_score(dataset, split, args, tokenizer))
 
     def _upo_add_values(self, dataset):
-        return add_values_column(dataset, self._upo_specs, self._upo_stats, self.upo_roles)
+        return add_values_column(dataset, self._upo_specs, self._upo_stats, self.upo_roles,
+                                 batch_size=self._upo_values_batch)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()

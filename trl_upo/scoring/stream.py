@@ -28,6 +28,7 @@ stream, which accelerate may reuse to fill the last batch). No collective either
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -301,8 +302,27 @@ def rank_share(stream: IterableDataset, *, world_size: int, rank: int, batch_siz
     """
     if world_size <= 1 or dispatch_batches is not False:
         return None
-    if not split_batches and stream.n_shards >= world_size:
+    if not split_batches and (stream.n_shards > world_size
+                              or (stream.n_shards == world_size and accelerate_shards_files_at(world_size))):
         return None
     if split_batches:
         return RankShare(rank=rank, per_rank=batch_size // world_size, group=batch_size)
     return RankShare(rank=rank, per_rank=batch_size, group=batch_size * world_size)
+
+
+@functools.lru_cache(maxsize=None)
+def accelerate_shards_files_at(world_size: int) -> bool:
+    """Whether the installed accelerate gives each process its own data files when a stream has exactly
+    ``world_size`` of them (accelerate 1.14 and later: ``n_shards >= num_processes``; earlier: ``>``, so the stream is
+    then read whole by every process and shared out row by row). Found by asking ``prepare_data_loader`` itself, on
+    a two-row probe stream, not by a version number."""
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader
+
+    def rows(shard):
+        yield {"x": shard}
+
+    probe = IterableDataset.from_generator(rows, gen_kwargs={"shard": list(range(world_size))})
+    loader = prepare_data_loader(DataLoader(probe, batch_size=1), num_processes=world_size, process_index=0,
+                                 dispatch_batches=False, put_on_device=False)
+    return isinstance(loader.dataset, IterableDataset)
