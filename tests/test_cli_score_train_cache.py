@@ -47,3 +47,18 @@ def test_score_without_a_model_says_train_scores_again(recipe, capsys):
     err = capsys.readouterr().err
     assert "reward head(s) ['cnt'] may read the policy's tokenizer" in err  # not the lexicon head: it never reads it
     assert "Give the recipe's model_name_or_path" in err
+
+
+def test_a_null_response_names_its_row_before_scoring(tmp_path, score_cache, capsys):
+    import json
+
+    CALLS.clear()
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"prompt": "p", "chosen": " a", "rejected": " b"}] * 2 + [{"prompt": "p", "chosen": None, "rejected": " b"}]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = write_recipe(tmp_path / "r.yaml", dataset_name=str(data), output_dir=str(tmp_path / "unused"),
+                          reward_heads=HEADS, upo_score_cache_dir=score_cache, **CPU)
+    assert cli_score.main(["--config", recipe]) == 2
+    assert "Row 2 of the train dataset has no 'chosen' (null)" in capsys.readouterr().err
+    assert CALLS == []

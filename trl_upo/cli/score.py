@@ -250,6 +250,11 @@ def _score(ds, splits, specs, training_args, model_args, output, roles, distribu
     if distributed and any(isinstance(ds[split], IterableDataset) for split in splits):
         raise UsageError("trl-upo score reads a stream (dataset_streaming: true) in one process: drop "
                          "num_processes, or score a map-style dataset across processes.")
+    from trl_upo.data.checks import check_no_nulls
+
+    for split in splits:
+        if not isinstance(ds[split], IterableDataset):
+            check_no_nulls(ds[split], split)  # a null response names its row before any head runs
     heads = [build_head(s) for s in specs]
     main_process = current_world(distributed).is_main
     if tokenizer is None and main_process:

@@ -1,7 +1,7 @@
 """Checks of a training split that need no scores, run before any scoring (and before TRL tokenizes the split):
 what would otherwise end as a library error far from its cause.
 
-- :func:`check_split`: a ``null`` prompt, response or label (names the row and column); conversational rows with a
+- :func:`check_split`: a ``null`` prompt or response (names the row and column); conversational rows with a
   tokenizer that has no chat template (names the fixes); every prompt filling ``max_length`` so that TRL's
   preparation leaves no row to train on (names ``max_length``, the row count, the shortest prompt and the fixes).
 - :func:`check_prepared_rows`: the same outcome measured after TRL's preparation (its filter is the authority): no
@@ -17,8 +17,9 @@ from ..formats import DataError, is_conversational
 
 logger = logging.getLogger(__name__)
 
-#: The columns of TRL's preference and unpaired formats that may not hold ``null``.
-FORMAT_COLUMNS = ("prompt", "chosen", "rejected", "completion", "label")
+#: The columns of TRL's preference and unpaired formats that may not hold ``null`` (a missing KTO ``label`` is the
+#: KTO adapter's own check, :func:`trl_upo.data.unpaired.unpaired_dataset`).
+FORMAT_COLUMNS = ("prompt", "chosen", "rejected", "completion")
 #: The response columns of those formats (what follows the prompt).
 RESPONSE_COLUMNS = ("chosen", "rejected", "completion")
 #: Rows tokenized per batch when looking for one prompt that fits: the first batch nearly always holds one.
@@ -72,7 +73,7 @@ def check_split(dataset: Any, split: str, *, tokenizer: Any = None, max_length: 
 
 
 def check_no_nulls(dataset: Any, split: str) -> None:
-    """A ``null`` in a prompt, response or label column is an error naming the first such row and its column."""
+    """A ``null`` in a prompt or response column is an error naming the first such row and its column."""
     import pyarrow.compute as pc
 
     for column in [c for c in FORMAT_COLUMNS if c in dataset.column_names]:
