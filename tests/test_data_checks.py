@@ -85,3 +85,15 @@ def test_prepared_rows_warns_on_dropped_rows(caplog):
     with caplog.at_level("WARNING", logger="trl_upo.data.checks"):
         check_prepared_rows(_pairs(n=3), 5, "train", 16)
     assert "TRL dropped 2 of the 5 rows of the train dataset" in caplog.text
+
+
+def test_check_splits_reads_the_config(tokenizer):
+    from types import SimpleNamespace
+
+    from trl_upo.data.checks import check_splits
+
+    rows = _pairs(LONG, n=3)
+    with pytest.raises(DataError, match="Every prompt of the eval dataset"):
+        check_splits(_pairs(), {"eval": rows}, tokenizer, SimpleNamespace(max_length=16, truncation_mode="keep_start"))
+    # prompts cut to their own max_prompt_length first (older TRL configs): no row is dropped for its prompt
+    check_splits(rows, None, tokenizer, SimpleNamespace(max_length=16, max_prompt_length=8))

@@ -28,10 +28,13 @@ _BATCH = 64
 
 def check_splits(train_dataset: Any, eval_dataset: Any, tokenizer: Any, args: Any) -> None:
     """:func:`check_split` on the train split and every eval split (one, or a dict of them), with the config's
-    ``max_length`` and ``truncation_mode`` (a config without them: no length check)."""
+    ``max_length`` and ``truncation_mode`` (a config without them, or with a ``max_prompt_length`` of older TRL
+    releases: no length check)."""
     evals = eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval", eval_dataset)]
+    # A TRL whose config cuts prompts to their own `max_prompt_length` first never drops a row for its prompt.
+    max_length = None if getattr(args, "max_prompt_length", None) is not None else getattr(args, "max_length", None)
     for split, dataset in [("train", train_dataset), *evals]:
-        check_split(dataset, split, tokenizer=tokenizer, max_length=getattr(args, "max_length", None),
+        check_split(dataset, split, tokenizer=tokenizer, max_length=max_length,
                     truncation_mode=getattr(args, "truncation_mode", "keep_start"))
 
 
