@@ -83,7 +83,7 @@ def test_no_reference_to_files_outside_the_repository():
 
 #: The layers of docs/architecture.md, top to bottom: a module imports only from its own layer or the ones above.
 LAYERS = [
-    {"formats", "fingerprints", "models", "resources", "compat", "atomic", "checkpoints", "lazy"},
+    {"formats", "fingerprints", "models", "resources", "compat", "atomic", "checkpoints", "lazy", "watchdog"},
     {"objective"},
     {"heads"},
     {"scoring", "config", "layout", "collator", "step", "state", "card", "data", "evaluation"},

@@ -48,17 +48,21 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype | None:
     return value
 
 
-def pretrained_kwargs(*, dtype: str | torch.dtype | None = None, revision: str | None = None) -> dict[str, Any]:
+def pretrained_kwargs(*, dtype: str | torch.dtype | None = None, revision: str | None = None,
+                      trust_remote_code: bool = False) -> dict[str, Any]:
     """The keyword arguments of ``from_pretrained`` for a dtype and a Hub revision (unset ones are left out).
 
     Args:
         dtype: see :func:`resolve_dtype`; None keeps transformers' default (float32).
         revision: the Hub revision (branch, tag or commit), or None.
+        trust_remote_code: let transformers run the model's own code (its ``auto_map``); off by default.
 
     Returns:
-        ``{"dtype": ..., "revision": ...}`` with only the keys that are set.
+        ``{"dtype": ..., "revision": ..., "trust_remote_code": True}`` with only the keys that are set.
     """
     kwargs: dict[str, Any] = {"revision": revision} if revision else {}
+    if trust_remote_code:
+        kwargs["trust_remote_code"] = True
     if dtype is not None:
         kwargs["dtype"] = resolve_dtype(dtype)
     return kwargs
@@ -186,6 +190,7 @@ def load_tokenizer(
     padding_side: str | None = None,
     pad_token: bool = False,
     hint: str = "Pass tokenizer=... (a tokenizer or its path) explicitly.",
+    trust_remote_code: bool = False,
 ) -> Any:
     """Return ``tokenizer`` if given (a tokenizer or a path), else the one saved with ``model`` (or its base).
 
@@ -198,6 +203,7 @@ def load_tokenizer(
         padding_side: ``"left"`` (generation) or ``"right"`` (scoring); None keeps the saved one.
         pad_token: give a tokenizer without a pad token its EOS token (see :func:`ensure_pad_token`).
         hint: the fix the error message suggests when loading fails.
+        trust_remote_code: let transformers run the tokenizer's own code; off by default.
 
     Returns:
         The tokenizer.
@@ -217,7 +223,9 @@ def load_tokenizer(
             "or its path)."
         )
     try:
-        tok = AutoTokenizer.from_pretrained(source, **pretrained_kwargs(revision=revision))
+        tok = AutoTokenizer.from_pretrained(
+            source, **pretrained_kwargs(revision=revision, trust_remote_code=trust_remote_code)
+        )
     except (OSError, ValueError) as e:
         raise ValueError(f"Could not load a tokenizer from {source!r} ({e}). {hint}".rstrip()) from e
     if pad_token:

@@ -206,6 +206,20 @@ def _check_no_tokenizer_needed(specs) -> None:
             )
 
 
+def _note_tokenizer_keys(heads, specs) -> None:
+    """Without ``model_name_or_path``, a head that may read the policy's tokenizer (a ``function`` head gets
+    ``completion_ids`` from it) is scored without one, and its cached scores are keyed so: ``trl-upo train``, which
+    always has the policy's tokenizer, cannot reuse them (they may differ). Say so, with the fix."""
+    from trl_upo.scoring import reads_tokenizer
+
+    names = [spec.name for head, spec in zip(heads, specs) if reads_tokenizer(head)]
+    if names:
+        print(f"note: reward head(s) {names} may read the policy's tokenizer (a function head's `completion_ids`) "
+              f"and are scored without one (no model_name_or_path): `trl-upo train` scores them again with the "
+              f"policy's tokenizer instead of reusing these cached scores. Give the recipe's model_name_or_path "
+              f"(only its tokenizer is loaded) to score them as training will.", file=sys.stderr, flush=True)
+
+
 def _check_output(output: str | None) -> None:
     """An output that cannot be written fails now, before any scoring."""
     if not output:
@@ -236,8 +250,15 @@ def _score(ds, splits, specs, training_args, model_args, output, roles, distribu
     if distributed and any(isinstance(ds[split], IterableDataset) for split in splits):
         raise UsageError("trl-upo score reads a stream (dataset_streaming: true) in one process: drop "
                          "num_processes, or score a map-style dataset across processes.")
+    from trl_upo.data.checks import check_no_nulls
+
+    for split in splits:
+        if not isinstance(ds[split], IterableDataset):
+            check_no_nulls(ds[split], split)  # a null response names its row before any head runs
     heads = [build_head(s) for s in specs]
     main_process = current_world(distributed).is_main
+    if tokenizer is None and main_process:
+        _note_tokenizer_keys(heads, specs)
     results: dict[str, Any] = {}
     scored = {}
     try:

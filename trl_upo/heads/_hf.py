@@ -144,6 +144,28 @@ def _whole_model_under_zero3():
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = ref
 
+def check_trust_remote_code(value: Any, kind: str) -> bool:
+    """The ``trust_remote_code`` parameter of a model head: true or false (a string such as ``"yes"`` is refused)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{kind} head: trust_remote_code must be true or false, got {value!r}.")
+    return value
+
+
+def needs_remote_code(error: Exception, trusted: bool) -> bool:
+    """Whether loading failed because the model has custom code and the head was not allowed to run it."""
+    return not trusted and "trust_remote_code" in str(error)
+
+
+def remote_code_message(kind: str, model: str) -> str:
+    """The fix for a model with custom code: the head's own ``trust_remote_code`` parameter, and what it allows."""
+    return (
+        f"{kind} head: {model!r} has custom code (an `auto_map` in its config) that runs only when allowed. Read the "
+        f"model's Python files, then set `trust_remote_code: true` in the head's params (e.g. "
+        f"`{{name: rm, type: {kind}, params: {{model: {model}, trust_remote_code: true}}}}`): loading the head runs "
+        f"that code on every rank (docs/trust.md). The policy's own `trust_remote_code` does not apply to heads."
+    )
+
+
 class LazyModelMixin:
     """Shared by the model-backed heads: what they load is freed by :meth:`release`, left out of pickles (loaded
     again lazily), and the fingerprint names the model by content (:func:`model_identity`)."""
@@ -191,6 +213,7 @@ class HFSequenceClassifierHead(LazyModelMixin, RewardHead):
         max_length: int | None,
         dtype: str | None,
         revision: str | None,
+        trust_remote_code: bool = False,
         /,
     ) -> None:
         if not isinstance(model, str) or not model:
@@ -206,6 +229,7 @@ class HFSequenceClassifierHead(LazyModelMixin, RewardHead):
             raise ValueError(f"{self._kind} head: dtype must be one of {list(DTYPES)} or null, got {dtype!r}.")
         self.model_name, self.batch_size, self.max_length = model, batch_size, max_length
         self.device, self.dtype, self.revision = device, dtype, revision
+        self.trust_remote_code = check_trust_remote_code(trust_remote_code, self._kind)
         self._model = None
         self._tokenizer = None
 
@@ -220,11 +244,15 @@ class HFSequenceClassifierHead(LazyModelMixin, RewardHead):
             from transformers import AutoModelForSequenceClassification
 
             try:
-                tokenizer = load_tokenizer(self.model_name, revision=self.revision, padding_side="right", hint="")
-                kwargs = pretrained_kwargs(dtype=self.dtype, revision=self.revision)
+                tokenizer = load_tokenizer(self.model_name, revision=self.revision, padding_side="right", hint="",
+                                           trust_remote_code=self.trust_remote_code)
+                kwargs = pretrained_kwargs(dtype=self.dtype, revision=self.revision,
+                                           trust_remote_code=self.trust_remote_code)
                 with _whole_model_under_zero3():
                     model = AutoModelForSequenceClassification.from_pretrained(self.model_name, **kwargs)
             except (OSError, ValueError) as e:
+                if needs_remote_code(e, self.trust_remote_code):
+                    raise ValueError(remote_code_message(self._kind, self.model_name)) from e
                 raise ValueError(
                     f"{self._kind} head: cannot load {self.model_name!r} as a sequence-classification model and "
                     f"tokenizer: {e}. params.model must be a local directory written by save_pretrained or a Hub id."

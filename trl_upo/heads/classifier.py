@@ -45,8 +45,12 @@ class ClassifierHead(HFSequenceClassifierHead):
             str | None, Param("`auto`, `float32`, `float16` or `bfloat16`", choices=DTYPES, default_doc="float32")
         ] = None,
         revision: Annotated[str | None, Param("Hub branch, tag or commit")] = None,
+        trust_remote_code: Annotated[
+            bool, Param("run the model's own code (an `auto_map` in its config) to load it: read that code first "
+                        "(docs/trust.md)", permission=True)
+        ] = False,
     ) -> None:
-        self._init_model(model, batch_size, device, max_length, dtype, revision)
+        self._init_model(model, batch_size, device, max_length, dtype, revision, trust_remote_code)
         label_list = labels if isinstance(labels, (list, tuple)) else [labels]
         if not label_list or not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in label_list):
             raise ValueError(

@@ -46,8 +46,12 @@ class RewardModelHead(HFSequenceClassifierHead):
                   choices=DTYPES, default_doc="float32"),
         ] = None,
         revision: Annotated[str | None, Param("Hub branch, tag or commit")] = None,
+        trust_remote_code: Annotated[
+            bool, Param("run the model's own code (an `auto_map` in its config) to load it: read that code first "
+                        "(docs/trust.md)", permission=True)
+        ] = False,
     ) -> None:
-        self._init_model(model, batch_size, device, max_length, dtype, revision)
+        self._init_model(model, batch_size, device, max_length, dtype, revision, trust_remote_code)
 
     def _on_load(self, model: Any, tokenizer: Any) -> None:
         if model.config.num_labels != 1:

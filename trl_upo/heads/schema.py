@@ -36,6 +36,9 @@ class Param:
         doc: one line for the parameter table of the head's page (Markdown).
         choices: the allowed values, when there is a fixed set.
         speed_only: True when the parameter changes only how fast the head scores (never the scores).
+        permission: True when the parameter only allows something (``trust_remote_code``: running the model's own
+            code), never changes the scores: like a speed-only one, it is left out of the fingerprint and of the
+            identity the resume guard compares (what the model's code is, is in its content fingerprint).
         minimum: the smallest allowed value of a number (inclusive).
         default_doc: how the docs show a ``None`` default (e.g. "the current CUDA device, else CPU").
     """
@@ -43,6 +46,7 @@ class Param:
     doc: str = ""
     choices: tuple[Any, ...] | None = None
     speed_only: bool = False
+    permission: bool = False
     minimum: float | None = None
     default_doc: str | None = None
 
@@ -211,8 +215,8 @@ def full_params(cls: type, params: dict[str, Any]) -> dict[str, Any]:
 
 def semantic_params(cls: type, params: dict[str, Any]) -> dict[str, Any]:
     """The parameters that decide the scores: defaults filled in, speed-only parameters left out."""
-    speed = speed_only_params(cls)
-    return {k: v for k, v in full_params(cls, params).items() if k not in speed}
+    left_out = speed_only_params(cls) | {n for n, info in head_schema(cls).items() if info.meta.permission}
+    return {k: v for k, v in full_params(cls, params).items() if k not in left_out}
 
 
 def _default_cell(info: ParamInfo) -> str:
@@ -233,5 +237,7 @@ def markdown_table(cls: type) -> str:
         doc = info.meta.doc or "(undocumented)"
         if info.meta.speed_only:
             doc += " (speed only: not part of the fingerprint)"
+        if info.meta.permission:
+            doc += " (a permission: not part of the fingerprint)"
         rows.append(f"| `{name}` | {_default_cell(info)} | {doc} |")
     return "\n".join(rows)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Annotated, Any
 
 from ..models import check_model_path, default_device
-from ._hf import LazyModelMixin
+from ._hf import LazyModelMixin, check_trust_remote_code, needs_remote_code, remote_code_message
 from ..formats import completion_text
 from .protocol import RewardHead
 from .registry import register_head
@@ -39,6 +39,10 @@ class SimilarityHead(LazyModelMixin, RewardHead):
             Param("`cpu`, `cuda`, ...", speed_only=True,
                   default_doc="the current CUDA device if any (each rank's own GPU), else CPU"),
         ] = None,
+        trust_remote_code: Annotated[
+            bool, Param("run the model's own code (an `auto_map` in its config) to load it: read that code first "
+                        "(docs/trust.md)", permission=True)
+        ] = False,
     ) -> None:
         items = [exemplars] if isinstance(exemplars, str) else exemplars
         if not isinstance(items, (list, tuple)) or not items:
@@ -57,6 +61,7 @@ class SimilarityHead(LazyModelMixin, RewardHead):
         check_model_path(model, "similarity head")
         self.exemplars, self.model_name, self.aggregate = list(items), model, aggregate
         self.batch_size, self.device = batch_size, device
+        self.trust_remote_code = check_trust_remote_code(trust_remote_code, "similarity")
         self._model = None
         self._exemplar_emb = None
 
@@ -70,8 +75,11 @@ class SimilarityHead(LazyModelMixin, RewardHead):
                     "The similarity head needs sentence-transformers: pip install 'trl-upo[similarity]'."
                 ) from None
             try:
-                self._model = SentenceTransformer(self.model_name, device=self.device or default_device())
+                self._model = SentenceTransformer(self.model_name, device=self.device or default_device(),
+                                                  trust_remote_code=self.trust_remote_code)
             except (OSError, ValueError) as e:
+                if needs_remote_code(e, self.trust_remote_code):
+                    raise ValueError(remote_code_message("similarity", self.model_name)) from e
                 raise ValueError(
                     f"similarity head: cannot load {self.model_name!r} as a sentence-transformers model: {e}. "
                     f"params.model must be a local directory or a Hub id."

@@ -17,7 +17,14 @@ from typing import Any
 
 import numpy as np
 
+from ..watchdog import STUCK_TIMEOUT_ENV, STUCK_WARN_ENV  # noqa: F401 - re-exported
+from ..watchdog import Watchdog as _Watchdog
+
 logger = logging.getLogger(__name__)
+
+
+#: What this process is doing, for the stuck-rank message (the description of the last progress bar opened).
+_ACTIVITY = {"what": "scoring"}
 
 
 @dataclass(frozen=True)
@@ -49,70 +56,14 @@ def current_world(distributed: bool) -> World:
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
 
 
-#: What this process is doing, for the stuck-rank message (the description of the last progress bar opened).
-_ACTIVITY = {"what": "scoring"}
-#: Seconds without progress (a scored block, or the end of a gather) between the warnings (0: no warning).
-STUCK_WARN_ENV = "TRL_UPO_STUCK_WARN"
-#: Seconds without progress after which a rank ends the run with its name (unset or 0: wait for the process
-#: group's own timeout, ``ddp_timeout``).
-STUCK_TIMEOUT_ENV = "TRL_UPO_STUCK_TIMEOUT"
-
-
-class Watchdog:
-    """Reports a rank that makes no progress: a daemon thread that, after :data:`STUCK_WARN_ENV` seconds (default 60)
-    without :meth:`beat`, logs this rank and what it is doing (the reward head being scored, or the gather it waits
-    at), again every period; and after :data:`STUCK_TIMEOUT_ENV` seconds (if set) logs an error and ends the process
-    (exit code 3), so that the launcher stops the run instead of every rank waiting for ``ddp_timeout``.
-
-    The rank stuck in a head names itself and the head; the ranks waiting for it at the gather name the gather.
-    """
+class Watchdog(_Watchdog):
+    """The stuck-rank watchdog (:class:`trl_upo.watchdog.Watchdog`) of a scoring phase: beats at every scored block
+    and at the end of each gather; the rank stuck in a head names itself and the head, the ranks waiting for it at
+    the gather name the gather."""
 
     def __init__(self, world: World, what: str) -> None:
-        import threading
-        import time
-
-        self.world, self.what, self._time = world, what, time.monotonic
-        self.warn = float(os.environ.get(STUCK_WARN_ENV, "60") or 0)
-        self.abort = float(os.environ.get(STUCK_TIMEOUT_ENV, "0") or 0)
-        self.last = self._time()
-        self._stop = threading.Event()
-        self._thread = None
-        if world.size > 1 and (self.warn or self.abort):
-            self._thread = threading.Thread(target=self._watch, daemon=True, name="trl-upo-watchdog")
-            self._thread.start()
-
-    def beat(self) -> None:
-        """Progress was made."""
-        self.last = self._time()
-
-    def stop(self) -> None:
-        """The watched step is over."""
-        self._stop.set()
-
-    def _watch(self) -> None:
-        next_warn = self.warn
-        while not self._stop.wait(0.5):
-            idle = self._time() - self.last
-            if next_warn and idle >= next_warn:
-                logger.warning("rank %d: no progress for %.0f s in %r (a reward head stuck on some rank?); set %s "
-                               "to abort after a bound.", self.world.rank, idle, self.what, STUCK_TIMEOUT_ENV)
-                next_warn += self.warn
-            if self.abort and idle >= self.abort:
-                import sys
-
-                msg = (f"rank {self.world.rank}: no progress for {idle:.0f} s in {self.what!r} ({STUCK_TIMEOUT_ENV}="
-                       f"{self.abort:g}): stopping the run. A rank stuck in a reward head names the head; the "
-                       f"ranks waiting at the gather name the gather.")
-                logger.error(msg)
-                print(msg, file=sys.stderr, flush=True)
-                sys.stdout.flush()
-                os._exit(3)
-
-    def __enter__(self) -> Watchdog:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
+        super().__init__(world.rank, world.size, repr(what), hint=(
+            "A rank stuck in a reward head names the head; the ranks waiting at the gather name the gather."))
 
 
 def all_gather(world: World, obj: Any) -> list[Any]:
