@@ -40,6 +40,7 @@ from .checkpoints import last_complete_checkpoint, marker_callback
 from .collator import VALUES_COLUMN, VALUES_KEY, UPODataCollator, add_values_column, head_signs_and_weights
 from .compat import FUSED, LogProbCapture, check_trl, is_peft_model, policy_modules
 from .config import UPOArguments
+from .data.checks import check_prepared_rows, check_splits
 from .heads import HeadSpec, build_head
 from .layout import ValueLayout
 from .scoring import (
@@ -54,6 +55,7 @@ from .scoring import (
 )
 from .state import build_state, load_upo_state, resume_statistics, save_state
 from .step import UPOStep, UPOView
+from .watchdog import StuckRankCallback
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +120,13 @@ class UPOCore:
             named["train_dataset"], named["eval_dataset"] = self._upo_prepare_datasets(
                 config, named.get("train_dataset"), named.get("eval_dataset"), tokenizer_of(named["processing_class"])
             )
+        train = named.get("train_dataset")
+        rows_before = len(train) if isinstance(train, Dataset) else None
         super().__init__(**named)
+        # TRL's own filter is the authority on rows it dropped: none left is an error here, not torch's num_samples=0.
+        check_prepared_rows(self.train_dataset, rows_before, "train", getattr(self.args, "max_length", None))
         self.add_callback(marker_callback())  # a resume picks only checkpoints whose save finished
+        self.add_callback(StuckRankCallback())  # a rank stuck in a step is named within a bound (several processes)
         self._upo_capture = None
         self._upo_hook_handles: list[Any] = []
         if self._upo_heads:
@@ -191,6 +198,7 @@ class UPOCore:
             # As TRL does for a streamed train set (every TRL alike, before scoring is set up): each process reads the
             # stream and keeps its share, so it scores only the rows it trains on (rank_share).
             args.accelerator_config.dispatch_batches = False
+        check_splits(train_dataset, eval_dataset, tokenizer, args)  # the user's rows, before the adapter converts them
         train_dataset = self.upo_prepare_split(train_dataset, "train", train=True, args=args)
         if isinstance(eval_dataset, dict):
             eval_dataset = {k: self.upo_prepare_split(v, k, train=False, args=args) for k, v in eval_dataset.items()}
