@@ -48,6 +48,21 @@ TEXT_HEADS = [
 ]
 
 
+def long_pairs(n: int):
+    """``n`` pairs of 60-240-word responses from a 2,000-word vocabulary (``benchmarks/stream_scale.py``'s rows), as a
+    map-style dataset: text heads' work then grows with the responses, as on real data. (The tests' tiny pairs are a
+    few words from a few dozen: per-process fixed costs, such as textstat's per-word caches filling and reading the
+    Arrow columns, weigh about as much as scoring them.)"""
+    import importlib.util
+
+    from datasets import Dataset
+
+    spec = importlib.util.spec_from_file_location("stream_scale", Path(__file__).with_name("stream_scale.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return Dataset.from_list(list(module.pairs(n)))
+
+
 def worker(classifier: str, pairs: int, out: str, kind: str = "model") -> None:
     """One rank: score ``pairs`` pairs with a classifier head (``kind`` model) or the three text heads (text),
     distributed; write this rank's timing, and the time of the same-rows check against hashing every row."""
@@ -62,13 +77,13 @@ def worker(classifier: str, pairs: int, out: str, kind: str = "model") -> None:
     torch.set_num_threads(1)
     state = PartialState(cpu=True)
     params = {"model": classifier, "labels": "positive", "device": "cpu", "batch_size": 64}
-    specs = parse_head_specs(TEXT_HEADS if kind == "text" else
+    specs = parse_head_specs(TEXT_HEADS if kind.startswith("text") else
                              [{"name": "cls", "type": "classifier", "params": params}])
     heads = [build_head(s) for s in specs]
     for head in heads:  # models loaded, lazy resources (the readability head's word lists) read, before the clock
         head.load()
         head.score(["p"], ["Warm up."], role="chosen", columns={})
-    data = preference_dataset(pairs, seed=0)
+    data = preference_dataset(pairs, seed=0) if kind != "text" else long_pairs(pairs)
     state.wait_for_everyone()
     start, cpu_start = time.perf_counter(), time.process_time()
     _, report = score_dataset(data, heads, specs, split="train", batch_size=256, use_cache=False, distributed=True)
@@ -198,8 +213,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", type=int, default=10_000, help="pairs to score (two responses each)")
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--heads", nargs="+", choices=["model", "text"], default=["model", "text"],
-                   help="a classifier head, and/or the length, lexicon and readability heads")
+    p.add_argument("--heads", nargs="+", choices=["model", "text", "text-short"], default=["model", "text"],
+                   help="a classifier head, and/or the length, lexicon and readability heads on responses of 60-240 "
+                        "words (text) or on the tests' few-word responses (text-short)")
     p.add_argument("--hidden", type=int, default=128, help="hidden size of the tiny classifier")
     p.add_argument("--repeats", type=int, default=3,
                    help="timing rounds (1 then 2 processes, alternating); the best of each is reported")
