@@ -70,7 +70,7 @@ def rounds_config(task: Any, base: str, data: str, out: str, form: str, heads: b
     training = {**{k: v for k, v in fs.CPU_RUN.items()}, "per_device_train_batch_size": 16, "learning_rate": 2e-3,
                 "beta": 0.1, "logging_steps": 25, "reward_heads": task.train_heads if heads else [], "upo_alpha": 1.0}
     return {"model": base, "dataset": data, "output_dir": out, "rounds": a.rounds, "trainer": "dpo", "form": form,
-            "reference": "previous", "seed": seed, "training": training,
+            "reference": a.reference, "kto_weights": a.kto_weights, "seed": seed, "training": training,
             "first_round": {"max_steps": a.first_steps}, "later_rounds": {"max_steps": a.round_steps},
             "judge": JUDGE, "samples_per_prompt": a.samples,
             "generation": {"max_new_tokens": task.max_new_tokens, "temperature": 1.0},
@@ -140,13 +140,15 @@ def _upo_config():
 
 
 def _reuse_round_one(task_dir: str, seed: int, heads: bool, out: str) -> None:
-    """Round 1 of every method with heads is the same run as round 1 of ``rounds-upo-kto`` (UPO on the task's pairs,
-    same seed and settings; the round-1 steps are the same for every method of a sweep): copy it instead of training
-    it again."""
-    src = os.path.join(task_dir, f"seed{seed}", "rounds-upo-kto", "round-1")
-    if heads and src != os.path.join(out, "round-1") and os.path.exists(os.path.join(src, "report.json")) \
-            and not os.path.exists(out):
-        shutil.copytree(src, os.path.join(out, "round-1"))
+    """Round 1 of every method with heads is the same run (UPO on the task's pairs, same seed and settings, the
+    model as its reference whatever `--reference` says; the round-1 steps are the same for every method of a sweep):
+    copy the first completed one of a `rounds-upo*` method instead of training it again."""
+    seed_dir = os.path.join(task_dir, f"seed{seed}")
+    names = sorted(os.listdir(seed_dir)) if os.path.isdir(seed_dir) else []
+    sources = [os.path.join(seed_dir, n, "round-1") for n in names if n.startswith("rounds-upo")]
+    sources = [s for s in sources if os.path.exists(os.path.join(s, "report.json"))]
+    if heads and sources and not os.path.exists(out):
+        shutil.copytree(sources[0], os.path.join(out, "round-1"))
 
 
 def summary_rows(results: list[dict]) -> dict[tuple[str, int], dict[str, tuple[float, float, int]]]:
@@ -221,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-eval-pairs", type=int, default=128)
     p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--output-dir", default="outputs/iterate-sweep")
+    p.add_argument("--reference", choices=["previous", "original"], default="previous",
+                   help="the reference policy of rounds >= 2")
+    p.add_argument("--kto-weights", choices=["balanced", "none"], default="none",
+                   help="KTO's class weights in the unpaired rounds (none: TRL's 1 and 1, as the first sweep ran)")
     p.add_argument("--tag", default="", help="suffix of the iterative methods' names and directories (another K)")
     a = p.parse_args(argv)
     a.offline = [c for c in a.offline.split(",") if c and (a.task == "length" or c not in LENGTH_ONLY)]

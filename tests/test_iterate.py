@@ -124,6 +124,38 @@ def test_resume_refuses_other_settings_but_takes_more_rounds(tmp_path):
                        main=True)
 
 
+def test_snapshot_keeps_upo_names_and_a_reinstalled_package_resumes(tmp_path, monkeypatch):
+    """iterate.json stores `upo://` names as given; they resolve at use, to wherever the package is installed now, so
+    a reinstalled package resumes the run; a snapshot written with resolved paths (older runs) is still accepted."""
+    import shutil
+
+    import trl_upo.resources
+    from trl_upo.iterate.rounds import check_snapshot
+
+    heads = [{"name": "rm", "type": "reward_model", "params": {"model": "upo://tiny-llama"}}]
+    config = IterateConfig(output_dir=str(tmp_path / "run"), judge=JUDGE, training={**CPU, "reward_heads": heads})
+    check_snapshot(config, main=True)
+    saved = json.loads((tmp_path / "run" / "iterate.json").read_text())
+    assert saved["model"] == "upo://tiny-llama" and saved["dataset"] == "upo://quickstart-data"
+    assert saved["training"]["reward_heads"][0]["params"]["model"] == "upo://tiny-llama"
+    assert config.model_path == str(trl_upo.resources.RESOURCES_DIR / "tiny-llama")
+    old_paths = {**saved, "model": config.model_path, "dataset": config.dataset_path, "output_dir": str(tmp_path / "old"),
+                 "training": trl_upo.resources.resolve_resource(saved["training"])}
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "iterate.json").write_text(json.dumps(old_paths))
+    check_snapshot(IterateConfig(output_dir=str(tmp_path / "old"), judge=JUDGE,  # resolved paths: accepted
+                                 training={**CPU, "reward_heads": heads}), main=False)
+
+    moved = tmp_path / "site-packages" / "trl_upo" / "resources"  # the package, installed elsewhere
+    for name in ("tiny-llama", "quickstart-data"):
+        shutil.copytree(trl_upo.resources.RESOURCES_DIR / name, moved / name)
+    monkeypatch.setattr(trl_upo.resources, "RESOURCES_DIR", moved.resolve())
+    again = IterateConfig(output_dir=str(tmp_path / "run"), judge=JUDGE, training={**CPU, "reward_heads": heads})
+    check_snapshot(again, main=True)  # same settings as given: no refusal
+    assert again.model_path == str(moved.resolve() / "tiny-llama")
+    assert again.round_fields(2)["reward_heads"][0]["params"]["model"] == str(moved.resolve() / "tiny-llama")
+
+
 # ---------------------------------------------------------------- config errors, before any model loads
 
 
@@ -147,6 +179,73 @@ def test_a_key_only_one_rounds_trainer_takes_is_named_with_its_round(tmp_path):
         build_training_args(config, 2, str(tmp_path / "round-2"))
     with pytest.raises(IterateConfigError, match=r"'learning_rat' \(did you mean `learning_rate`"):
         build_training_args(IterateConfig(judge=JUDGE, later_rounds={"learning_rat": 1.0}), 2, str(tmp_path))
+
+
+def test_balanced_kto_weights_equalise_the_kinds_inside_trls_range(tmp_path):
+    from trl_upo.iterate.config import balanced_kto_weights
+
+    rows = [{"label": True}] * 190 + [{"label": False}] * 2
+    w = balanced_kto_weights(rows)
+    assert (w["desirable"], w["undesirable"]) == (190, 2)
+    ratio = w["desirable_weight"] * 190 / (w["undesirable_weight"] * 2)
+    assert 1.0 <= ratio <= 4 / 3 and ratio == pytest.approx(1.0)  # the range TRL's KTOTrainer warns outside of
+    assert (w["desirable_weight"] * 190 + w["undesirable_weight"] * 2) / 192 == pytest.approx(1.0)
+    with pytest.raises(IterateConfigError, match="need desirable and undesirable rows; got 3 and 0"):
+        balanced_kto_weights([{"label": True}] * 3)
+    config = IterateConfig(output_dir=str(tmp_path), judge=JUDGE, training=CPU)
+    assert config.kto_weights == "balanced"
+    args = build_training_args(config, 2, str(tmp_path / "round-2"),
+                               {k: w[k] for k in ("desirable_weight", "undesirable_weight")})
+    assert (args.desirable_weight, args.undesirable_weight) == (w["desirable_weight"], w["undesirable_weight"])
+
+
+@pytest.mark.parametrize("values, match", [
+    ({"later_rounds": {"desirable_weight": 0.1}}, r"sets desirable_weight, and `kto_weights: balanced`.*kto_weights: none"),
+    ({"kto_weights": "equal"}, r"`kto_weights` must be one of \['balanced', 'none'\]"),
+])
+def test_kto_weights_errors(values, match):
+    with pytest.raises(IterateConfigError, match=match):
+        IterateConfig.from_dict({"judge": JUDGE, **values})
+    if "later_rounds" in values:  # the user's own weights with kto_weights: none are kept
+        IterateConfig.from_dict({"judge": JUDGE, "kto_weights": "none", **values})
+
+
+def test_a_round_without_rows_stops_every_process_with_the_same_error(tmp_path, monkeypatch):
+    """Two processes, played in turn: the main process merges the shards, finds the judge accepted every sample and
+    records the verdict instead of raising alone; every process (the main one too) raises it after the barrier, so
+    none waits for a process that stopped. A later attempt decides again."""
+    from trl_upo.iterate import rounds
+
+    class State:
+        def __init__(self, rank):
+            self.process_index, self.num_processes, self.is_main_process = rank, 2, rank == 0
+
+        def wait_for_everyone(self):
+            pass
+
+    def all_accepted(config, k, policy, prompts, judge, rank, world):
+        return [{"prompt": p, "completion": " ok", "judge_score": 1.0, "prompt_index": i}
+                for i, p in enumerate(prompts) if i % world == rank], 3
+
+    monkeypatch.setattr(rounds, "sample_and_judge", all_accepted)
+    config = IterateConfig(output_dir=str(tmp_path), judge=JUDGE)
+    judge, train = Judge.from_config(JUDGE), [{"prompt": "a"}, {"prompt": "b"}]
+    shards = os.path.join(round_dir(str(tmp_path), 2), "samples")
+    os.makedirs(shards)
+    rounds.write_jsonl(os.path.join(shards, "rank-1.jsonl"), all_accepted(config, 2, "", ["a", "b"], judge, 1, 2)[0])
+    rounds.atomic_json(os.path.join(shards, "rank-1.json"), {"generated_tokens": 3})  # rank 1 reached the barrier
+    messages = []
+    for rank in (0, 1):  # rank 0 merges and records the verdict; rank 1 reads it after the barrier
+        with pytest.raises(IterateConfigError) as e:
+            rounds.round_data(config, 2, "policy", train, judge, State(rank))
+        messages.append(str(e.value))
+    assert "accepted all of the 2 samples" in messages[0] and messages[0] == messages[1]
+    monkeypatch.setattr(rounds, "sample_and_judge", lambda c, k, p, prompts, j, rank, world: (
+        [{"prompt": q, "completion": " ok", "judge_score": float(i), "prompt_index": i}
+         for i, q in enumerate(prompts) if i % world == rank], 3))
+    out = rounds.round_data(config, 2, "policy", train, judge, State(0))
+    assert not os.path.exists(os.path.join(round_dir(str(tmp_path), 2), rounds.ERROR_FILE))
+    assert out["accepted"] == 1 and out["num_rows"] == 2
 
 
 def test_run_rounds_fails_before_loading_anything(tmp_path, monkeypatch):
@@ -174,7 +273,8 @@ def test_cli_overrides_and_usage_errors(capsys):
     config = cli_iterate.load_config(["--rounds", "2", "--training.learning_rate", "1e-3"])
     assert config.rounds == 2 and config.training["learning_rate"] == 1e-3
     assert config.training["reward_heads"][0]["name"] == "novery"  # the rest of the packaged default stays
-    assert config.model.endswith(os.path.join("resources", "tiny-llama"))
+    assert config.model == "upo://tiny-llama"  # as the YAML gives it; resolved at use
+    assert config.model_path.endswith(os.path.join("resources", "tiny-llama"))
     assert cli_iterate.main(["--roundz", "2"]) == 2
     assert "unknown key 'roundz'" in capsys.readouterr().err
     assert cli_iterate.main(["--help"]) == 0
