@@ -337,6 +337,9 @@ def test_two_rounds_on_the_packaged_default(tmp_path):
     assert all(r["label"] == (r["judge_score"] >= 0.5) for r in rows)
     assert r2["data"]["accepted"] == sum(r["label"] for r in rows)
     assert r2["compute"]["train_steps"] == 16 and r2["compute"]["generated_tokens"] > 0
+    w = r2["data"]["kto_weights"]  # the default, kto_weights: balanced, from the round's counts
+    assert w["mode"] == "balanced" and (w["desirable"], w["undesirable"]) == (r2["data"]["accepted"], 32 - w["desirable"])
+    assert w["desirable_weight"] * w["desirable"] == pytest.approx(w["undesirable_weight"] * w["undesirable"])
     assert (out / "rounds.json").exists()
     # Run again: every round is complete, nothing is trained again.
     mtime = os.path.getmtime(out / "round-2" / "model.safetensors")
@@ -443,3 +446,24 @@ def test_two_processes_shard_sampling_and_merge_in_prompt_order(tmp_path):
     key = sorted((r["prompt"], r["completion"]) for r in rows)
     assert key == sorted((s["prompt"], s["completion"]) for s in shards[0] + shards[1])
     assert completed_rounds(str(out)) == [1, 2] and proc.stdout.count("round 2 done") == 1
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_when_the_judge_accepts_nothing(tmp_path):
+    """`accelerate launch --num_processes 2`: the judge (threshold 2.0 on a 0/1 function) accepts none of round 2's
+    samples; both processes raise the same error and the launch ends (no process waits at a barrier). Budget 120 s."""
+    import shutil
+
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+    out = tmp_path / "it"
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "trl_upo.cli.iterate", *SMALL, "--first_round.max_steps", "4",
+         "--judge.threshold", "2.0", "--output_dir", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    message = "the judge accepted none of the 32 samples (threshold 2.0)"
+    assert (proc.stdout + proc.stderr).count(message) >= 2, proc.stderr[-3000:]  # each process says it
+    assert completed_rounds(str(out)) == [1] and json.loads((out / "round-2" / "data-error.json").read_text())
