@@ -122,6 +122,12 @@ def test_resume_refuses_other_settings_but_takes_more_rounds(tmp_path):
     with pytest.raises(IterateConfigError, match=r"other settings \(form, samples_per_prompt differ"):
         check_snapshot(IterateConfig(output_dir=str(tmp_path), judge=JUDGE, form="pairs", samples_per_prompt=4),
                        main=True)
+    saved = json.loads((tmp_path / "iterate.json").read_text())
+    del saved["kto_weights"]  # a run started before the key existed trained with TRL's weights
+    (tmp_path / "iterate.json").write_text(json.dumps(saved))
+    with pytest.raises(IterateConfigError, match=r"other settings \(kto_weights differ"):
+        check_snapshot(IterateConfig(output_dir=str(tmp_path), judge=JUDGE), main=False)
+    check_snapshot(IterateConfig(output_dir=str(tmp_path), judge=JUDGE, kto_weights="none"), main=False)
 
 
 def test_snapshot_keeps_upo_names_and_a_reinstalled_package_resumes(tmp_path, monkeypatch):

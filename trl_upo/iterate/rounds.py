@@ -24,6 +24,9 @@ ROUND_PREFIX = "round-"
 REPORT_FILE = "report.json"
 DATA_FILE = "train.jsonl"
 SNAPSHOT_FILE = "iterate.json"
+#: What a run whose iterate.json predates a key did (a run started before ``kto_weights`` trained with KTO's weights
+#: as ``training`` set them): it resumes with that value.
+BEFORE_THE_KEY_EXISTED = {"kto_weights": "none"}
 #: The main process's verdict on a round's samples when they give no rows; every process reads it and raises.
 ERROR_FILE = "data-error.json"
 #: Settings a resumed run may change (more rounds, other threads); any other change needs a new output_dir.
@@ -78,7 +81,7 @@ def check_snapshot(config: IterateConfig, main: bool) -> None:
     now = config.to_dict()
     if os.path.exists(path):
         with open(path) as f:
-            before = json.load(f)
+            before = {**BEFORE_THE_KEY_EXISTED, **json.load(f)}
         changed = sorted(k for k in set(now) | set(before) if k not in RESUMABLE_CHANGES
                          and not _same_setting(now.get(k), before.get(k)))
         if changed:
