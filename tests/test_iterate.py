@@ -193,9 +193,16 @@ def test_balanced_kto_weights_equalise_the_kinds_inside_trls_range(tmp_path):
     rows = [{"label": True}] * 190 + [{"label": False}] * 2
     w = balanced_kto_weights(rows)
     assert (w["desirable"], w["undesirable"]) == (190, 2)
-    ratio = w["desirable_weight"] * 190 / (w["undesirable_weight"] * 2)
-    assert 1.0 <= ratio <= 4 / 3 and ratio == pytest.approx(1.0)  # the range TRL's KTOTrainer warns outside of
+    assert w["desirable_weight"] * 190 / (w["undesirable_weight"] * 2) == pytest.approx(7 / 6)
     assert (w["desirable_weight"] * 190 + w["undesirable_weight"] * 2) / 192 == pytest.approx(1.0)
+    # TRL's KTOTrainer warns unless the desirable weight lies in [u*U/D, 1.33*u*U/D] or the undesirable one in
+    # [D*d/(1.33*U), D*d/U], each bound rounded to 2 decimals (as TRL 1.16 computes them): never, for any counts.
+    for n_und in [1, 2, 3, 7, 18, 30, 100, 512, 900, 1023]:
+        n_des = 1024 - n_und
+        w = balanced_kto_weights([{"label": True}] * n_des + [{"label": False}] * n_und)
+        d, u = w["desirable_weight"], w["undesirable_weight"]
+        assert round(n_und * u / n_des, 2) <= d <= round(n_und * u / n_des * 1.33, 2), n_und
+        assert round(n_des * d / n_und / 1.33, 2) <= u <= round(n_des * d / n_und, 2), n_und
     with pytest.raises(IterateConfigError, match="need desirable and undesirable rows; got 3 and 0"):
         balanced_kto_weights([{"label": True}] * 3)
     config = IterateConfig(output_dir=str(tmp_path), judge=JUDGE, training=CPU)
@@ -345,7 +352,7 @@ def test_two_rounds_on_the_packaged_default(tmp_path):
     assert r2["compute"]["train_steps"] == 16 and r2["compute"]["generated_tokens"] > 0
     w = r2["data"]["kto_weights"]  # the default, kto_weights: balanced, from the round's counts
     assert w["mode"] == "balanced" and (w["desirable"], w["undesirable"]) == (r2["data"]["accepted"], 32 - w["desirable"])
-    assert w["desirable_weight"] * w["desirable"] == pytest.approx(w["undesirable_weight"] * w["undesirable"])
+    assert w["desirable_weight"] * w["desirable"] == pytest.approx(7 / 6 * w["undesirable_weight"] * w["undesirable"])
     assert (out / "rounds.json").exists()
     # Run again: every round is complete, nothing is trained again.
     mtime = os.path.getmtime(out / "round-2" / "model.safetensors")

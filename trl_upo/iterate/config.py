@@ -51,10 +51,10 @@ class IterateConfig:
         eval_num_samples: answers sampled per test prompt in the report.
         eval_max_new_tokens: length limit of the report's sampled answers.
         kto_weights: KTO's class weights in rounds >= 2 with ``form: unpaired`` (the judge's rows are mostly of one
-            kind): ``balanced`` sets ``desirable_weight = n / (2 n_desirable)`` and ``undesirable_weight = n / (2
-            n_undesirable)`` from the round's rows (weighted totals equal, ratio 1, inside the range TRL's KTOTrainer
-            asks for; the mean weight per row stays 1), recorded in the round's ``report.json``; ``none`` leaves
-            KTO's weights as ``training`` / ``later_rounds`` set them (TRL's default: 1 and 1).
+            kind): ``balanced`` sets ``desirable_weight`` and ``undesirable_weight`` from the round's counts
+            (:func:`balanced_kto_weights`: the weighted totals in the ratio 7/6, the middle of the range TRL's
+            KTOTrainer recommends; the mean weight per row stays 1), recorded in the round's ``report.json``;
+            ``none`` leaves KTO's weights as ``training`` / ``later_rounds`` set them (TRL's default: 1 and 1).
         seed: the seed of every round's training, sampling and evaluation.
         torch_num_threads: ``torch.set_num_threads`` in each process; None: torch's default.
     """
@@ -183,11 +183,17 @@ def trainer_class(trainer: str) -> type:
     return UPOKTOTrainer if trainer == "kto" else UPOTrainer
 
 
+#: ``desirable_weight * n_desirable / (undesirable_weight * n_undesirable)`` of ``kto_weights: balanced``: the middle
+#: of the range TRL's KTOTrainer recommends, [1, 4/3]. Not 1, its edge: TRL rounds the bounds it checks to two
+#: decimals, so weights at ratio 1 are reported out of range about half the time.
+BALANCED_KTO_RATIO = 7 / 6
+
+
 def balanced_kto_weights(rows: list[dict]) -> dict[str, Any]:
-    """KTO's class weights for unpaired ``rows`` (``label`` True / False): ``n / (2 n_kind)`` for each kind, so both
-    kinds weigh the same in total (``desirable_weight * n_desirable == undesirable_weight * n_undesirable``, the
-    ratio 1 that TRL's KTOTrainer recommends, between 1 and 4/3) and the mean weight per row is 1. Returns the
-    weights and the counts.
+    """KTO's class weights for unpaired ``rows`` (``label`` True / False): the desirable rows weigh
+    :data:`BALANCED_KTO_RATIO` times the undesirable ones in total (inside the range TRL's KTOTrainer recommends) and
+    the mean weight per row is 1: ``desirable_weight = r n / ((1 + r) n_desirable)``, ``undesirable_weight =
+    n / ((1 + r) n_undesirable)``. Returns the weights, the counts and the ratio.
 
     Raises:
         IterateConfigError: the rows hold only one kind.
@@ -196,8 +202,9 @@ def balanced_kto_weights(rows: list[dict]) -> dict[str, Any]:
     n_und = len(rows) - n_des
     if n_des == 0 or n_und == 0:
         raise IterateConfigError(f"balanced KTO weights need desirable and undesirable rows; got {n_des} and {n_und}.")
-    return {"mode": "balanced", "desirable": n_des, "undesirable": n_und,
-            "desirable_weight": len(rows) / (2 * n_des), "undesirable_weight": len(rows) / (2 * n_und)}
+    r = BALANCED_KTO_RATIO
+    return {"mode": "balanced", "desirable": n_des, "undesirable": n_und, "ratio": r,
+            "desirable_weight": r * len(rows) / ((1 + r) * n_des), "undesirable_weight": len(rows) / ((1 + r) * n_und)}
 
 
 def build_training_args(config: IterateConfig, k: int, output_dir: str, extra: dict | None = None) -> Any:
