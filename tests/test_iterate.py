@@ -126,8 +126,8 @@ def test_resume_refuses_other_settings_but_takes_more_rounds(tmp_path):
     del saved["kto_weights"]  # a run started before the key existed trained with TRL's weights
     (tmp_path / "iterate.json").write_text(json.dumps(saved))
     with pytest.raises(IterateConfigError, match=r"other settings \(kto_weights differ"):
-        check_snapshot(IterateConfig(output_dir=str(tmp_path), judge=JUDGE), main=False)
-    check_snapshot(IterateConfig(output_dir=str(tmp_path), judge=JUDGE, kto_weights="none"), main=False)
+        check_snapshot(IterateConfig(output_dir=str(tmp_path), judge=JUDGE, kto_weights="balanced"), main=False)
+    check_snapshot(IterateConfig(output_dir=str(tmp_path), judge=JUDGE), main=False)  # none, the default: resumes
 
 
 def test_snapshot_keeps_upo_names_and_a_reinstalled_package_resumes(tmp_path, monkeypatch):
@@ -205,22 +205,22 @@ def test_balanced_kto_weights_equalise_the_kinds_inside_trls_range(tmp_path):
         assert round(n_des * d / n_und / 1.33, 2) <= u <= round(n_des * d / n_und, 2), n_und
     with pytest.raises(IterateConfigError, match="need desirable and undesirable rows; got 3 and 0"):
         balanced_kto_weights([{"label": True}] * 3)
-    config = IterateConfig(output_dir=str(tmp_path), judge=JUDGE, training=CPU)
-    assert config.kto_weights == "balanced"
+    config = IterateConfig(output_dir=str(tmp_path), judge=JUDGE, training=CPU, kto_weights="balanced")
+    assert IterateConfig(judge=JUDGE).kto_weights == "none"  # the default (docs/iterate.md: what it is based on)
     args = build_training_args(config, 2, str(tmp_path / "round-2"),
                                {k: w[k] for k in ("desirable_weight", "undesirable_weight")})
     assert (args.desirable_weight, args.undesirable_weight) == (w["desirable_weight"], w["undesirable_weight"])
 
 
 @pytest.mark.parametrize("values, match", [
-    ({"later_rounds": {"desirable_weight": 0.1}}, r"sets desirable_weight, and `kto_weights: balanced`.*kto_weights: none"),
+    ({"kto_weights": "balanced", "later_rounds": {"desirable_weight": 0.1}}, r"sets desirable_weight, and `kto_weights: balanced`.*kto_weights: none"),
     ({"kto_weights": "equal"}, r"`kto_weights` must be one of \['balanced', 'none'\]"),
 ])
 def test_kto_weights_errors(values, match):
     with pytest.raises(IterateConfigError, match=match):
         IterateConfig.from_dict({"judge": JUDGE, **values})
     if "later_rounds" in values:  # the user's own weights with kto_weights: none are kept
-        IterateConfig.from_dict({"judge": JUDGE, "kto_weights": "none", **values})
+        IterateConfig.from_dict({"judge": JUDGE, **values, "kto_weights": "none"})
 
 
 def test_a_round_without_rows_stops_every_process_with_the_same_error(tmp_path, monkeypatch):
@@ -350,9 +350,9 @@ def test_two_rounds_on_the_packaged_default(tmp_path):
     assert all(r["label"] == (r["judge_score"] >= 0.5) for r in rows)
     assert r2["data"]["accepted"] == sum(r["label"] for r in rows)
     assert r2["compute"]["train_steps"] == 16 and r2["compute"]["generated_tokens"] > 0
-    w = r2["data"]["kto_weights"]  # the default, kto_weights: balanced, from the round's counts
-    assert w["mode"] == "balanced" and (w["desirable"], w["undesirable"]) == (r2["data"]["accepted"], 32 - w["desirable"])
-    assert w["desirable_weight"] * w["desirable"] == pytest.approx(7 / 6 * w["undesirable_weight"] * w["undesirable"])
+    w = r2["data"]["kto_weights"]  # the default, kto_weights: none: TRL's weights, recorded with the round's counts
+    assert w["mode"] == "none" and (w["desirable"], w["undesirable"]) == (r2["data"]["accepted"], 32 - w["desirable"])
+    assert (w["desirable_weight"], w["undesirable_weight"]) == (1.0, 1.0)
     assert (out / "rounds.json").exists()
     # Run again: every round is complete, nothing is trained again.
     mtime = os.path.getmtime(out / "round-2" / "model.safetensors")

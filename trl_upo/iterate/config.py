@@ -54,7 +54,8 @@ class IterateConfig:
             kind): ``balanced`` sets ``desirable_weight`` and ``undesirable_weight`` from the round's counts
             (:func:`balanced_kto_weights`: the weighted totals in the ratio 7/6, the middle of the range TRL's
             KTOTrainer recommends; the mean weight per row stays 1), recorded in the round's ``report.json``;
-            ``none`` leaves KTO's weights as ``training`` / ``later_rounds`` set them (TRL's default: 1 and 1).
+            ``none`` (the default: balanced weights measured no better, see docs/iterate.md) leaves KTO's weights
+            as ``training`` / ``later_rounds`` set them (TRL's default: 1 and 1), also recorded.
         seed: the seed of every round's training, sampling and evaluation.
         torch_num_threads: ``torch.set_num_threads`` in each process; None: torch's default.
     """
@@ -77,7 +78,7 @@ class IterateConfig:
     eval_num_prompts: int = 128
     eval_num_samples: int = 4
     eval_max_new_tokens: int = 16
-    kto_weights: str = "balanced"
+    kto_weights: str = "none"
     seed: int = 0
     torch_num_threads: int | None = None
 
