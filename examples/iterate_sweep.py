@@ -23,7 +23,11 @@ Compute per run is recorded: training steps and generated tokens (the rounds' sa
 Writes ``<output-dir>/<task>/results.jsonl`` (one line per model; finished ones are skipped when run again),
 ``table.md`` and ``frontier_rounds.png``; a method whose rounds stop (the judge accepted every sample of a round, so
 there are no undesirable rows or no pairs) keeps its completed rounds and is listed in ``stopped.jsonl``.
-``--samples 256 --tag=-k256`` runs the methods with 256 samples per prompt under names ending in ``-k256``.
+``--samples 256 --tag=-k256`` runs the methods with 256 samples per prompt under names ending in ``-k256``;
+``--reference original`` anchors rounds >= 2 to the SFT start, ``--kto-weights balanced`` sets KTO's class weights from
+each round's counts (``IterateConfig.kto_weights``), and ``--first-round`` / ``--later-rounds`` take JSON overrides
+of the rounds' training settings (``'{"reward_heads": []}'`` makes round 1 plain DPO); give each variant its own
+``--tag``. Round 1 is trained once per seed for all methods whose round-1 settings are the same.
 """
 
 from __future__ import annotations
@@ -70,8 +74,9 @@ def rounds_config(task: Any, base: str, data: str, out: str, form: str, heads: b
     training = {**{k: v for k, v in fs.CPU_RUN.items()}, "per_device_train_batch_size": 16, "learning_rate": 2e-3,
                 "beta": 0.1, "logging_steps": 25, "reward_heads": task.train_heads if heads else [], "upo_alpha": 1.0}
     return {"model": base, "dataset": data, "output_dir": out, "rounds": a.rounds, "trainer": "dpo", "form": form,
-            "reference": "previous", "seed": seed, "training": training,
-            "first_round": {"max_steps": a.first_steps}, "later_rounds": {"max_steps": a.round_steps},
+            "reference": a.reference, "kto_weights": a.kto_weights, "seed": seed, "training": training,
+            "first_round": {"max_steps": a.first_steps, **a.first_round},
+            "later_rounds": {"max_steps": a.round_steps, **a.later_rounds},
             "judge": JUDGE, "samples_per_prompt": a.samples,
             "generation": {"max_new_tokens": task.max_new_tokens, "temperature": 1.0},
             "eval_num_prompts": 32, "eval_num_samples": 2, "eval_max_new_tokens": task.max_new_tokens}
@@ -114,9 +119,10 @@ def run_seed(task_name: str, seed: int, a: Any, done: dict, results_file: str, l
         form, heads = ROUNDS[method]
         name = method + a.tag
         out = os.path.join(task_dir, f"seed{seed}", name)
-        _reuse_round_one(task_dir, seed, heads, out)
+        config = rounds_config(task, base, data, out, form, heads, seed, a)
+        _reuse_round_one(task_dir, seed, config, out)
         try:
-            reports = run_rounds(rounds_config(task, base, data, out, form, heads, seed, a), log=lambda m: None)
+            reports = run_rounds(config, log=lambda m: None)
         except IterateConfigError as e:  # e.g. the judge accepted every sample of a round: recorded, not hidden
             log(f"[{task_name}] seed {seed} {name}: stopped: {e}")
             with open(os.path.join(task_dir, "stopped.jsonl"), "a") as f:
@@ -139,14 +145,21 @@ def _upo_config():
     return UPOConfig
 
 
-def _reuse_round_one(task_dir: str, seed: int, heads: bool, out: str) -> None:
-    """Round 1 of every method with heads is the same run as round 1 of ``rounds-upo-kto`` (UPO on the task's pairs,
-    same seed and settings; the round-1 steps are the same for every method of a sweep): copy it instead of training
-    it again."""
-    src = os.path.join(task_dir, f"seed{seed}", "rounds-upo-kto", "round-1")
-    if heads and src != os.path.join(out, "round-1") and os.path.exists(os.path.join(src, "report.json")) \
-            and not os.path.exists(out):
-        shutil.copytree(src, os.path.join(out, "round-1"))
+def _reuse_round_one(task_dir: str, seed: int, config: dict, out: str) -> None:
+    """Round 1 is the same run for every method whose round-1 settings are the same (the model, data, trainer,
+    seed, ``training`` and ``first_round``; the reference of round 1 is the model whatever ``--reference`` says):
+    copy the first completed round 1 of such a method instead of training it again."""
+    seed_dir = os.path.join(task_dir, f"seed{seed}")
+    keys = ("model", "dataset", "trainer", "seed", "training", "first_round")
+    want = json.loads(json.dumps({k: config[k] for k in keys}))
+    for name in sorted(os.listdir(seed_dir)) if os.path.isdir(seed_dir) and not os.path.exists(out) else []:
+        src, snapshot = os.path.join(seed_dir, name, "round-1"), os.path.join(seed_dir, name, "iterate.json")
+        if os.path.exists(os.path.join(src, "report.json")) and os.path.exists(snapshot):
+            with open(snapshot) as f:
+                saved = json.load(f)
+            if {k: saved.get(k) for k in keys} == want:
+                shutil.copytree(src, os.path.join(out, "round-1"))
+                return
 
 
 def summary_rows(results: list[dict]) -> dict[tuple[str, int], dict[str, tuple[float, float, int]]]:
@@ -221,6 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-eval-pairs", type=int, default=128)
     p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--output-dir", default="outputs/iterate-sweep")
+    p.add_argument("--reference", choices=["previous", "original"], default="previous",
+                   help="the reference policy of rounds >= 2")
+    p.add_argument("--kto-weights", choices=["balanced", "none"], default="none",
+                   help="KTO's class weights in the unpaired rounds (none: TRL's 1 and 1, as the first sweep ran)")
+    p.add_argument("--first-round", type=json.loads, default={},
+                   help='JSON overrides of round 1\'s training settings, e.g. \'{"upo_alpha": 0.3}\'')
+    p.add_argument("--later-rounds", type=json.loads, default={},
+                   help="JSON overrides of the training settings of rounds >= 2")
     p.add_argument("--tag", default="", help="suffix of the iterative methods' names and directories (another K)")
     a = p.parse_args(argv)
     a.offline = [c for c in a.offline.split(",") if c and (a.task == "length" or c not in LENGTH_ONLY)]

@@ -122,6 +122,44 @@ def test_resume_refuses_other_settings_but_takes_more_rounds(tmp_path):
     with pytest.raises(IterateConfigError, match=r"other settings \(form, samples_per_prompt differ"):
         check_snapshot(IterateConfig(output_dir=str(tmp_path), judge=JUDGE, form="pairs", samples_per_prompt=4),
                        main=True)
+    saved = json.loads((tmp_path / "iterate.json").read_text())
+    del saved["kto_weights"]  # a run started before the key existed trained with TRL's weights
+    (tmp_path / "iterate.json").write_text(json.dumps(saved))
+    with pytest.raises(IterateConfigError, match=r"other settings \(kto_weights differ"):
+        check_snapshot(IterateConfig(output_dir=str(tmp_path), judge=JUDGE, kto_weights="balanced"), main=False)
+    check_snapshot(IterateConfig(output_dir=str(tmp_path), judge=JUDGE), main=False)  # none, the default: resumes
+
+
+def test_snapshot_keeps_upo_names_and_a_reinstalled_package_resumes(tmp_path, monkeypatch):
+    """iterate.json stores `upo://` names as given; they resolve at use, to wherever the package is installed now, so
+    a reinstalled package resumes the run; a snapshot written with resolved paths (older runs) is still accepted."""
+    import shutil
+
+    import trl_upo.resources
+    from trl_upo.iterate.rounds import check_snapshot
+
+    heads = [{"name": "rm", "type": "reward_model", "params": {"model": "upo://tiny-llama"}}]
+    config = IterateConfig(output_dir=str(tmp_path / "run"), judge=JUDGE, training={**CPU, "reward_heads": heads})
+    check_snapshot(config, main=True)
+    saved = json.loads((tmp_path / "run" / "iterate.json").read_text())
+    assert saved["model"] == "upo://tiny-llama" and saved["dataset"] == "upo://quickstart-data"
+    assert saved["training"]["reward_heads"][0]["params"]["model"] == "upo://tiny-llama"
+    assert config.model_path == str(trl_upo.resources.RESOURCES_DIR / "tiny-llama")
+    old_paths = {**saved, "model": config.model_path, "dataset": config.dataset_path, "output_dir": str(tmp_path / "old"),
+                 "training": trl_upo.resources.resolve_resource(saved["training"])}
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "iterate.json").write_text(json.dumps(old_paths))
+    check_snapshot(IterateConfig(output_dir=str(tmp_path / "old"), judge=JUDGE,  # resolved paths: accepted
+                                 training={**CPU, "reward_heads": heads}), main=False)
+
+    moved = tmp_path / "site-packages" / "trl_upo" / "resources"  # the package, installed elsewhere
+    for name in ("tiny-llama", "quickstart-data"):
+        shutil.copytree(trl_upo.resources.RESOURCES_DIR / name, moved / name)
+    monkeypatch.setattr(trl_upo.resources, "RESOURCES_DIR", moved.resolve())
+    again = IterateConfig(output_dir=str(tmp_path / "run"), judge=JUDGE, training={**CPU, "reward_heads": heads})
+    check_snapshot(again, main=True)  # same settings as given: no refusal
+    assert again.model_path == str(moved.resolve() / "tiny-llama")
+    assert again.round_fields(2)["reward_heads"][0]["params"]["model"] == str(moved.resolve() / "tiny-llama")
 
 
 # ---------------------------------------------------------------- config errors, before any model loads
@@ -149,6 +187,80 @@ def test_a_key_only_one_rounds_trainer_takes_is_named_with_its_round(tmp_path):
         build_training_args(IterateConfig(judge=JUDGE, later_rounds={"learning_rat": 1.0}), 2, str(tmp_path))
 
 
+def test_balanced_kto_weights_equalise_the_kinds_inside_trls_range(tmp_path):
+    from trl_upo.iterate.config import balanced_kto_weights
+
+    rows = [{"label": True}] * 190 + [{"label": False}] * 2
+    w = balanced_kto_weights(rows)
+    assert (w["desirable"], w["undesirable"]) == (190, 2)
+    assert w["desirable_weight"] * 190 / (w["undesirable_weight"] * 2) == pytest.approx(7 / 6)
+    assert (w["desirable_weight"] * 190 + w["undesirable_weight"] * 2) / 192 == pytest.approx(1.0)
+    # TRL's KTOTrainer warns unless the desirable weight lies in [u*U/D, 1.33*u*U/D] or the undesirable one in
+    # [D*d/(1.33*U), D*d/U], each bound rounded to 2 decimals (as TRL 1.16 computes them): never, for any counts.
+    for n_und in [1, 2, 3, 7, 18, 30, 100, 512, 900, 1023]:
+        n_des = 1024 - n_und
+        w = balanced_kto_weights([{"label": True}] * n_des + [{"label": False}] * n_und)
+        d, u = w["desirable_weight"], w["undesirable_weight"]
+        assert round(n_und * u / n_des, 2) <= d <= round(n_und * u / n_des * 1.33, 2), n_und
+        assert round(n_des * d / n_und / 1.33, 2) <= u <= round(n_des * d / n_und, 2), n_und
+    with pytest.raises(IterateConfigError, match="need desirable and undesirable rows; got 3 and 0"):
+        balanced_kto_weights([{"label": True}] * 3)
+    config = IterateConfig(output_dir=str(tmp_path), judge=JUDGE, training=CPU, kto_weights="balanced")
+    assert IterateConfig(judge=JUDGE).kto_weights == "none"  # the default (docs/iterate.md: what it is based on)
+    args = build_training_args(config, 2, str(tmp_path / "round-2"),
+                               {k: w[k] for k in ("desirable_weight", "undesirable_weight")})
+    assert (args.desirable_weight, args.undesirable_weight) == (w["desirable_weight"], w["undesirable_weight"])
+
+
+@pytest.mark.parametrize("values, match", [
+    ({"kto_weights": "balanced", "later_rounds": {"desirable_weight": 0.1}}, r"sets desirable_weight, and `kto_weights: balanced`.*kto_weights: none"),
+    ({"kto_weights": "equal"}, r"`kto_weights` must be one of \['balanced', 'none'\]"),
+])
+def test_kto_weights_errors(values, match):
+    with pytest.raises(IterateConfigError, match=match):
+        IterateConfig.from_dict({"judge": JUDGE, **values})
+    if "later_rounds" in values:  # the user's own weights with kto_weights: none are kept
+        IterateConfig.from_dict({"judge": JUDGE, **values, "kto_weights": "none"})
+
+
+def test_a_round_without_rows_stops_every_process_with_the_same_error(tmp_path, monkeypatch):
+    """Two processes, played in turn: the main process merges the shards, finds the judge accepted every sample and
+    records the verdict instead of raising alone; every process (the main one too) raises it after the barrier, so
+    none waits for a process that stopped. A later attempt decides again."""
+    from trl_upo.iterate import rounds
+
+    class State:
+        def __init__(self, rank):
+            self.process_index, self.num_processes, self.is_main_process = rank, 2, rank == 0
+
+        def wait_for_everyone(self):
+            pass
+
+    def all_accepted(config, k, policy, prompts, judge, rank, world):
+        return [{"prompt": p, "completion": " ok", "judge_score": 1.0, "prompt_index": i}
+                for i, p in enumerate(prompts) if i % world == rank], 3
+
+    monkeypatch.setattr(rounds, "sample_and_judge", all_accepted)
+    config = IterateConfig(output_dir=str(tmp_path), judge=JUDGE)
+    judge, train = Judge.from_config(JUDGE), [{"prompt": "a"}, {"prompt": "b"}]
+    shards = os.path.join(round_dir(str(tmp_path), 2), "samples")
+    os.makedirs(shards)
+    rounds.write_jsonl(os.path.join(shards, "rank-1.jsonl"), all_accepted(config, 2, "", ["a", "b"], judge, 1, 2)[0])
+    rounds.atomic_json(os.path.join(shards, "rank-1.json"), {"generated_tokens": 3})  # rank 1 reached the barrier
+    messages = []
+    for rank in (0, 1):  # rank 0 merges and records the verdict; rank 1 reads it after the barrier
+        with pytest.raises(IterateConfigError) as e:
+            rounds.round_data(config, 2, "policy", train, judge, State(rank))
+        messages.append(str(e.value))
+    assert "accepted all of the 2 samples" in messages[0] and messages[0] == messages[1]
+    monkeypatch.setattr(rounds, "sample_and_judge", lambda c, k, p, prompts, j, rank, world: (
+        [{"prompt": q, "completion": " ok", "judge_score": float(i), "prompt_index": i}
+         for i, q in enumerate(prompts) if i % world == rank], 3))
+    out = rounds.round_data(config, 2, "policy", train, judge, State(0))
+    assert not os.path.exists(os.path.join(round_dir(str(tmp_path), 2), rounds.ERROR_FILE))
+    assert out["accepted"] == 1 and out["num_rows"] == 2
+
+
 def test_run_rounds_fails_before_loading_anything(tmp_path, monkeypatch):
     import trl_upo.models
 
@@ -174,7 +286,8 @@ def test_cli_overrides_and_usage_errors(capsys):
     config = cli_iterate.load_config(["--rounds", "2", "--training.learning_rate", "1e-3"])
     assert config.rounds == 2 and config.training["learning_rate"] == 1e-3
     assert config.training["reward_heads"][0]["name"] == "novery"  # the rest of the packaged default stays
-    assert config.model.endswith(os.path.join("resources", "tiny-llama"))
+    assert config.model == "upo://tiny-llama"  # as the YAML gives it; resolved at use
+    assert config.model_path.endswith(os.path.join("resources", "tiny-llama"))
     assert cli_iterate.main(["--roundz", "2"]) == 2
     assert "unknown key 'roundz'" in capsys.readouterr().err
     assert cli_iterate.main(["--help"]) == 0
@@ -237,6 +350,9 @@ def test_two_rounds_on_the_packaged_default(tmp_path):
     assert all(r["label"] == (r["judge_score"] >= 0.5) for r in rows)
     assert r2["data"]["accepted"] == sum(r["label"] for r in rows)
     assert r2["compute"]["train_steps"] == 16 and r2["compute"]["generated_tokens"] > 0
+    w = r2["data"]["kto_weights"]  # the default, kto_weights: none: TRL's weights, recorded with the round's counts
+    assert w["mode"] == "none" and (w["desirable"], w["undesirable"]) == (r2["data"]["accepted"], 32 - w["desirable"])
+    assert (w["desirable_weight"], w["undesirable_weight"]) == (1.0, 1.0)
     assert (out / "rounds.json").exists()
     # Run again: every round is complete, nothing is trained again.
     mtime = os.path.getmtime(out / "round-2" / "model.safetensors")
@@ -343,3 +459,24 @@ def test_two_processes_shard_sampling_and_merge_in_prompt_order(tmp_path):
     key = sorted((r["prompt"], r["completion"]) for r in rows)
     assert key == sorted((s["prompt"], s["completion"]) for s in shards[0] + shards[1])
     assert completed_rounds(str(out)) == [1, 2] and proc.stdout.count("round 2 done") == 1
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_when_the_judge_accepts_nothing(tmp_path):
+    """`accelerate launch --num_processes 2`: the judge (threshold 2.0 on a 0/1 function) accepts none of round 2's
+    samples; both processes raise the same error and the launch ends (no process waits at a barrier). Budget 120 s."""
+    import shutil
+
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+    out = tmp_path / "it"
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "trl_upo.cli.iterate", *SMALL, "--first_round.max_steps", "4",
+         "--judge.threshold", "2.0", "--output_dir", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    message = "the judge accepted none of the 32 samples (threshold 2.0)"
+    assert (proc.stdout + proc.stderr).count(message) >= 2, proc.stderr[-3000:]  # each process says it
+    assert completed_rounds(str(out)) == [1] and json.loads((out / "round-2" / "data-error.json").read_text())

@@ -12,6 +12,9 @@ from ..resources import resolve_resource
 TRAINERS = ("dpo", "kto")
 FORMS = ("pairs", "unpaired")
 REFERENCES = ("previous", "original")
+#: ``kto_weights`` of rounds >= 2 with ``form: unpaired``: ``balanced`` sets KTO's ``desirable_weight`` and
+#: ``undesirable_weight`` from the round's counts; ``none`` leaves them as ``training`` / ``later_rounds`` set them.
+KTO_WEIGHTS = ("balanced", "none")
 
 
 class IterateConfigError(ValueError):
@@ -47,6 +50,12 @@ class IterateConfig:
         eval_num_prompts: test prompts (and held-out rows) in each round's report.
         eval_num_samples: answers sampled per test prompt in the report.
         eval_max_new_tokens: length limit of the report's sampled answers.
+        kto_weights: KTO's class weights in rounds >= 2 with ``form: unpaired`` (the judge's rows are mostly of one
+            kind): ``balanced`` sets ``desirable_weight`` and ``undesirable_weight`` from the round's counts
+            (:func:`balanced_kto_weights`: the weighted totals in the ratio 7/6, the middle of the range TRL's
+            KTOTrainer recommends; the mean weight per row stays 1), recorded in the round's ``report.json``;
+            ``none`` (the default: balanced weights measured no better, see docs/iterate.md) leaves KTO's weights
+            as ``training`` / ``later_rounds`` set them (TRL's default: 1 and 1), also recorded.
         seed: the seed of every round's training, sampling and evaluation.
         torch_num_threads: ``torch.set_num_threads`` in each process; None: torch's default.
     """
@@ -69,6 +78,7 @@ class IterateConfig:
     eval_num_prompts: int = 128
     eval_num_samples: int = 4
     eval_max_new_tokens: int = 16
+    kto_weights: str = "none"
     seed: int = 0
     torch_num_threads: int | None = None
 
@@ -85,11 +95,10 @@ class IterateConfig:
         return cls(**values)
 
     def __post_init__(self) -> None:
-        for key in ("model", "dataset"):
-            setattr(self, key, resolve_resource(getattr(self, key)))
         _choice("trainer", self.trainer, TRAINERS)
         _choice("form", self.form, FORMS)
         _choice("reference", self.reference, REFERENCES)
+        _choice("kto_weights", self.kto_weights, KTO_WEIGHTS)
         for key in ("rounds", "samples_per_prompt", "generation_batch_size", "eval_num_prompts", "eval_num_samples",
                     "eval_max_new_tokens"):
             _positive_int(key, getattr(self, key))
@@ -109,7 +118,29 @@ class IterateConfig:
             if "output_dir" in getattr(self, key) or "seed" in getattr(self, key):
                 raise IterateConfigError(f"`{key}` sets output_dir or seed: set them at the top level (each round "
                                          f"trains in <output_dir>/round-<k>).")
-        self.training = resolve_resource(self.training)
+        # ``upo://`` names stay as given (in ``iterate.json`` too, so a reinstalled package resumes the run); they are
+        # resolved at use (:attr:`model_path`, :attr:`dataset_path`, :meth:`round_fields`), and checked here.
+        for key in ("model", "dataset", "training", "first_round", "later_rounds"):
+            resolve_resource(getattr(self, key))
+        if self.kto_weights == "balanced" and self.form == "unpaired" and self.rounds > 1:
+            both = {**self.training, **self.later_rounds}
+            set_by_user = [k for k in ("desirable_weight", "undesirable_weight") if k in both]
+            if set_by_user:
+                raise IterateConfigError(
+                    f"`training` or `later_rounds` sets {', '.join(set_by_user)}, and `kto_weights: balanced` sets "
+                    f"them from each round's counts: remove {' and '.join(set_by_user)}, or set `kto_weights: none` "
+                    f"to use your weights."
+                )
+
+    @property
+    def model_path(self) -> str:
+        """``model`` with a ``upo://`` name resolved to the installed package's path."""
+        return resolve_resource(self.model)
+
+    @property
+    def dataset_path(self) -> str:
+        """``dataset`` with a ``upo://`` name resolved to the installed package's path."""
+        return resolve_resource(self.dataset)
 
     def round_trainer(self, k: int) -> str:
         """``dpo`` or ``kto``: the trainer of round ``k``."""
@@ -118,8 +149,9 @@ class IterateConfig:
         return "kto" if self.form == "unpaired" else "dpo"
 
     def round_fields(self, k: int) -> dict[str, Any]:
-        """The trainer-config fields of round ``k`` (``training`` updated by the round's overrides)."""
-        return {**self.training, **(self.first_round if k == 1 else self.later_rounds)}
+        """The trainer-config fields of round ``k`` (``training`` updated by the round's overrides), ``upo://`` names
+        resolved."""
+        return resolve_resource({**self.training, **(self.first_round if k == 1 else self.later_rounds)})
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a JSON-serialisable dict (function objects as their repr)."""
@@ -152,8 +184,33 @@ def trainer_class(trainer: str) -> type:
     return UPOKTOTrainer if trainer == "kto" else UPOTrainer
 
 
-def build_training_args(config: IterateConfig, k: int, output_dir: str) -> Any:
-    """The trainer config of round ``k``, writing to ``output_dir``.
+#: ``desirable_weight * n_desirable / (undesirable_weight * n_undesirable)`` of ``kto_weights: balanced``: the middle
+#: of the range TRL's KTOTrainer recommends, [1, 4/3]. Not 1, its edge: TRL rounds the bounds it checks to two
+#: decimals, so weights at ratio 1 are reported out of range about half the time.
+BALANCED_KTO_RATIO = 7 / 6
+
+
+def balanced_kto_weights(rows: list[dict]) -> dict[str, Any]:
+    """KTO's class weights for unpaired ``rows`` (``label`` True / False): the desirable rows weigh
+    :data:`BALANCED_KTO_RATIO` times the undesirable ones in total (inside the range TRL's KTOTrainer recommends) and
+    the mean weight per row is 1: ``desirable_weight = r n / ((1 + r) n_desirable)``, ``undesirable_weight =
+    n / ((1 + r) n_undesirable)``. Returns the weights, the counts and the ratio.
+
+    Raises:
+        IterateConfigError: the rows hold only one kind.
+    """
+    n_des = sum(bool(r["label"]) for r in rows)
+    n_und = len(rows) - n_des
+    if n_des == 0 or n_und == 0:
+        raise IterateConfigError(f"balanced KTO weights need desirable and undesirable rows; got {n_des} and {n_und}.")
+    r = BALANCED_KTO_RATIO
+    return {"mode": "balanced", "desirable": n_des, "undesirable": n_und, "ratio": r,
+            "desirable_weight": r * len(rows) / ((1 + r) * n_des), "undesirable_weight": len(rows) / ((1 + r) * n_und)}
+
+
+def build_training_args(config: IterateConfig, k: int, output_dir: str, extra: dict | None = None) -> Any:
+    """The trainer config of round ``k``, writing to ``output_dir`` (``extra``: fields the run sets for this round,
+    e.g. balanced KTO weights).
 
     Raises:
         IterateConfigError: a field the round's config class does not take (naming the closest one and the round),
@@ -166,7 +223,7 @@ def build_training_args(config: IterateConfig, k: int, output_dir: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     where = "first_round" if k == 1 else "later_rounds"
     # A renamed key (gradient_checkpointing / activation_checkpointing, ...) takes the installed stack's name.
-    fields = rename_keys(config.round_fields(k), names, f"in `training` or `{where}`")
+    fields = {**rename_keys(config.round_fields(k), names, f"in `training` or `{where}`"), **(extra or {})}
     unknown = [key for key in fields if key not in names]
     if unknown:
         hints = "; ".join(f"{key!r}{did_you_mean(str(key), names)}" for key in unknown)

@@ -50,7 +50,9 @@ class Judge:
                 "{type: function, params: {function: my_module:accepts}, threshold: 0.5}, or "
                 "{type: reward_model, params: {model: <path>}, threshold: 0.0}."
             )
-        value = dict(value)
+        from ..resources import resolve_resource
+
+        value = resolve_resource(dict(value))  # upo://<asset> in the judge's params: this installation's path
         threshold = value.pop("threshold", 0.5)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not np.isfinite(threshold):
             raise ValueError(f"judge.threshold must be a finite number, got {threshold!r}.")

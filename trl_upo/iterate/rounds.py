@@ -24,6 +24,11 @@ ROUND_PREFIX = "round-"
 REPORT_FILE = "report.json"
 DATA_FILE = "train.jsonl"
 SNAPSHOT_FILE = "iterate.json"
+#: What a run whose iterate.json predates a key did (a run started before ``kto_weights`` trained with KTO's weights
+#: as ``training`` set them): it resumes with that value.
+BEFORE_THE_KEY_EXISTED = {"kto_weights": "none"}
+#: The main process's verdict on a round's samples when they give no rows; every process reads it and raises.
+ERROR_FILE = "data-error.json"
 #: Settings a resumed run may change (more rounds, other threads); any other change needs a new output_dir.
 RESUMABLE_CHANGES = ("rounds", "torch_num_threads")
 
@@ -76,8 +81,9 @@ def check_snapshot(config: IterateConfig, main: bool) -> None:
     now = config.to_dict()
     if os.path.exists(path):
         with open(path) as f:
-            before = json.load(f)
-        changed = sorted(k for k in set(now) | set(before) if k not in RESUMABLE_CHANGES and now.get(k) != before.get(k))
+            before = {**BEFORE_THE_KEY_EXISTED, **json.load(f)}
+        changed = sorted(k for k in set(now) | set(before) if k not in RESUMABLE_CHANGES
+                         and not _same_setting(now.get(k), before.get(k)))
         if changed:
             raise IterateConfigError(
                 f"{config.output_dir!r} holds an iterative run with other settings ({', '.join(changed)} differ from "
@@ -86,6 +92,19 @@ def check_snapshot(config: IterateConfig, main: bool) -> None:
     if main:
         os.makedirs(config.output_dir, exist_ok=True)
         atomic_json(path, now)
+
+
+def _same_setting(now: Any, before: Any) -> bool:
+    """A setting equals its snapshot as given (``upo://`` names and all), or resolved: a snapshot written before
+    ``iterate.json`` kept ``upo://`` names holds this installation's resolved paths."""
+    from ..resources import resolve_resource
+
+    if now == before:
+        return True
+    try:
+        return json.loads(json.dumps(resolve_resource(now), default=repr)) == before
+    except (FileNotFoundError, ValueError):
+        return False
 
 
 def round_prompts(train_rows: list[dict], config: IterateConfig, k: int) -> list[Any]:
@@ -172,6 +191,7 @@ def round_data(config: IterateConfig, k: int, policy: str, train_rows: list[dict
         if state.is_main_process:
             _merge(config, judge, shard_dir, state.num_processes, len(prompts), path, meta)
         state.wait_for_everyone()
+        raise_shared_error(rdir)  # every process stops with the main process's verdict, none waits at a barrier
     with open(meta) as f:
         info = json.load(f)
     return {"rows": read_jsonl(path), **info}
@@ -185,16 +205,34 @@ def _merge(config: IterateConfig, judge: Judge, shard_dir: str, world: int, n_pr
         with open(os.path.join(shard_dir, f"rank-{r}.json")) as f:
             tokens += json.load(f)["generated_tokens"]
     samples.sort(key=lambda s: s["prompt_index"])  # stable: each prompt's samples keep their order
+    error = os.path.join(os.path.dirname(path), ERROR_FILE)
+    if os.path.exists(error):  # an earlier attempt's verdict: this attempt decides again
+        os.remove(error)
     try:
         rows = unpaired_rows(samples, judge.threshold) if config.form == "unpaired" else pair_rows(samples)
-    except ValueError as e:
-        raise IterateConfigError(f"{os.path.dirname(path)}: {e}") from e
+    except ValueError as e:  # written for every process to raise (raise_shared_error), not raised here alone
+        atomic_json(error, {"error": f"{os.path.dirname(path)}: {e}", "samples": len(samples)})
+        return
     if config.form == "unpaired":
         random.Random(config.seed).shuffle(rows)  # every batch mixes prompts and labels
     accepted = sum(s["judge_score"] >= judge.threshold for s in samples)
     write_jsonl(path, rows)
     atomic_json(meta, {"generated_tokens": tokens, "samples": len(samples), "prompts": n_prompts,
                        "accepted": accepted, "num_rows": len(rows), "form": config.form})
+
+
+def raise_shared_error(rdir: str) -> None:
+    """Raise, in every process, the error the main process recorded for round directory ``rdir`` while merging the
+    samples (the judge accepted all or none of them, or no prompt gave a pair), so that no process waits at a barrier
+    for a process that stopped.
+
+    Raises:
+        IterateConfigError: the recorded error, the same message in every process.
+    """
+    path = os.path.join(rdir, ERROR_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            raise IterateConfigError(json.load(f)["error"])
 
 
 def last_complete_checkpoint(rdir: str) -> str | None:
@@ -211,18 +249,19 @@ def last_complete_checkpoint(rdir: str) -> str | None:
     return os.path.join(rdir, f"checkpoint-{max(steps)}") if steps else None
 
 
-def train_round(config: IterateConfig, k: int, rows: list[dict], policy: str) -> int:
+def train_round(config: IterateConfig, k: int, rows: list[dict], policy: str, extra: dict | None = None) -> int:
     """Train round ``k`` from ``policy`` on ``rows`` and save the model in the round's directory (resuming from its
-    last checkpoint when an earlier attempt saved one); return the number of optimizer steps."""
+    last checkpoint when an earlier attempt saved one); return the number of optimizer steps. ``extra``: trainer
+    config fields the run sets for this round (balanced KTO weights)."""
     from datasets import Dataset
 
     from ..models import load_model
 
     rdir = round_dir(config.output_dir, k)
-    args = build_training_args(config, k, rdir)
+    args = build_training_args(config, k, rdir, extra)
     kwargs = {}
     if k > 1 and config.reference == "original":
-        kwargs["ref_model"] = load_model(config.model)
+        kwargs["ref_model"] = load_model(config.model_path)
     trainer = trainer_class(config.round_trainer(k))(model=policy, args=args, train_dataset=Dataset.from_list(rows),
                                                      **kwargs)
     checkpoint = last_complete_checkpoint(rdir)

@@ -8,7 +8,7 @@ import os
 import time
 from typing import Any
 
-from .config import IterateConfig, IterateConfigError, build_training_args
+from .config import IterateConfig, IterateConfigError, balanced_kto_weights, build_training_args
 from .judge import Judge
 from .rounds import DATA_FILE, REPORT_FILE, atomic_json, generation_settings, round_data, round_dir, train_round
 from .rounds import write_jsonl
@@ -36,13 +36,13 @@ class Session:
         except ValueError as e:
             raise IterateConfigError(f"`judge`: {e}") from e
         if config.rounds > 1:
-            generation_settings(config, config.model)
+            generation_settings(config, config.model_path)
         self.eval_heads = report_heads(args[0]) + ([self.judge.to_eval_head()] if self.judge else [])
         names = [h["name"] for h in self.eval_heads]
         if len(set(names)) != len(names):
             raise IterateConfigError(f"the judge's name {self.judge.spec.name!r} is also a reward head's name: give "
                                      f"the judge another `name`.")
-        splits = load_splits(config.dataset)
+        splits = load_splits(config.dataset_path)
         missing = [s for s in ("train", "test") if s not in splits]
         if missing:
             raise IterateConfigError(
@@ -63,7 +63,7 @@ class Session:
 
     def policy(self, k: int) -> str:
         """The policy round ``k`` starts from: the original model for round 1, else round k-1's saved model."""
-        return self.config.model if k == 1 else round_dir(self.config.output_dir, k - 1)
+        return self.config.model_path if k == 1 else round_dir(self.config.output_dir, k - 1)
 
     def run_round(self, k: int, previous: dict | None, state: Any, log) -> dict:
         """Run round ``k`` (data, training, evaluation) and write its ``report.json`` last; return the report."""
@@ -83,9 +83,10 @@ class Session:
             rows = data.pop("rows")
             log(f"iterate: round {k}: {data['samples']} samples, {data['accepted']} accepted by the judge, "
                 f"{data['num_rows']} {config.form} rows")
+        extra = self.kto_weights(k, rows, data)
         before = previous["after"] if previous else (self.evaluate(policy) if state.is_main_process else None)
         t0 = time.time()
-        steps = train_round(config, k, rows, policy)
+        steps = train_round(config, k, rows, policy, extra)
         report = None
         if state.is_main_process:
             after = self.evaluate(rdir)
@@ -113,6 +114,22 @@ class Session:
                 report = json.load(f)
         return report
 
+    def kto_weights(self, k: int, rows: list[dict], data: dict) -> dict:
+        """The KTO class weights of round ``k`` (``kto_weights``), recorded in ``data["kto_weights"]`` (the round's
+        ``report.json``); returns the trainer-config fields to set (none for a DPO round or ``kto_weights: none``)."""
+        config = self.config
+        if config.round_trainer(k) != "kto":
+            return {}
+        if k > 1 and config.kto_weights == "balanced":
+            data["kto_weights"] = balanced_kto_weights(rows)
+            return {key: data["kto_weights"][key] for key in ("desirable_weight", "undesirable_weight")}
+        args = build_training_args(config, k, round_dir(config.output_dir, k))
+        n_des = sum(bool(r["label"]) for r in rows) if rows and "label" in rows[0] else None
+        data["kto_weights"] = {"mode": "none" if k > 1 else "training", "desirable": n_des,
+                               "undesirable": None if n_des is None else len(rows) - n_des,
+                               "desirable_weight": args.desirable_weight, "undesirable_weight": args.undesirable_weight}
+        return {}
+
     def evaluate(self, policy: str) -> dict:
         """``trl_upo.evaluation.evaluate_policy`` of ``policy`` on the test rows: the designer metrics (the reward
         heads that score text, and the judge) of sampled answers, and held-out preference accuracy with the original
@@ -121,7 +138,7 @@ class Session:
         from ..models import load_model
 
         if self._reference is None:
-            self._reference = load_model(self.config.model)
+            self._reference = load_model(self.config.model_path)
         rows = self.test_rows
         paired = bool(rows) and {"chosen", "rejected"} <= set(rows[0])
         unpaired = bool(rows) and {"completion", "label"} <= set(rows[0])
