@@ -262,12 +262,18 @@ def test_a_round_without_rows_stops_every_process_with_the_same_error(tmp_path, 
 
 
 def test_run_rounds_fails_before_loading_anything(tmp_path, monkeypatch):
-    import trl_upo.models
+    import importlib
 
     def no_load(*a, **k):
         raise AssertionError("a model was loaded before the configuration was checked")
 
-    monkeypatch.setattr(trl_upo.models, "load_model", no_load)
+    # Every module that binds load_model by name is imported first and patched too: one imported for the first time
+    # while only trl_upo.models is patched would keep no_load after the test (and fail later tests that load).
+    modules = [importlib.import_module(name) for name in (
+        "trl_upo.models", "trl_upo.data.generation", "trl_upo.evaluation", "trl_upo.evaluation.generation",
+        "trl_upo.evaluation.implicit", "trl_upo.evaluation.policy")]
+    for module in modules:
+        monkeypatch.setattr(module, "load_model", no_load)
     out = tmp_path / "run"
     for bad, match in [({"judge": {}}, "no `judge`"),
                        ({"later_rounds": {"ld_alpha": 0.5}}, "round 2 trains with UPOKTOConfig"),
