@@ -441,21 +441,26 @@ def test_tiny_iterate_sweep_writes_results_and_table(tmp_path):
     assert "| rounds-dpo | 2 | 1 | 6 |" in open(os.path.join(out, "length", "table.md")).read()
 
 
+def _launch_two(tmp_path, flags: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """`trl-upo iterate` with the SMALL settings and ``flags`` under `accelerate launch --num_processes 2` (Gloo)."""
+    import shutil
+
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "trl_upo.cli.iterate", *SMALL, *flags],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
 @pytest.mark.slow
 def test_two_processes_shard_sampling_and_merge_in_prompt_order(tmp_path):
     """`accelerate launch --num_processes 2` (Gloo on CPU): each process samples and judges its share of the prompts,
     the main process merges the shares into train.jsonl, training runs data-parallel. Budget 120 s."""
-    import shutil
-
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
     out = tmp_path / "it"
-    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "trl_upo.cli.iterate", *SMALL, "--first_round.max_steps", "6",
-         "--later_rounds.max_steps", "4", "--training.per_device_train_batch_size", "8", "--output_dir", str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )
+    proc = _launch_two(tmp_path, ["--first_round.max_steps", "6", "--later_rounds.max_steps", "4",
+                                  "--training.per_device_train_batch_size", "8", "--output_dir", str(out)], 600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     shards = [[json.loads(x) for x in (out / "round-2" / "samples" / f"rank-{r}.jsonl").read_text().splitlines()]
               for r in (0, 1)]
@@ -471,17 +476,9 @@ def test_two_processes_shard_sampling_and_merge_in_prompt_order(tmp_path):
 def test_two_processes_stop_together_when_the_judge_accepts_nothing(tmp_path):
     """`accelerate launch --num_processes 2`: the judge (threshold 2.0 on a 0/1 function) accepts none of round 2's
     samples; both processes raise the same error and the launch ends (no process waits at a barrier). Budget 120 s."""
-    import shutil
-
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
     out = tmp_path / "it"
-    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "trl_upo.cli.iterate", *SMALL, "--first_round.max_steps", "4",
-         "--judge.threshold", "2.0", "--output_dir", str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
+    proc = _launch_two(tmp_path, ["--first_round.max_steps", "4", "--judge.threshold", "2.0", "--output_dir", str(out)],
+                       300)
     assert proc.returncode != 0
     message = "the judge accepted none of the 32 samples (threshold 2.0)"
     assert (proc.stdout + proc.stderr).count(message) >= 2, proc.stderr[-3000:]  # each process says it
