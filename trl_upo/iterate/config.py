@@ -57,9 +57,9 @@ class IterateConfig:
             ``none`` (the default: balanced weights measured no better, see docs/iterate.md) leaves KTO's weights
             as ``training`` / ``later_rounds`` set them (TRL's default: 1 and 1), also recorded.
         replay: the share of the original train rows (round 1's data) added to each round >= 2's own rows, in [0, 1]:
-            ``round(replay * N)`` of the ``N`` rows (at least 1; 1: all of them), drawn per round with the run's seed
-            (:mod:`trl_upo.iterate.replay`). In the unpaired form a pair gives two rows (chosen desirable, rejected
-            undesirable). 0 (the default): rounds >= 2 train on the judged samples only. The round's ``train.jsonl``
+            ``replay * N`` of the ``N`` rows (rounded half up, at least 1; 1: all of them), drawn per round with the
+            run's seed (:mod:`trl_upo.iterate.replay`). In the unpaired form a pair gives two rows (chosen desirable,
+            rejected undesirable). 0 (the default): rounds >= 2 train on the judged samples only. The round's ``train.jsonl``
             marks each row's ``source`` (``sample`` or ``replay``); its report counts them.
         seed: the seed of every round's training, sampling and evaluation.
         torch_num_threads: ``torch.set_num_threads`` in each process; None: torch's default.

@@ -2,7 +2,7 @@
 
 Rounds >= 2 train on the current policy's own judged samples; the policy drifts from the data's preference signal as
 it does (docs/iterate.md: the held-out accuracy falls). With ``replay: f`` > 0 each round >= 2 also trains on a share
-``f`` of the original train rows (round 1's data): ``round(f * N)`` of the ``N`` rows (at least 1), all of them for
+``f`` of the original train rows (round 1's data): ``f * N`` of the ``N`` rows (rounded half up, at least 1), all of them for
 ``f = 1``, drawn without replacement with a seed of the run's seed and the round. In the unpaired form (KTO) each
 original pair gives two rows, the chosen answer desirable (``label`` True) and the rejected one undesirable; original
 unpaired rows are replayed as they are. In the pairs form the pairs are replayed as they are.
@@ -57,11 +57,11 @@ def check_replay_data(train_rows: list[dict], form: str) -> None:
 
 
 def replay_count(n_rows: int, fraction: float) -> int:
-    """The number of original rows replayed per round: ``round(fraction * n_rows)``, at least 1 when ``fraction`` >
-    0, at most ``n_rows``."""
+    """The number of original rows replayed per round: ``fraction * n_rows`` rounded half up, at least 1 when
+    ``fraction`` > 0, at most ``n_rows``."""
     if fraction <= 0 or n_rows == 0:
         return 0
-    return min(n_rows, max(1, round(fraction * n_rows)))
+    return min(n_rows, max(1, int(fraction * n_rows + 0.5)))
 
 
 def replay_rows(train_rows: list[dict], fraction: float, form: str, seed: int, k: int) -> list[dict[str, Any]]:
