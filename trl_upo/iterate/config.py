@@ -59,8 +59,8 @@ class IterateConfig:
         replay: the share of the original train rows (round 1's data) added to each round >= 2's own rows, in [0, 1]:
             ``replay * N`` of the ``N`` rows (rounded half up, at least 1; 1: all of them), drawn per round with the
             run's seed (:mod:`trl_upo.iterate.replay`). In the unpaired form a pair gives two rows (chosen desirable,
-            rejected undesirable). 0 (the default): rounds >= 2 train on the judged samples only. The round's ``train.jsonl``
-            marks each row's ``source`` (``sample`` or ``replay``); its report counts them.
+            rejected undesirable). 0 (the default): rounds >= 2 train on the judged samples only. The round's
+            ``train.jsonl`` marks each row's ``source`` (``sample`` or ``replay``); its report counts them.
         seed: the seed of every round's training, sampling and evaluation.
         torch_num_threads: ``torch.set_num_threads`` in each process; None: torch's default.
     """
