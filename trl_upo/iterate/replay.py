@@ -2,10 +2,10 @@
 
 Rounds >= 2 train on the current policy's own judged samples; the policy drifts from the data's preference signal as
 it does (docs/iterate.md: the held-out accuracy falls). With ``replay: f`` > 0 each round >= 2 also trains on a share
-``f`` of the original train rows (round 1's data): ``f * N`` of the ``N`` rows (rounded half up, at least 1), all of
-them for ``f = 1``, drawn without replacement with a seed of the run's seed and the round. In the unpaired form (KTO) each
-original pair gives two rows, the chosen answer desirable (``label`` True) and the rejected one undesirable; original
-unpaired rows are replayed as they are. In the pairs form the pairs are replayed as they are.
+``f`` of the original train rows (round 1's data): ``f * N`` of the ``N`` rows (rounded half up, at least 1), all
+of them for ``f = 1``, drawn without replacement with a seed of the run's seed and the round. In the unpaired form
+(KTO) each original pair gives two rows, the chosen answer desirable (``label`` True) and the rejected one
+undesirable; original unpaired rows are replayed as they are. In the pairs form the pairs are replayed as they are.
 
 The round's ``train.jsonl`` holds exactly what the round trains on: every row carries ``source`` (``sample``: the
 policy's judged sample; ``replay``: an original row) and every row has the same columns (a column one kind lacks is
