@@ -11,7 +11,7 @@ import os
 import pytest
 
 from trl_upo.cli import iterate as cli_iterate
-from trl_upo.iterate import IterateConfig, IterateConfigError, Judge, round_dir
+from trl_upo.iterate import IterateConfig, IterateConfigError, Judge, pair_rows, round_dir, unpaired_rows
 from trl_upo.iterate import rounds
 from trl_upo.iterate.replay import REPLAY, SAMPLE, SOURCE, check_replay_data, mix_rows, replay_count, replay_rows
 
@@ -134,3 +134,23 @@ def test_data_that_cannot_be_replayed_is_named(tmp_path):
     with pytest.raises(IterateConfigError, match="`form: pairs` replays the original pairs"):
         Session(config)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("form", ["unpaired", "pairs"])
+def test_replayed_rows_give_a_round_the_kind_its_samples_lack(tmp_path, monkeypatch, form):
+    """The judge accepts every sample: without replay the round has no undesirable row (no pair) and stops; the
+    replayed original rows have both kinds (are pairs), so the round trains on them and the samples."""
+    accepted = [{"prompt": "tell me about cats answer", "completion": " cats", "judge_score": 1.0}] * 3
+    with pytest.raises(ValueError, match="accepted all of the 3 samples"):
+        unpaired_rows(accepted, 0.5)
+    assert len(unpaired_rows(accepted, 0.5, replay_rows(PAIRS, 0.2, "unpaired", 0, 2))) == 3
+    with pytest.raises(ValueError, match="no preference pair"):
+        pair_rows(accepted)
+    assert pair_rows(accepted, replay_rows(PAIRS, 0.2, "pairs", 0, 2)) == []
+    monkeypatch.setattr(rounds, "sample_and_judge", lambda c, k, p, prompts, j, rank, world: (
+        [{"prompt": q, "completion": " ok", "judge_score": 1.0, "prompt_index": i} for i, q in enumerate(prompts)], 3))
+    config = IterateConfig(output_dir=str(tmp_path), judge=JUDGE, form=form, replay=0.2)
+    out = rounds.round_data(config, 2, "policy", PAIRS, Judge.from_config(JUDGE), MainProcess())
+    sampled = 4 if form == "unpaired" else 0
+    assert (out["sampled_rows"], out["replayed_rows"]) == (sampled, 2 if form == "unpaired" else 1)
+    assert out["num_rows"] == len(out["rows"]) == sampled + out["replayed_rows"]

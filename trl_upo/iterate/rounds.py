@@ -210,12 +210,13 @@ def _merge(config: IterateConfig, k: int, judge: Judge, shard_dir: str, world: i
     error = os.path.join(os.path.dirname(path), ERROR_FILE)
     if os.path.exists(error):  # an earlier attempt's verdict: this attempt decides again
         os.remove(error)
-    try:
-        rows = unpaired_rows(samples, judge.threshold) if config.form == "unpaired" else pair_rows(samples)
+    replayed = replay_rows(train_rows, config.replay, config.form, config.seed, k)
+    try:  # replayed rows give the kind (or the pairs) the judged samples may lack
+        rows = (unpaired_rows(samples, judge.threshold, replayed) if config.form == "unpaired"
+                else pair_rows(samples, replayed))
     except ValueError as e:  # written for every process to raise (raise_shared_error), not raised here alone
         atomic_json(error, {"error": f"{os.path.dirname(path)}: {e}", "samples": len(samples)})
         return
-    replayed = replay_rows(train_rows, config.replay, config.form, config.seed, k)
     n_sampled, rows = len(rows), mix_rows(rows, replayed)
     if config.form == "unpaired":
         random.Random(config.seed).shuffle(rows)  # every batch mixes prompts, labels (and sources)
