@@ -99,7 +99,7 @@ def unpaired_rows(samples: list[dict[str, Any]], threshold: float,
         raise ValueError(
             f"the judge accepted {kind} of the {len(rows)} samples (threshold {threshold}): unpaired rows need "
             f"desirable and undesirable ones. Change judge.threshold, sample more (samples_per_prompt, "
-            f"generation.temperature), or use form: pairs."
+            f"generation.temperature), use form: pairs, or replay the original rows (replay: 1.0)."
         )
     return rows
 
