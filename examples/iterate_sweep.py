@@ -25,9 +25,11 @@ Writes ``<output-dir>/<task>/results.jsonl`` (one line per model; finished ones 
 there are no undesirable rows or no pairs) keeps its completed rounds and is listed in ``stopped.jsonl``.
 ``--samples 256 --tag=-k256`` runs the methods with 256 samples per prompt under names ending in ``-k256``;
 ``--reference original`` anchors rounds >= 2 to the SFT start, ``--kto-weights balanced`` sets KTO's class weights from
-each round's counts (``IterateConfig.kto_weights``), and ``--first-round`` / ``--later-rounds`` take JSON overrides
-of the rounds' training settings (``'{"reward_heads": []}'`` makes round 1 plain DPO); give each variant its own
-``--tag``. Round 1 is trained once per seed for all methods whose round-1 settings are the same.
+each round's counts (``IterateConfig.kto_weights``), ``--replay 1.0`` adds the task's original pairs to each round
+>= 2 (``IterateConfig.replay``: the share of them; two unpaired rows per pair for KTO), and ``--first-round`` /
+``--later-rounds`` take JSON overrides of the rounds' training settings (``'{"reward_heads": []}'`` makes round 1
+plain DPO); give each variant its own ``--tag``. Round 1 is trained once per seed for all methods whose round-1
+settings are the same.
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ def rounds_config(task: Any, base: str, data: str, out: str, form: str, heads: b
     training = {**{k: v for k, v in fs.CPU_RUN.items()}, "per_device_train_batch_size": 16, "learning_rate": 2e-3,
                 "beta": 0.1, "logging_steps": 25, "reward_heads": task.train_heads if heads else [], "upo_alpha": 1.0}
     return {"model": base, "dataset": data, "output_dir": out, "rounds": a.rounds, "trainer": "dpo", "form": form,
-            "reference": a.reference, "kto_weights": a.kto_weights, "seed": seed, "training": training,
+            "reference": a.reference, "kto_weights": a.kto_weights, "replay": a.replay, "seed": seed,
+            "training": training,
             "first_round": {"max_steps": a.first_steps, **a.first_round},
             "later_rounds": {"max_steps": a.round_steps, **a.later_rounds},
             "judge": JUDGE, "samples_per_prompt": a.samples,
@@ -238,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the reference policy of rounds >= 2")
     p.add_argument("--kto-weights", choices=["balanced", "none"], default="none",
                    help="KTO's class weights in the unpaired rounds (none: TRL's 1 and 1, as the first sweep ran)")
+    p.add_argument("--replay", type=float, default=0.0,
+                   help="share of the original train pairs added to each round >= 2 (IterateConfig.replay; 0: none)")
     p.add_argument("--first-round", type=json.loads, default={},
                    help='JSON overrides of round 1\'s training settings, e.g. \'{"upo_alpha": 0.3}\'')
     p.add_argument("--later-rounds", type=json.loads, default={},

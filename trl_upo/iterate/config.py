@@ -56,6 +56,11 @@ class IterateConfig:
             KTOTrainer recommends; the mean weight per row stays 1), recorded in the round's ``report.json``;
             ``none`` (the default: balanced weights measured no better, see docs/iterate.md) leaves KTO's weights
             as ``training`` / ``later_rounds`` set them (TRL's default: 1 and 1), also recorded.
+        replay: the share of the original train rows (round 1's data) added to each round >= 2's own rows, in [0, 1]:
+            ``replay * N`` of the ``N`` rows (rounded half up, at least 1; 1: all of them), drawn per round with the
+            run's seed (:mod:`trl_upo.iterate.replay`). In the unpaired form a pair gives two rows (chosen desirable,
+            rejected undesirable). 0 (the default): rounds >= 2 train on the judged samples only. The round's
+            ``train.jsonl`` marks each row's ``source`` (``sample`` or ``replay``); its report counts them.
         seed: the seed of every round's training, sampling and evaluation.
         torch_num_threads: ``torch.set_num_threads`` in each process; None: torch's default.
     """
@@ -79,6 +84,7 @@ class IterateConfig:
     eval_num_samples: int = 4
     eval_max_new_tokens: int = 16
     kto_weights: str = "none"
+    replay: float = 0.0
     seed: int = 0
     torch_num_threads: int | None = None
 
@@ -99,6 +105,7 @@ class IterateConfig:
         _choice("form", self.form, FORMS)
         _choice("reference", self.reference, REFERENCES)
         _choice("kto_weights", self.kto_weights, KTO_WEIGHTS)
+        _share("replay", self.replay)
         for key in ("rounds", "samples_per_prompt", "generation_batch_size", "eval_num_prompts", "eval_num_samples",
                     "eval_max_new_tokens"):
             _positive_int(key, getattr(self, key))
@@ -168,6 +175,15 @@ def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
 def _positive_int(key: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise IterateConfigError(f"`{key}` must be an integer >= 1, got {value!r}.")
+
+
+def _share(key: str, value: Any) -> None:
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 <= value <= 1:
+        raise IterateConfigError(f"`{key}` must be a number in [0, 1] (the share of the original train rows each round "
+                                 f">= 2 replays; 0: none, 1: all), got {value!r}.")
 
 
 def config_class(trainer: str) -> type:

@@ -82,31 +82,36 @@ class Judge:
         return scores if self.spec.higher_is_better else -scores
 
 
-def unpaired_rows(samples: list[dict[str, Any]], threshold: float) -> list[dict[str, Any]]:
+def unpaired_rows(samples: list[dict[str, Any]], threshold: float,
+                  alongside: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """Samples ``{prompt, completion, judge_score}`` -> ``UPOKTOTrainer`` rows with ``label`` = score >= threshold.
+    ``alongside``: labelled rows the round trains on too (replayed original rows): they count as either kind.
 
     Raises:
-        ValueError: the judge accepted every sample or none: KTO's objective needs both kinds, and the message says
-            how to get them (more samples, another threshold).
+        ValueError: the judge accepted every sample or none, and ``alongside`` lacks the missing kind: KTO's objective
+            needs both kinds, and the message says how to get them (more samples, another threshold).
     """
     rows = [{**s, "label": bool(s["judge_score"] >= threshold)} for s in samples]
     accepted = sum(r["label"] for r in rows)
-    if accepted in (0, len(rows)):
+    kinds = {r["label"] for r in rows} | {bool(r["label"]) for r in alongside}
+    if len(kinds) < 2:
         kind = "none" if accepted == 0 else "all"
         raise ValueError(
             f"the judge accepted {kind} of the {len(rows)} samples (threshold {threshold}): unpaired rows need "
             f"desirable and undesirable ones. Change judge.threshold, sample more (samples_per_prompt, "
-            f"generation.temperature), or use form: pairs."
+            f"generation.temperature), use form: pairs, or replay the original rows (replay: 1.0)."
         )
     return rows
 
 
-def pair_rows(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def pair_rows(samples: list[dict[str, Any]], alongside: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """Samples ``{prompt, completion, judge_score}`` -> one pair per prompt: best (chosen) against worst (rejected)
     by the judge (the first of equal scores, in sampling order); prompts whose samples all score the same give none.
+    ``alongside``: pairs the round trains on too (replayed original pairs).
 
     Raises:
-        ValueError: no prompt gave a pair (the judge scored every prompt's samples equally).
+        ValueError: no prompt gave a pair (the judge scored every prompt's samples equally) and ``alongside`` is
+            empty.
     """
     by_prompt: dict[str, list[dict[str, Any]]] = {}
     for s in samples:
@@ -120,7 +125,7 @@ def pair_rows(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append({"prompt": group[best]["prompt"], "chosen": group[best]["completion"],
                      "rejected": group[worst]["completion"], "judge_score_chosen": float(scores[best]),
                      "judge_score_rejected": float(scores[worst])})
-    if not rows:
+    if not rows and not alongside:
         raise ValueError(
             f"the judge scored all samples of each of the {len(by_prompt)} prompts equally: no preference pair. "
             f"Sample more per prompt (samples_per_prompt, generation.temperature), or use a judge with finer scores."

@@ -19,6 +19,7 @@ from typing import Any
 
 from .config import IterateConfig, IterateConfigError, build_training_args, trainer_class
 from .judge import Judge, pair_rows, unpaired_rows
+from .replay import mix_rows, replay_count, replay_rows
 
 ROUND_PREFIX = "round-"
 REPORT_FILE = "report.json"
@@ -26,7 +27,7 @@ DATA_FILE = "train.jsonl"
 SNAPSHOT_FILE = "iterate.json"
 #: What a run whose iterate.json predates a key did (a run started before ``kto_weights`` trained with KTO's weights
 #: as ``training`` set them): it resumes with that value.
-BEFORE_THE_KEY_EXISTED = {"kto_weights": "none"}
+BEFORE_THE_KEY_EXISTED = {"kto_weights": "none", "replay": 0.0}
 #: The main process's verdict on a round's samples when they give no rows; every process reads it and raises.
 ERROR_FILE = "data-error.json"
 #: Settings a resumed run may change (more rounds, other threads); any other change needs a new output_dir.
@@ -176,8 +177,9 @@ def sample_and_judge(config: IterateConfig, k: int, policy: str, prompts: list[A
 
 def round_data(config: IterateConfig, k: int, policy: str, train_rows: list[dict], judge: Judge, state: Any) -> dict:
     """The rows round ``k`` trains on, from ``train.jsonl`` when an earlier attempt wrote it; else sampled (sharded
-    over processes), judged and written. Returns ``{"rows", "generated_tokens", "samples", "prompts", "accepted", "num_rows",
-    "form"}``."""
+    over processes), judged and written, with the original rows ``replay`` adds (:mod:`trl_upo.iterate.replay`).
+    Returns ``{"rows", "generated_tokens", "samples", "prompts", "accepted", "num_rows", "form"}`` and, with
+    ``replay`` > 0, ``replay``, ``sampled_rows`` and ``replayed_rows``."""
     rdir = round_dir(config.output_dir, k)
     path, meta = os.path.join(rdir, DATA_FILE), os.path.join(rdir, "data.json")
     if not (os.path.exists(path) and os.path.exists(meta)):
@@ -189,7 +191,7 @@ def round_data(config: IterateConfig, k: int, policy: str, train_rows: list[dict
         atomic_json(os.path.join(shard_dir, f"rank-{state.process_index}.json"), {"generated_tokens": tokens})
         state.wait_for_everyone()
         if state.is_main_process:
-            _merge(config, judge, shard_dir, state.num_processes, len(prompts), path, meta)
+            _merge(config, k, judge, shard_dir, state.num_processes, len(prompts), train_rows, path, meta)
         state.wait_for_everyone()
         raise_shared_error(rdir)  # every process stops with the main process's verdict, none waits at a barrier
     with open(meta) as f:
@@ -197,8 +199,8 @@ def round_data(config: IterateConfig, k: int, policy: str, train_rows: list[dict
     return {"rows": read_jsonl(path), **info}
 
 
-def _merge(config: IterateConfig, judge: Judge, shard_dir: str, world: int, n_prompts: int, path: str,
-           meta: str) -> None:
+def _merge(config: IterateConfig, k: int, judge: Judge, shard_dir: str, world: int, n_prompts: int,
+           train_rows: list[dict], path: str, meta: str) -> None:
     samples, tokens = [], 0
     for r in range(world):
         samples += read_jsonl(os.path.join(shard_dir, f"rank-{r}.jsonl"))
@@ -208,17 +210,24 @@ def _merge(config: IterateConfig, judge: Judge, shard_dir: str, world: int, n_pr
     error = os.path.join(os.path.dirname(path), ERROR_FILE)
     if os.path.exists(error):  # an earlier attempt's verdict: this attempt decides again
         os.remove(error)
-    try:
-        rows = unpaired_rows(samples, judge.threshold) if config.form == "unpaired" else pair_rows(samples)
+    replayed = replay_rows(train_rows, config.replay, config.form, config.seed, k)
+    try:  # replayed rows give the kind (or the pairs) the judged samples may lack
+        rows = (unpaired_rows(samples, judge.threshold, replayed) if config.form == "unpaired"
+                else pair_rows(samples, replayed))
     except ValueError as e:  # written for every process to raise (raise_shared_error), not raised here alone
         atomic_json(error, {"error": f"{os.path.dirname(path)}: {e}", "samples": len(samples)})
         return
+    n_sampled, rows = len(rows), mix_rows(rows, replayed)
     if config.form == "unpaired":
-        random.Random(config.seed).shuffle(rows)  # every batch mixes prompts and labels
+        random.Random(config.seed).shuffle(rows)  # every batch mixes prompts, labels (and sources)
     accepted = sum(s["judge_score"] >= judge.threshold for s in samples)
     write_jsonl(path, rows)
-    atomic_json(meta, {"generated_tokens": tokens, "samples": len(samples), "prompts": n_prompts,
-                       "accepted": accepted, "num_rows": len(rows), "form": config.form})
+    info = {"generated_tokens": tokens, "samples": len(samples), "prompts": n_prompts, "accepted": accepted,
+            "num_rows": len(rows), "form": config.form}
+    if config.replay:
+        info.update(replay=config.replay, sampled_rows=n_sampled, replayed_rows=len(replayed),
+                    replayed_original_rows=replay_count(len(train_rows), config.replay))
+    atomic_json(meta, info)
 
 
 def raise_shared_error(rdir: str) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 from .config import IterateConfig, IterateConfigError, balanced_kto_weights, build_training_args
 from .judge import Judge
+from .replay import check_replay_data
 from .rounds import DATA_FILE, REPORT_FILE, atomic_json, generation_settings, round_data, round_dir, train_round
 from .rounds import write_jsonl
 
@@ -50,6 +51,8 @@ class Session:
                 f"round 1 trains on `train`, and every round is evaluated on held-out `test` rows."
             )
         self.train_rows = splits["train"].to_list()
+        if config.replay and config.rounds > 1:
+            check_replay_data(self.train_rows, config.form)
         self.test_rows = splits["test"].select(range(min(config.eval_num_prompts, len(splits["test"])))).to_list()
         self._reference = None
 
@@ -82,7 +85,8 @@ class Session:
             data = round_data(config, k, policy, self.train_rows, self.judge, state)
             rows = data.pop("rows")
             log(f"iterate: round {k}: {data['samples']} samples, {data['accepted']} accepted by the judge, "
-                f"{data['num_rows']} {config.form} rows")
+                f"{data['num_rows']} {config.form} rows" + (f" ({data['replayed_rows']} of them replayed original "
+                                                            f"rows)" if data.get("replayed_rows") else ""))
         extra = self.kto_weights(k, rows, data)
         before = previous["after"] if previous else (self.evaluate(policy) if state.is_main_process else None)
         t0 = time.time()
