@@ -4,6 +4,7 @@ loads: every key, every round's trainer configuration, the judge and the generat
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,8 +179,6 @@ def _positive_int(key: str, value: Any) -> None:
 
 
 def _share(key: str, value: Any) -> None:
-    import math
-
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or not 0 <= value <= 1:
         raise IterateConfigError(f"`{key}` must be a number in [0, 1] (the share of the original train rows each round "

@@ -11,6 +11,10 @@ The round's ``train.jsonl`` holds exactly what the round trains on: every row ca
 policy's judged sample; ``replay``: an original row) and every row has the same columns (a column one kind lacks is
 None: ``judge_score`` of a replayed row). Only the columns the trainer reads are replayed (``prompt`` and ``chosen`` /
 ``rejected``, or ``completion`` / ``label``); other columns of the original data are not carried into rounds >= 2.
+
+The unpaired form does not go through :func:`trl_upo.data.io.unpair_rows`: that function skips a (prompt, answer,
+label) row an earlier pair already gave, so the replayed count would depend on the data's repeats (up to 5 of 800
+rows on the sweep's length data); here every pair gives its two rows, as the DPO round trained on every pair.
 """
 
 from __future__ import annotations
